@@ -1,0 +1,5 @@
+import sys
+
+from lightning_spectral.cli import main
+
+sys.exit(main())

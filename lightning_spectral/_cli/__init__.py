@@ -1,0 +1,1 @@
+"""Subcommands of the ``lightning-spectral`` command (see :mod:`lightning_spectral.cli`)."""

@@ -1,0 +1,1 @@
+"""Thin Lightning callbacks: "is it due?" -> capture -> functional -> report."""

@@ -1,0 +1,61 @@
+"""The mathematics of lightning_spectral: pure torch functions, no Lightning import.
+
+Every function documents its formula and the SPEC.md section it implements, validates shapes
+(``ValueError`` naming the shape got and wanted), returns NaN for mathematically undefined
+inputs, and computes on its input's device in float32 by default (``dtype`` for float64).
+
+Modules: ``spectrum`` (§1, §2), ``weights`` (§1.4, §5), ``interplay`` (§3), ``collapse`` (§4),
+``curvature`` and ``symmetry`` (§6), ``mirrors`` (§7). Names are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    # spectrum (SPEC.md §1, §2)
+    "normalize_rows": "spectrum",
+    "gram_eigvals": "spectrum",
+    "autocorrelation_eigvals": "spectrum",
+    "covariance_eigvals": "spectrum",
+    "vne": "spectrum",
+    "effective_rank": "spectrum",
+    "stable_rank": "spectrum",
+    "condition_number": "spectrum",
+    "spectral_distribution": "spectrum",
+    # weights (SPEC.md §5)
+    "weight_matrix": "weights",
+    "singular_values": "weights",
+    "singular_values_many": "weights",
+    "truncation_rank": "weights",
+    "eckart_young_error": "weights",
+    # interplay (SPEC.md §3)
+    "matrix_entropy": "interplay",
+    "matrix_mutual_information": "interplay",
+    "mir": "interplay",
+    "hdr": "interplay",
+    # collapse (SPEC.md §4)
+    "neural_collapse": "collapse",
+}
+
+_MODULES = ("spectrum", "weights", "interplay", "collapse", "curvature", "symmetry", "mirrors")
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_MODULES))
