@@ -107,14 +107,19 @@ def log_histogram(trainer: Any, tag: str, values: np.ndarray | torch.Tensor, ste
 
 
 def log_figure(trainer: Any, tag: str, figure: Any, step: int) -> None:
-    """Write a matplotlib figure as a TensorBoard image at ``step``; the figure is closed."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure as a TensorBoard image at ``step``; the figure is released.
 
+    Figures made with :func:`lightning_spectral.plots.new_figure` are not registered with pyplot,
+    so nothing is left open; pyplot figures are closed as well.
+    """
     try:
         for writer in tensorboard_writers(trainer):
             writer.add_figure(tag, figure, global_step=step, close=False)
     finally:
-        plt.close(figure)
+        import matplotlib.pyplot as plt
+
+        if plt.fignum_exists(getattr(figure, "number", -1)):
+            plt.close(figure)
 
 
 # writer -> merged layout {category title: {chart title: ["Multiline", [regex, ...]]}}
