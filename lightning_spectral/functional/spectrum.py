@@ -13,12 +13,10 @@ import torch
 
 from lightning_spectral.functional._utils import (
     apply_cutoff,
+    as_spectrum,
     check_matrix,
     check_vector,
-    entropy_of_spectrum,
-    eps,
-    finite_rows_mask,
-    nan_where,
+    entropy_and_total,
     resolve_dtype,
 )
 
@@ -40,12 +38,55 @@ _ROW_NORM_FLOOR = 1e-12
 def normalize_rows(h: torch.Tensor) -> torch.Tensor:
     """``h_i / ‖h_i‖₂`` for every row; rows of norm below 1e-12 become zero rows (SPEC.md §0.2).
 
-    Differentiable, including at the zero rows (their gradient is 0).
+    Differentiable, including at the zero rows (their gradient is 0). A row holding NaN or Inf
+    keeps a NaN (it is not mistaken for a zero row); a finite row whose norm overflows the
+    working dtype becomes zero (the spectrum functions below report that case as NaN).
     """
     norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-    keep = norm >= _ROW_NORM_FLOOR
-    safe = torch.where(keep, norm, torch.ones_like(norm))
-    return torch.where(keep, h / safe, torch.zeros_like(h))
+    # 1/inf = 0 for rows below the floor (``<`` is false for NaN, so NaN rows stay NaN)
+    return h * norm.masked_fill(norm < _ROW_NORM_FLOOR, float("inf")).reciprocal()
+
+
+def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> torch.Tensor:
+    """Eigenvalues of ``scale · ZᵀZ`` (``Z`` = row-normalised ``z`` if ``normalize``), descending.
+
+    One matmul on the smaller Gram side and one ``eigvalsh`` (SPEC.md §0.5), no host sync, and
+    as few other tensor operations as possible (each costs a dispatch, which for small layers is
+    comparable to the kernels themselves):
+
+    * ``n <= d`` with ``normalize``: the rows are never normalised explicitly. The ``n×n`` Gram
+      ``G = z zᵀ`` holds the squared row norms on its diagonal, so ``Z Zᵀ = D G D`` with
+      ``D = diag(1/‖z_i‖)`` (0 for rows of norm below 1e-12) costs ``O(n²)``, not ``O(n d)``.
+    * ``n > d`` with ``normalize``: rows are scaled by ``1/‖z_i‖`` before the ``d×d`` product.
+    * Non-finite input is detected from one reduced value instead of an ``isfinite`` pass over
+      the input: any NaN/Inf in row ``i`` makes ``G_ii`` (the trace), resp. ``‖z_i‖`` (the sum
+      of the row norms), non-finite. That problem is zeroed before ``eigvalsh`` (which would
+      raise) and its result set to NaN. A finite input so large that the Gram or a row norm
+      overflows (|h| ≳ 1e19 in float32) is reported the same way, never silently dropped.
+    """
+    n, d = z.shape[-2], z.shape[-1]
+    if n <= d:
+        g = z @ z.mT
+        sq = g.diagonal(dim1=-2, dim2=-1)
+        check = sq.sum(dim=-1)
+        if normalize:
+            # rsqrt(inf) = 0 turns rows below the floor into zero rows with a zero gradient
+            inv = sq.masked_fill(sq < _ROW_NORM_FLOOR**2, float("inf")).rsqrt()
+            g = g * (inv.unsqueeze(-1) * inv.unsqueeze(-2))
+    else:
+        if normalize:
+            norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+            check = norm.sum(dim=(-2, -1))
+            z = z * norm.masked_fill(norm < _ROW_NORM_FLOOR, float("inf")).reciprocal()
+            g = z.mT @ z
+        else:
+            g = z.mT @ z
+            check = g.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    bad = (check * 0.0) != 0.0  # true exactly for NaN and ±Inf
+    # in place: ``g`` is always a fresh product that no backward formula saved
+    g.masked_fill_(bad.unsqueeze(-1).unsqueeze(-1), 0.0)
+    ev = torch.linalg.eigvalsh(g).flip(-1) * scale
+    return ev.masked_fill(bad.unsqueeze(-1), float("nan"))
 
 
 def gram_eigvals(z: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -53,14 +94,11 @@ def gram_eigvals(z: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
 
     ``z`` has shape ``(..., n, d)``; returns ``(..., min(n, d))``. With ``n <= d`` the ``n×n``
     matrix ``z zᵀ`` is used, otherwise ``zᵀ z`` (``d×d``); their non-zero eigenvalues coincide.
-    Non-finite problems give NaN without raising (they are zeroed before ``eigvalsh``).
+    Non-finite problems give NaN without raising. Computed in float64 for float64 ``z``, else
+    in float32 (see :func:`resolve_dtype`).
     """
-    n, d = z.shape[-2], z.shape[-1]
-    bad = finite_rows_mask(z)
-    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-    gram = z @ z.mT if n <= d else z.mT @ z
-    ev = torch.linalg.eigvalsh(gram * scale).flip(-1)
-    return nan_where(bad, ev)
+    check_matrix(z, "z")
+    return _smaller_side_eigvals(z.to(resolve_dtype(None, z)), scale, normalize=False)
 
 
 def _working(h: torch.Tensor, dtype: torch.dtype | str | None) -> torch.Tensor:
@@ -75,32 +113,32 @@ def autocorrelation_eigvals(
 
     ``Z = normalize_rows(h)`` when ``normalize`` (then, without zero rows, the eigenvalues sum
     to 1), else ``Z = h``. Returns the ``min(n, d)`` leading eigenvalues, descending, computed
-    on the smaller Gram side; shape ``(..., min(n, d))``. Eigenvalues are returned as computed
-    (tiny negative round-off included); entropies and ranks apply the cutoff of §0.3.
+    on the smaller Gram side with one matmul and one ``eigvalsh`` (SPEC.md §0.5); shape
+    ``(..., min(n, d))``, a leading batch being solved in one batched call. Eigenvalues are
+    returned as computed (tiny negative round-off included); entropies and ranks apply the
+    cutoff of §0.3. A problem whose input holds NaN/Inf gives NaN values (no exception).
     """
     z = _working(h, dtype)
-    n = z.shape[-2]
-    if n == 0:
+    n, d = z.shape[-2], z.shape[-1]
+    if n == 0 or d == 0:
         return z.new_empty(*z.shape[:-2], 0)
-    if not normalize:
-        return gram_eigvals(z, 1.0 / n)
-    bad = finite_rows_mask(z)  # before normalising, which would hide a NaN row as a zero row
-    return nan_where(bad, gram_eigvals(normalize_rows(z), 1.0 / n))
+    return _smaller_side_eigvals(z, 1.0 / n, normalize=normalize)
 
 
 def covariance_eigvals(h: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Eigenvalues of the unbiased covariance ``H_cᵀH_c / (n − 1)`` (SPEC.md §1.2), descending.
 
-    ``H_c`` is ``h`` minus its row mean; no row normalisation. Shape ``(..., min(n, d))``;
-    every entry is NaN when ``n < 2``.
+    ``H_c = H − 1μᵀ`` is ``h`` minus its row mean (centred explicitly, before the Gram product,
+    to avoid cancellation); no row normalisation. Shape ``(..., min(n, d))``; every entry is NaN
+    when ``n < 2`` or the input holds NaN/Inf.
     """
     x = _working(h, dtype)
-    n = x.shape[-2]
-    k = min(n, x.shape[-1])
-    if n < 2:
+    n, d = x.shape[-2], x.shape[-1]
+    k = min(n, d)
+    if n < 2 or d == 0:
         return torch.full((*x.shape[:-2], k), float("nan"), dtype=x.dtype, device=x.device)
     centred = x - x.mean(dim=-2, keepdim=True)
-    return gram_eigvals(centred, 1.0 / (n - 1))
+    return _smaller_side_eigvals(centred, 1.0 / (n - 1), normalize=False)
 
 
 def vne(
@@ -110,72 +148,77 @@ def vne(
 
     ``VNE(H) = S(λ(C_auto))`` with the trace renormalisation ``ρ = C / tr C`` and the cutoff of
     §0.3: ``VNE = log d`` for isotropic rows, 0 for rank one, 0 for ``H = 0`` or ``n = 1``, and
-    ``0 <= VNE <= log min(n, d)``. Differentiable: ``eigvalsh``'s backward for eigenvalues alone
-    is ``V diag(∂L/∂λ) Vᵀ``, which has no ``1/(λ_i − λ_j)`` terms, so repeated eigenvalues are
-    harmless, and eigenvalues at or below the cutoff get exactly zero gradient (§2.4).
-    Returns a tensor of shape ``h.shape[:-2]``; NaN where the input holds NaN/Inf.
+    ``0 <= VNE <= log min(n, d)`` (§2.3). Zero rows do not change it. Differentiable (§2.4):
+    ``eigvalsh``'s backward for eigenvalues alone is ``V diag(∂L/∂λ) Vᵀ``, which has no
+    ``1/(λ_i − λ_j)`` terms, so repeated eigenvalues are harmless; eigenvalues at or below the
+    cutoff, and zero rows, get exactly zero gradient. Returns a tensor of shape
+    ``h.shape[:-2]``; NaN where the input holds NaN/Inf or is empty.
     """
     lam = autocorrelation_eigvals(h, normalize=normalize, dtype=dtype)
     if lam.shape[-1] == 0:
         return torch.full(lam.shape[:-1], float("nan"), dtype=lam.dtype, device=lam.device)
-    return entropy_of_spectrum(apply_cutoff(lam))
+    return entropy_and_total(apply_cutoff(lam))[0]
 
 
 def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
     """Entropy effective rank ``exp(S(λ))`` of a PSD spectrum (SPEC.md §1.3).
 
     ``eigvals`` has shape ``(..., m)``; the cutoff of §0.3 is applied first. ``k`` equal non-zero
-    values give exactly ``k``; a spectrum of zero total mass gives 0. For a weight matrix pass
-    ``σ²`` (the eigenvalues of ``WᵀW``), not ``σ``, so that ``erank = exp(VNE)``.
+    values give ``k`` (up to the rounding of ``exp(log k)``); a spectrum of zero total mass
+    gives 0; NaN/Inf values give NaN. For a weight matrix pass ``σ²`` (the eigenvalues of
+    ``WᵀW``), not ``σ``, so that ``erank = exp(VNE)``.
     """
     check_vector(eigvals, "eigvals")
-    lam = apply_cutoff(eigvals)
+    lam = apply_cutoff(as_spectrum(eigvals))
     if lam.shape[-1] == 0:
         return lam.sum(dim=-1)
-    erank = torch.exp(entropy_of_spectrum(lam))
-    return torch.where(lam.sum(dim=-1) == 0, torch.zeros_like(erank), erank)
+    entropy, total = entropy_and_total(lam)
+    # ``== 0`` is false for NaN, so a NaN total keeps its NaN entropy
+    return torch.exp(entropy).masked_fill(total == 0, 0.0)
 
 
 def stable_rank(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Stable rank ``‖W‖_F² / ‖W‖₂²`` of a weight (SPEC.md §1.4), NaN when ``W = 0``.
+    """Stable rank ``‖W‖_F² / ‖W‖₂² = Σσ_i² / σ_1²`` of a weight (SPEC.md §1.4).
 
-    A weight of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)``.
+    A weight of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)`` (§0.1).
+    Range ``[1, rank W]``; NaN when ``W = 0`` or ``W`` holds NaN/Inf. Returns a 0-d tensor.
     """
     from lightning_spectral.functional.weights import singular_values
 
-    s = singular_values(w, dtype=dtype)
-    s2 = s.square()
-    top = s2[..., 0] if s2.shape[-1] else s2.sum(dim=-1)
-    ratio = s2.sum(dim=-1) / top
-    return torch.where(top > 0, ratio, torch.full_like(ratio, float("nan")))
+    s2 = singular_values(w, dtype=dtype).square()
+    if s2.shape[-1] == 0:
+        return torch.full(s2.shape[:-1], float("nan"), dtype=s2.dtype, device=s2.device)
+    top = s2[..., 0]
+    ratio = s2.sum(dim=-1) / torch.where(top > 0, top, 1.0)
+    return torch.where(top > 0, ratio, float("nan"))
 
 
 def condition_number(eigvals: torch.Tensor) -> torch.Tensor:
     """Condition number ``λ_max / λ_min`` of a PSD spectrum (SPEC.md §1.5).
 
     Over the values given (last dimension): ``+inf`` when ``λ_min <= λ_max · m · ε`` (§0.3),
-    NaN when ``λ_max = 0`` (or the spectrum is empty).
+    NaN when ``λ_max <= 0``, the spectrum is empty, or it holds NaN/Inf.
     """
     check_vector(eigvals, "eigvals")
-    m = eigvals.shape[-1]
+    lam = as_spectrum(eigvals)
+    m = lam.shape[-1]
     if m == 0:
-        return torch.full(eigvals.shape[:-1], float("nan"), dtype=eigvals.dtype,
-                          device=eigvals.device)
-    lam_max = eigvals.amax(dim=-1)
-    lam_min = eigvals.amin(dim=-1)
-    threshold = lam_max * (m * eps(eigvals.dtype))
-    safe_min = torch.where(lam_min > threshold, lam_min, torch.ones_like(lam_min))
-    inf = torch.full_like(lam_max, float("inf"))
-    kappa = torch.where(lam_min > threshold, lam_max / safe_min, inf)
-    return torch.where(lam_max > 0, kappa, torch.full_like(kappa, float("nan")))
+        return torch.full(lam.shape[:-1], float("nan"), dtype=lam.dtype, device=lam.device)
+    lam_max = lam.amax(dim=-1)
+    lam_min = lam.amin(dim=-1)
+    resolved = lam_min > lam_max * (m * torch.finfo(lam.dtype).eps)
+    kappa = torch.where(resolved, lam_max / torch.where(resolved, lam_min, 1.0), float("inf"))
+    defined = (lam_max > 0) & torch.isfinite(lam_max) & ~torch.isnan(lam_min)
+    return torch.where(defined, kappa, float("nan"))
 
 
 def spectral_distribution(eigvals: torch.Tensor) -> torch.Tensor:
     """The logged eigenvalue distribution ``p = λ / Σλ`` (SPEC.md §1.6), after the cutoff.
 
-    Pass ``σ²`` for a weight. A spectrum of zero mass gives zeros.
+    Pass ``σ²`` for a weight. A spectrum of zero mass gives zeros; NaN/Inf values give NaN.
     """
     check_vector(eigvals, "eigvals")
-    lam = apply_cutoff(eigvals)
+    lam = apply_cutoff(as_spectrum(eigvals))
     total = lam.sum(dim=-1, keepdim=True)
-    return lam / torch.where(total > 0, total, torch.ones_like(total))
+    p = lam / total.clamp_min(torch.finfo(lam.dtype).tiny)
+    return torch.where(torch.isfinite(total), p, float("nan"))

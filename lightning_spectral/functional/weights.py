@@ -6,11 +6,12 @@ A weight tensor of shape ``(out, in, k1, ...)`` is read as the matrix
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
 
-from lightning_spectral.functional._utils import check_vector, eps, resolve_dtype
+from lightning_spectral.functional._utils import as_spectrum, check_vector, eps, resolve_dtype
 
 __all__ = [
     "weight_matrix",
@@ -33,19 +34,29 @@ def weight_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def _svdvals_nan_safe(mat: torch.Tensor) -> torch.Tensor:
+    """``svdvals`` of ``(..., r, c)`` matrices; a matrix holding NaN/Inf gives NaN (no raise).
+
+    ``svdvals`` raises on non-finite input, so such matrices are zeroed first. They are found
+    from one reduction (the sum of the entries is NaN/±Inf exactly when an entry is, or when the
+    sum overflows, in which case ``svdvals`` would overflow too) instead of an ``isfinite``
+    pass; nothing synchronises with the host.
+    """
+    total = mat.sum(dim=(-2, -1))
+    bad = (total * 0.0) != 0.0  # true exactly for NaN and ±Inf
+    s = torch.linalg.svdvals(mat.masked_fill(bad.unsqueeze(-1).unsqueeze(-1), 0.0))
+    return s.masked_fill(bad.unsqueeze(-1), float("nan"))
+
+
 def singular_values(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Singular values ``σ_1 >= ... >= σ_r`` of the weight matrix (SPEC.md §5.1).
 
-    ``r = min(out, in·k1·...)``; conv kernels are reshaped to ``(out, in·kh·kw)``. Computed with
-    ``torch.linalg.svdvals`` in float32 (float64 inputs or ``dtype="float64"``: float64) on
-    the weight's device. Non-finite weights give NaN.
+    ``r = min(out, in·k1·...)``; conv kernels are reshaped to ``(out, in·kh·kw)`` (§0.1).
+    Computed with ``torch.linalg.svdvals`` in float32 (float64 inputs or ``dtype="float64"``:
+    float64) on the weight's device; differentiable. A weight holding NaN/Inf gives NaN values.
     """
     mat = weight_matrix(w)
-    mat = mat.to(resolve_dtype(dtype, mat))
-    bad = ~torch.isfinite(mat).all()
-    mat = torch.where(torch.isfinite(mat), mat, torch.zeros_like(mat))
-    s = torch.linalg.svdvals(mat)
-    return torch.where(bad, torch.full_like(s, float("nan")), s)
+    return _svdvals_nan_safe(mat.to(resolve_dtype(dtype, mat)))
 
 
 def singular_values_many(
@@ -53,20 +64,18 @@ def singular_values_many(
 ) -> list[torch.Tensor]:
     """Singular values of several weights, one batched ``svdvals`` per distinct matrix shape.
 
-    Returns one tensor per weight, in the order given. Equal-shape matrices (e.g. the blocks of
-    a transformer) are stacked and decomposed in one call, which beats a Python loop.
+    Returns one tensor per weight, in the order given, equal to :func:`singular_values` of
+    each (detached). Equal-shape matrices (e.g. the blocks of a transformer) are stacked and
+    decomposed in one call, which beats a Python loop over them.
     """
     mats = [weight_matrix(w).detach() for w in weights]
     out: list[torch.Tensor | None] = [None] * len(mats)
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
-        groups.setdefault((tuple(m.shape), m.device, m.dtype), []).append(i)
-    for idx in groups.values():
-        stack = torch.stack([mats[i] for i in idx]).to(resolve_dtype(dtype, mats[idx[0]]))
-        bad = ~torch.isfinite(stack).all(dim=-1).all(dim=-1)
-        stack = torch.where(torch.isfinite(stack), stack, torch.zeros_like(stack))
-        s = torch.linalg.svdvals(stack)
-        s = torch.where(bad[:, None], torch.full_like(s, float("nan")), s)
+        groups.setdefault((tuple(m.shape), m.device, resolve_dtype(dtype, m)), []).append(i)
+    for (_, _, work), idx in groups.items():
+        stack = torch.stack([mats[i] for i in idx]).to(work)
+        s = _svdvals_nan_safe(stack)
         for j, i in enumerate(idx):
             out[i] = s[j]
     return out  # type: ignore[return-value]
@@ -76,39 +85,50 @@ def truncation_rank(s: torch.Tensor, energy: float = 0.9) -> torch.Tensor:
     """Smallest ``k`` with ``Σ_{i<=k} σ_i² >= τ Σ_i σ_i²`` (SPEC.md §5.3); 0 for ``W = 0``.
 
     ``s`` are singular values (any order; sorted descending here), shape ``(..., r)``;
-    ``energy`` is ``τ ∈ (0, 1]``. This is the layer's memory-capacity estimate (§5.3).
-    Computed in float64 with a relative slack of ``r · ε₆₄`` against round-off, so that
-    ``σ = (2, 1, 1)`` gives ``k(2/3) = 1``, ``k(0.7) = 2``, ``k(1) = 3``. Returns int64.
+    ``energy`` is ``τ ∈ (0, 1]``. This is the layer's memory-capacity estimate (§5.3): the
+    number of rank-one memories carrying a fraction ``τ`` of the layer's energy. The sums are
+    formed in float64 (float32 on MPS) with a relative slack of ``r · ε`` against round-off, so
+    that ``σ = (2, 1, 1)`` gives ``k(2/3) = 1``, ``k(0.7) = 2``, ``k(1) = 3``.
+
+    Returns the integer counts as a floating tensor (``s``'s dtype; float32 for integer or half
+    input) so that non-finite ``s`` can give NaN, like every other quantity.
     """
     check_vector(s, "s", "(..., r)")
     tau = float(energy)
     if not (0.0 < tau <= 1.0):
         raise ValueError(f"energy must lie in (0, 1], got {energy!r}")
-    s2 = s.detach().to(torch.float64).abs().sort(dim=-1, descending=True).values.square()
+    out_dtype = as_spectrum(s).dtype
+    acc = torch.float32 if s.device.type == "mps" else torch.float64
+    s2 = s.detach().to(acc).abs().sort(dim=-1, descending=True).values.square()
     r = s2.shape[-1]
     cum = s2.cumsum(dim=-1)
     total = cum[..., -1:] if r else s2.sum(dim=-1, keepdim=True)
-    target = tau * total * (1.0 - max(r, 1) * eps(torch.float64))
-    reached = cum >= target
-    k = (~reached).sum(dim=-1) + 1
-    k = torch.clamp(k, max=r)
-    return torch.where(total[..., 0] > 0, k, torch.zeros_like(k))
+    target = tau * total * (1.0 - max(r, 1) * eps(acc))
+    k = ((cum < target).sum(dim=-1) + 1).clamp(max=r).to(out_dtype)
+    k = torch.where(total[..., 0] > 0, k, 0.0)
+    return torch.where(torch.isfinite(total[..., 0]), k, float("nan"))
 
 
 def eckart_young_error(s: torch.Tensor, k: int, relative: bool = False) -> torch.Tensor:
     """Error of the best rank-``k`` approximation, ``(Σ_{i>k} σ_i²)^{1/2}`` (SPEC.md §5.2).
 
-    By Eckart–Young–Mirsky this is ``min_{rank B <= k} ‖W − B‖_F`` (0 when ``k >= r``).
-    ``relative=True`` divides by ``‖W‖_F = (Σσ_i²)^{1/2}`` (NaN for ``W = 0``). ``k`` must be a
-    non-negative integer.
+    By Eckart–Young–Mirsky this is ``min_{rank B <= k} ‖W − B‖_F = ‖W − W_k‖_F`` (0 when
+    ``k >= r``); the spectral-norm error is ``σ_{k+1}``. ``relative=True`` divides by
+    ``‖W‖_F = (Σσ_i²)^{1/2}`` (NaN for ``W = 0``). ``k`` must be a non-negative integer.
+    NaN/Inf singular values give NaN (relative) or propagate (absolute).
     """
     check_vector(s, "s", "(..., r)")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    if isinstance(k, bool):
         raise ValueError(f"k must be a non-negative integer, got {k!r}")
-    s2 = s.sort(dim=-1, descending=True).values.square()
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k must be a non-negative integer, got {k!r}") from None
+    if k < 0:
+        raise ValueError(f"k must be a non-negative integer, got {k!r}")
+    s2 = as_spectrum(s).sort(dim=-1, descending=True).values.square()
     tail = s2[..., k:].sum(dim=-1).sqrt()
     if not relative:
         return tail
     norm = s2.sum(dim=-1).sqrt()
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    return torch.where(norm > 0, tail / safe, torch.full_like(norm, float("nan")))
+    return torch.where(norm > 0, tail / torch.where(norm > 0, norm, 1.0), float("nan"))
