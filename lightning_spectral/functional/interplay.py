@@ -1,0 +1,256 @@
+"""Matrix entropy, matrix mutual information, MIR and HDR (SPEC.md §3).
+
+The information-interplay metrics of Song et al. (ICML 2024, arXiv:2406.03999) pair each
+sample's normalised feature ``z_i`` with the normalised head row ``ŵ_{y_i}`` of its label and
+compare the two ``n×n`` Gram matrices ``G_Z = Z Zᵀ`` and ``G_W = W_y W_yᵀ`` (SPEC.md §3.3):
+
+- ``MIR = I(G_Z; G_W) / min(H(G_Z), H(G_W))`` — mutual-information ratio, in ``[0, 1]``;
+- ``HDR = |H(G_Z) − H(G_W)| / max(H(G_Z), H(G_W))`` — entropy-difference ratio, in ``[0, 1]``.
+
+The ``n×n`` matrices are never needed in full when a smaller factor exists (SPEC.md §0.5, §3.2):
+
+- ``G_Z`` has the non-zero spectrum of ``ZᵀZ`` (``d×d``);
+- ``G_W`` has the non-zero spectrum of ``Aᵀ diag(N) A`` (``r×r``), where ``a_c`` are coordinates
+  of the head rows in an orthonormal basis of their span (``r = min(C, d)``) and ``N_c`` the label
+  counts;
+- ``G_Z ∘ G_W`` is the Gram of the row-wise Kronecker products ``z_i ⊗ a_{y_i}``, so its spectrum
+  comes from the ``d·r``-dimensional matrix ``Σ_c S_c ⊗ (a_c a_cᵀ)`` (``S_c = Σ_{y_i=c} z_i z_iᵀ``)
+  when ``d·r < n``.
+
+The basis of the head rows' span is computed without gradient: ``a_c·a_c' = ŵ_c·ŵ_c'`` holds
+exactly and the gradient of every Gram entry is unchanged (the projector onto the span maps
+``ŵ_c`` to itself), so MIR/HDR stay differentiable for use as auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_spectral.functional._utils import (
+    apply_cutoff,
+    check_matrix,
+    entropy_of_spectrum,
+    resolve_dtype,
+)
+from lightning_spectral.functional.spectrum import normalize_rows
+
+__all__ = [
+    "matrix_entropy",
+    "matrix_mutual_information",
+    "mir",
+    "hdr",
+    "information_interplay",
+    "predicted_labels",
+]
+
+
+def _spectral_entropy(gram: torch.Tensor) -> torch.Tensor:
+    """``S(λ(gram))`` with the cutoff of SPEC.md §0.3 (``gram`` symmetric PSD, ``(..., m, m)``)."""
+    if gram.shape[-1] == 0:
+        return torch.full(gram.shape[:-2], float("nan"), dtype=gram.dtype, device=gram.device)
+    lam = torch.linalg.eigvalsh(gram)
+    return entropy_of_spectrum(apply_cutoff(lam))
+
+
+def _check_square(k: torch.Tensor, name: str) -> None:
+    check_matrix(k, name, "(..., n, n)")
+    if k.shape[-1] != k.shape[-2]:
+        raise ValueError(
+            f"{name} must be square with shape (..., n, n), got shape {tuple(k.shape)}"
+        )
+
+
+def matrix_entropy(k: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """Matrix entropy ``H(K) = −tr(ρ log ρ)``, ``ρ = K / tr K`` (SPEC.md §3.1), in nats.
+
+    ``k`` is a symmetric PSD matrix ``(n, n)`` (or a batch ``(..., n, n)``); its eigenvalues are
+    taken with ``eigvalsh``, clipped and cut off as in SPEC.md §0.3, and ``S(λ)`` of §0.4 is
+    returned. Known values: ``H(I_n) = log n``, ``H(11ᵀ) = 0``, ``k`` equal diagonal blocks of
+    ones give ``log k``. NaN when ``tr K <= 0`` (or ``K`` holds NaN/Inf). Differentiable.
+    """
+    _check_square(k, "k")
+    k = k.to(resolve_dtype(dtype, k))
+    trace = torch.diagonal(k, dim1=-2, dim2=-1).sum(dim=-1)
+    finite = torch.isfinite(k).all(dim=-1).all(dim=-1)
+    safe = torch.where(finite[..., None, None], k, torch.zeros_like(k))
+    entropy = _spectral_entropy(safe)
+    bad = ~finite | ~(trace > 0)
+    return torch.where(bad, torch.full_like(entropy, float("nan")), entropy)
+
+
+def matrix_mutual_information(
+    k1: torch.Tensor, k2: torch.Tensor, dtype: torch.dtype | str | None = None
+) -> torch.Tensor:
+    """``I(K₁; K₂) = H(K₁) + H(K₂) − H(K₁ ∘ K₂)`` with ``∘`` the Hadamard product (SPEC.md §3.2).
+
+    Both inputs are symmetric PSD ``(..., n, n)`` of the same shape. For unit-diagonal ``K``,
+    ``I(K; I_n) = H(K)``; for unit-diagonal factors ``0 <= I <= min(H(K₁), H(K₂))``.
+    NaN where any of the three entropies is undefined (a trace ``<= 0``).
+    """
+    _check_square(k1, "k1")
+    _check_square(k2, "k2")
+    if k1.shape != k2.shape:
+        raise ValueError(
+            f"k1 and k2 must have the same shape, got {tuple(k1.shape)} and {tuple(k2.shape)}"
+        )
+    work = resolve_dtype(dtype, k1 if k1.dtype == torch.float64 else k2)
+    k1, k2 = k1.to(work), k2.to(work)
+    return matrix_entropy(k1) + matrix_entropy(k2) - matrix_entropy(k1 * k2)
+
+
+def predicted_labels(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``argmax_c (W f_i + b)_c`` for each row (ties: lowest index) — SPEC.md §3.3's labels for
+    unlabelled samples."""
+    logits = features.detach().to(weight.dtype) @ weight.detach().mT
+    if bias is not None:
+        logits = logits + bias.detach()
+    return logits.argmax(dim=-1)
+
+
+def _validate(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None) -> None:
+    check_matrix(features, "features", "(n, d)")
+    check_matrix(weight, "weight", "(C, d)")
+    if features.ndim != 2:
+        raise ValueError(f"features must have shape (n, d), got shape {tuple(features.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"weight must have shape (C, d) with d = {features.shape[1]} (the features' width), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(
+            f"labels must have shape (n,) = ({features.shape[0]},), got shape {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.numel():
+        lo, hi = torch.aminmax(labels)
+        if int(lo) < 0 or int(hi) >= weight.shape[0]:
+            raise ValueError(
+                f"labels must lie in [0, C) = [0, {weight.shape[0]}) (one head row per class), "
+                f"got values in [{int(lo)}, {int(hi)}]"
+            )
+
+
+def information_interplay(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every quantity of SPEC.md §3.3 at once: a dict of 0-d tensors.
+
+    Keys: ``h_z`` = ``H(G_Z)``, ``h_w`` = ``H(G_W)``, ``h_zw`` = ``H(G_Z ∘ G_W)``,
+    ``mi`` = ``I(G_Z; G_W)``, ``mir`` and ``hdr``. ``features`` ``(n, d)``, ``weight`` ``(C, d)``
+    (row ``c`` = head of class ``c``), ``labels`` ``(n,)`` integers in ``[0, C)``; with
+    ``labels=None`` each sample is paired with its predicted label ``argmax(W f_i + b)``
+    (``bias`` is used only then). Spectra come from the smallest factor (module docstring).
+    MIR is NaN when ``min(H(G_Z), H(G_W)) = 0`` (e.g. one distinct label, or ``C = 2`` at
+    collapse), HDR when the maximum is 0; both NaN for ``n = 0`` or non-finite inputs.
+    """
+    _validate(features, weight, labels)
+    work = resolve_dtype(dtype, features)
+    f = features.to(work)
+    w = weight.to(work)
+    if labels is None:
+        labels = predicted_labels(f, w, None if bias is None else bias.to(work))
+    labels = labels.to(device=f.device, dtype=torch.long)
+    n, d = f.shape
+    num_classes = w.shape[0]
+    nan = torch.full((), float("nan"), dtype=work, device=f.device)
+    # non-finite inputs give NaN (masked at the end); zero them so that eigvalsh cannot fail
+    bad = ~(torch.isfinite(f).all() & torch.isfinite(w).all())
+    f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
+    w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    if n == 0:
+        return {k: nan for k in ("h_z", "h_w", "h_zw", "mi", "mir", "hdr")}
+
+    z = normalize_rows(f)
+    w_hat = normalize_rows(w)  # (C, d), one unit row per class (zero rows stay zero)
+
+    # coordinates a_c of the head rows in an orthonormal basis of their span (no gradient through
+    # the basis; see the module docstring): a = Ŵ U with U (d, r), r = min(C, d)
+    with torch.no_grad():
+        _, _, vh = torch.linalg.svd(w_hat, full_matrices=False)  # vh: (r, d)
+    a = w_hat @ vh.detach().mT  # (C, r); a_c·a_c' = ŵ_c·ŵ_c'
+    r = a.shape[1]
+
+    # H(G_Z): spectrum of Z Zᵀ from the smaller side
+    g_z = z @ z.mT if n <= d else z.mT @ z
+    h_z = _spectral_entropy(g_z)
+
+    # H(G_W): G_W = E A Aᵀ Eᵀ (E one-hot n×C) has the spectrum of Aᵀ diag(N) A (r×r) or of the
+    # n×n matrix itself, whichever is smaller
+    counts = torch.bincount(labels, minlength=num_classes).to(work)
+    if n <= r:
+        a_y = a[labels]
+        g_w = a_y @ a_y.mT
+    else:
+        g_w = (a * counts[:, None]).mT @ a
+    h_w = _spectral_entropy(g_w)
+
+    # H(G_Z ∘ G_W): Gram of z_i ⊗ a_{y_i}, from the (d·r)-dim side when that is smaller than n.
+    # Grouped by class it is Σ_c S_c ⊗ (a_c a_cᵀ) with S_c = Σ_{y_i=c} z_i z_iᵀ, which costs
+    # O(n·C·d² + C·d²·r²) instead of O(n·d²·r²) for the product of the Kronecker rows.
+    if d * r < n:
+        onehot = torch.nn.functional.one_hot(labels, num_classes).to(work)  # (n, C)
+        spread = (onehot[:, :, None] * z[:, None, :]).reshape(n, num_classes * d)
+        scatter = (spread.mT @ z).reshape(num_classes, d, d)  # S_c
+        outer = a[:, :, None] * a[:, None, :]  # a_c a_cᵀ, (C, r, r)
+        g_zw = torch.einsum("cij,ckl->ikjl", scatter, outer).reshape(d * r, d * r)
+    else:
+        a_y = a[labels]
+        g_zw = (z @ z.mT) * (a_y @ a_y.mT)
+    h_zw = _spectral_entropy(g_zw)
+
+    mi = h_z + h_w - h_zw
+    lo = torch.minimum(h_z, h_w)
+    hi = torch.maximum(h_z, h_w)
+    mir_value = torch.where(lo > 0, mi / torch.where(lo > 0, lo, torch.ones_like(lo)), nan)
+    hdr_value = torch.where(
+        hi > 0, (h_z - h_w).abs() / torch.where(hi > 0, hi, torch.ones_like(hi)), nan
+    )
+    out = {"h_z": h_z, "h_w": h_w, "h_zw": h_zw, "mi": mi, "mir": mir_value, "hdr": hdr_value}
+    return {k: torch.where(bad, nan, v) for k, v in out.items()}
+
+
+def mir(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> torch.Tensor:
+    """Mutual-information ratio ``I(G_Z; G_W) / min(H(G_Z), H(G_W))`` (SPEC.md §3.3).
+
+    ``Z = normalize(features)`` ``(n, d)``; ``W_y`` = the normalised head rows ``weight[labels]``
+    (``weight`` ``(C, d)``, ``labels`` ``(n,)`` in ``[0, C)``; ``None``: predicted labels
+    ``argmax(W f + b)``). Range ``[0, 1]``; at neural collapse with a simplex-ETF head and
+    balanced classes ``MIR = 1/(C−1) + (C−2) log(C−2) / ((C−1) log(C−1))`` (½ for ``C = 3``,
+    ≈ 0.952351 for ``C = 10``). NaN when the denominator is 0. Higher means the features carry
+    more of the head's structure. Differentiable (maximise it as an auxiliary loss).
+    """
+    return information_interplay(features, weight, labels, bias=bias, dtype=dtype)["mir"]
+
+
+def hdr(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> torch.Tensor:
+    """Entropy-difference ratio ``|H(G_Z) − H(G_W)| / max(H(G_Z), H(G_W))`` (SPEC.md §3.3).
+
+    Same inputs as :func:`mir`. Range ``[0, 1]``; 0 at neural collapse (``z_i = ŵ_{y_i}``) for any
+    class counts; NaN when both entropies are 0. Lower means the feature and head Gram matrices
+    are closer in entropy. Differentiable (minimise it as an auxiliary loss).
+    """
+    return information_interplay(features, weight, labels, bias=bias, dtype=dtype)["hdr"]

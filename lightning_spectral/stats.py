@@ -1,0 +1,295 @@
+"""Streaming accumulators for the collapse metrics, DDP-aware (SPEC.md §4, streaming form).
+
+- :class:`ClassStatsAccumulator` keeps per-class counts, per-class sums and the total second
+  moment ``Q = Σ h hᵀ`` in float64 on the model's device (memory ``O(K·d + d²)``, independent of
+  the number of samples), plus a few integer problem counters. :meth:`all_reduce` sums
+  everything across DDP ranks in **one** collective.
+- :class:`RowReservoir` keeps a bounded, deterministic sample of at most ``max_samples``
+  ``(row, label)`` pairs — all of them while fewer were seen. The sample is a *bottom-k* sample
+  by a content hash of each pair (a fixed projection drawn from its own seeded generator, never
+  the global RNG), so it does not depend on the order in which rows arrive nor on how they are
+  split across ranks: the bottom-k of a union is the bottom-k of the ranks' bottom-k sets, which
+  is what :meth:`RowReservoir.gather` computes under DDP.
+
+Under DDP every rank must call :meth:`all_reduce` / :meth:`gather` at the same point and in the
+same order (they are collectives); outside DDP they are no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lightning_spectral.functional.collapse import CollapseStats, _collapse_update
+
+__all__ = ["ClassStatsAccumulator", "RowReservoir", "distributed_world_size"]
+
+
+def distributed_world_size() -> int:
+    """Number of ranks of the default process group (1 outside ``torch.distributed``)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class ClassStatsAccumulator:
+    """Per-class counts and sums and the second moment, float64, on one device.
+
+    ``problems`` holds ``num_problems`` float64 counters (e.g. batches with bad labels) that are
+    summed across ranks together with the statistics, so every rank reaches the same verdict.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: torch.device | str | None = None,
+        num_problems: int = 0,
+    ) -> None:
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.num_problems = int(num_problems)
+        self.stats = CollapseStats.zeros(self.num_classes, self.dim, device=device)
+        self.problems = torch.zeros(self.num_problems, dtype=torch.float64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.stats.counts.device
+
+    def reset(self) -> None:
+        self.stats.counts.zero_()
+        self.stats.sums.zero_()
+        self.stats.second_moment.zero_()
+        self.problems.zero_()
+
+    def to(self, device: torch.device | str) -> ClassStatsAccumulator:
+        s = self.stats
+        self.stats = CollapseStats(
+            s.counts.to(device), s.sums.to(device), s.second_moment.to(device)
+        )
+        self.problems = self.problems.to(device)
+        return self
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add rows ``(n, d)`` with labels ``(n,)`` already known to lie in ``[0, K)``."""
+        _collapse_update(features, labels, self.stats)
+
+    def flag(self, index: int, amount: float = 1.0) -> None:
+        """Count one occurrence of problem ``index``."""
+        self.problems[index] += amount
+
+    def total(self) -> torch.Tensor:
+        """Number of rows accumulated (a 0-d float64 tensor)."""
+        return self.stats.counts.sum()
+
+    def _flat(self) -> torch.Tensor:
+        s = self.stats
+        return torch.cat([s.counts, s.sums.reshape(-1), s.second_moment.reshape(-1), self.problems])
+
+    def _unflat(self, flat: torch.Tensor) -> None:
+        k, d = self.num_classes, self.dim
+        sizes = [k, k * d, d * d, self.num_problems]
+        counts, sums, q, problems = torch.split(flat, sizes)
+        self.stats = CollapseStats(
+            counts.clone(), sums.reshape(k, d).clone(), q.reshape(d, d).clone()
+        )
+        self.problems = problems.clone()
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of every DDP rank in place (one ``all_reduce``); no-op otherwise."""
+        if distributed_world_size() <= 1:
+            return
+        flat = self._flat()
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        self._unflat(flat)
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "num_classes": self.num_classes,
+            "dim": self.dim,
+            "counts": s.counts.detach().cpu().clone(),
+            "sums": s.sums.detach().cpu().clone(),
+            "second_moment": s.second_moment.detach().cpu().clone(),
+            "problems": self.problems.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_classes"]) != self.num_classes or int(state["dim"]) != self.dim:
+            raise ValueError(
+                f"accumulator state is for {state['num_classes']} classes × {state['dim']} "
+                f"features, this accumulator has {self.num_classes} × {self.dim}"
+            )
+        dev = self.device
+        self.stats = CollapseStats(
+            state["counts"].to(dev, torch.float64),
+            state["sums"].to(dev, torch.float64),
+            state["second_moment"].to(dev, torch.float64),
+        )
+        problems = state.get("problems")
+        if problems is not None and problems.numel() == self.num_problems:
+            self.problems = problems.to(dev, torch.float64)
+
+
+class RowReservoir:
+    """At most ``max_samples`` ``(row, label)`` pairs, a deterministic bottom-k sample.
+
+    Each pair gets the key ``frac(φ·⟨h/‖h‖, r⟩ + γ·label + δ)`` with ``r`` a fixed Gaussian
+    vector drawn from a private generator (``seed``), and the ``max_samples`` smallest keys are
+    kept. The key ignores the row's scale (so tiny early-training features are not sampled by
+    label) and moves by only ``~φ·ε`` under round-off, so the same rows computed in a different
+    batch split keep (almost always) the same keys.
+    Rows are buffered and compacted once the buffer holds twice the budget, so an update costs
+    ``O(d)`` per row amortised (feed it large chunks: the work is vectorised per call), with no
+    host synchronisation. Memory: at most
+    ``3 · max_samples`` rows.
+    """
+
+    _PHI = 64.0
+    _GAMMA = 0.6180339887498949
+    _DELTA = 0.1234567
+
+    def __init__(
+        self, max_samples: int, dim: int, device: torch.device | str | None = None, seed: int = 0
+    ) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.max_samples = int(max_samples)
+        self.dim = int(dim)
+        self.seed = int(seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        self._proj = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(device)
+        self._rows: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []
+        self._buffered = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._proj.device
+
+    def __len__(self) -> int:
+        return min(self._buffered, self.max_samples) if self._buffered else 0
+
+    def reset(self) -> None:
+        self._rows, self._labels, self._keys = [], [], []
+        self._buffered = 0
+
+    def to(self, device: torch.device | str) -> RowReservoir:
+        self._proj = self._proj.to(device)
+        self._rows = [r.to(device) for r in self._rows]
+        self._labels = [y.to(device) for y in self._labels]
+        self._keys = [k.to(device) for k in self._keys]
+        return self
+
+    def keys_for(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The hash key in ``[0, 1)`` of each ``(row, label)`` pair (float64; pass float64 rows
+        to skip a conversion)."""
+        h = rows.to(torch.float64)
+        norm = torch.linalg.vector_norm(h, dim=1).clamp_min(1e-30)
+        x = (h @ self._proj) / norm * self._PHI
+        x = x + labels.to(torch.float64) * self._GAMMA + self._DELTA
+        return x - torch.floor(x)
+
+    def update(
+        self,
+        rows: torch.Tensor,
+        labels: torch.Tensor,
+        copy: bool = True,
+        rows64: torch.Tensor | None = None,
+    ) -> None:
+        """Offer rows ``(n, d)`` (stored as float32) with their labels ``(n,)``.
+
+        ``copy=False`` lets the reservoir keep the given tensors when no conversion is needed
+        (the caller promises not to modify them); ``rows64``, the same rows already in float64,
+        saves a conversion when hashing.
+        """
+        rows = rows.detach().to(device=self.device, dtype=torch.float32, copy=copy)
+        labels = labels.detach().to(device=self.device, dtype=torch.long, copy=copy)
+        self._keys.append(self.keys_for(rows if rows64 is None else rows64, labels))
+        self._rows.append(rows)
+        self._labels.append(labels)
+        self._buffered += rows.shape[0]
+        if self._buffered >= 2 * self.max_samples:
+            self._compact()
+
+    def _cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self._rows:
+            return (
+                torch.zeros(0, self.dim, device=self.device),
+                torch.zeros(0, dtype=torch.long, device=self.device),
+                torch.zeros(0, dtype=torch.float64, device=self.device),
+            )
+        return torch.cat(self._rows), torch.cat(self._labels), torch.cat(self._keys)
+
+    @staticmethod
+    def _bottom_k(
+        rows: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``k`` pairs of smallest key, in increasing key order (ties broken stably)."""
+        order = torch.sort(keys, stable=True).indices[:k]
+        return rows[order], labels[order], keys[order]
+
+    def _compact(self) -> None:
+        rows, labels, keys = self._bottom_k(*self._cat(), self.max_samples)
+        self._rows, self._labels, self._keys = [rows], [labels], [keys]
+        self._buffered = rows.shape[0]
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept ``(rows (m, d) float32, labels (m,))``, ``m <= max_samples``, key order."""
+        self._compact()
+        rows, labels, _ = self._cat()
+        return rows, labels
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` over the union of every DDP rank's rows (a collective under DDP).
+
+        Each rank contributes its own bottom-k set, padded to ``max_samples`` rows with key
+        ``+inf``; the bottom-k of the gathered union is the bottom-k of all rows seen.
+        """
+        self._compact()
+        world = distributed_world_size()
+        if world <= 1:
+            rows, labels, _ = self._cat()
+            return rows, labels
+        rows, labels, keys = self._cat()
+        k, d = self.max_samples, self.dim
+        packed = torch.full((k, d + 2), math.inf, dtype=torch.float64, device=self.device)
+        m = rows.shape[0]
+        packed[:m, :d] = rows.to(torch.float64)
+        packed[:m, d] = labels.to(torch.float64)
+        packed[:m, d + 1] = keys
+        parts = [torch.empty_like(packed) for _ in range(world)]
+        torch.distributed.all_gather(parts, packed)
+        union = torch.cat(parts)
+        union = union[torch.isfinite(union[:, d + 1])]
+        rows_u = union[:, :d].to(torch.float32)
+        labels_u = union[:, d].to(torch.long)
+        keys_u = union[:, d + 1]
+        # the key already mixes in the label, so equal keys mean (practically) identical pairs,
+        # for which the order of the union does not matter
+        rows_u, labels_u, _ = self._bottom_k(rows_u, labels_u, keys_u, k)
+        return rows_u, labels_u
+
+    def state_dict(self) -> dict[str, Any]:
+        rows, labels = self.sample()
+        return {
+            "max_samples": self.max_samples,
+            "dim": self.dim,
+            "seed": self.seed,
+            "rows": rows.detach().cpu().clone(),
+            "labels": labels.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["dim"]) != self.dim:
+            raise ValueError(
+                f"reservoir state is for {state['dim']} features, this one has {self.dim}"
+            )
+        self.reset()
+        rows, labels = state["rows"], state["labels"]
+        if rows.shape[0]:
+            self.update(rows.to(self.device), labels.to(self.device))
