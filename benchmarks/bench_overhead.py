@@ -1,0 +1,225 @@
+"""Issue 3, item 8: what SpectralMonitor costs a training run, and what one event costs.
+
+Two measurements, each side by side and interleaved in one run (``benchmarks/_common.py``):
+
+1. **Training overhead.** The same seeded Lightning fit with and without
+   ``SpectralMonitor()`` at its defaults (``every_n_steps=100``, weights every 2,000 steps),
+   alternating A, B, A, B, ... The timed window runs from optimizer step 1 to step
+   ``1 + window`` (after set-up and the step-0 events), so it holds ``window / 100`` activation
+   events and, for the MLP's 2,000-step window, exactly one weight event: the steady-state
+   cost per step. Reported: the median of the per-pair ratios ``with / without``.
+   Models: the digits MLP widened to 64-512-512-10 (the 784-512-512-10 MLP of the issue, on
+   digits' 64 inputs) and the digits CNN.
+2. **Per-event cost against the bare kernels.** One activation event (rows already captured:
+   normalisation, one batched Gram + ``eigvalsh`` per shape, VNE/erank/λ_max/κ, the logged
+   distributions, one host transfer) against the bare ``matmul + eigvalsh`` of the same
+   matrices; one weight event (``singular_values_many`` + stable rank, erank, σ₁, k(0.9),
+   k(0.99), distributions, one host transfer) against bare ``svdvals`` of each weight. No
+   logger is attached, so what is timed is computing, not writing.
+
+    python benchmarks/bench_overhead.py [--quick] [--device cpu|cuda] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    fmt_ms,
+    fmt_ratio,
+    interleaved,
+    parser,
+    ratio_summary,
+    summary,
+    write_section,
+)
+
+
+def make_model(arch: str) -> Any:
+    from lightning_spectral.demos import DigitsClassifier
+
+    torch.manual_seed(0)
+    hidden = (512, 512) if arch == "mlp" else (128, 64)
+    return DigitsClassifier(arch=arch, hidden=hidden)
+
+
+def make_loader(arch: str, device: str) -> Any:
+    from lightning_spectral.demos import digits_dataloaders
+
+    train, _ = digits_dataloaders(batch_size=128 if arch == "mlp" else 64, image=arch == "cnn")
+    return train
+
+
+class WindowTimer:
+    """Wall time from optimizer step ``start`` to step ``stop`` (measured at batch start)."""
+
+    def __init__(self, start: int, stop: int, device: str) -> None:
+        self.start, self.stop, self.device = start, stop, device
+        self.t0 = self.elapsed = None
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.start and self.t0 is None:
+            self._sync()
+            self.t0 = time.perf_counter()
+        elif trainer.global_step == self.stop and self.elapsed is None:
+            self._sync()
+            self.elapsed = time.perf_counter() - self.t0
+            trainer.should_stop = True
+
+
+def fit_window(arch: str, window: int, with_monitor: bool, device: str) -> float:
+    """Seconds for ``window`` optimizer steps of one fit (monitor at defaults or absent)."""
+    import lightning.pytorch as pl
+
+    from lightning_spectral import SpectralMonitor
+
+    timer_cls = type("Timer", (WindowTimer, pl.Callback), {})
+    timer = timer_cls(1, 1 + window, device)
+    callbacks: list[Any] = [timer]
+    if with_monitor:
+        callbacks.insert(0, SpectralMonitor())
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=window + 2,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(make_model(arch), make_loader(arch, device))
+    return float(timer.elapsed)
+
+
+def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> dict[str, Any]:
+    """Per-event cost of the monitor's computing vs the bare kernels, interleaved.
+
+    ``arch="wide"``: three ``wide × wide`` Linear layers on ``wide`` random rows, where the
+    kernels dominate and the fixed per-event overhead shows as the ratio's distance from 1.
+    """
+    from torch import nn
+
+    from lightning_spectral import SpectralMonitor
+
+    if arch == "wide":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(wide, wide), nn.ReLU(), nn.Linear(wide, wide), nn.ReLU(),
+                              nn.Linear(wide, wide)).to(device)
+        x = torch.randn(wide, wide, generator=torch.Generator().manual_seed(0)).to(device)
+    else:
+        model = make_model(arch).to(device)
+        x, _ = next(iter(make_loader(arch, device)))
+        x = x.to(device)
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[], world_size=1, callbacks=[])
+    monitor = SpectralMonitor(figures=False)
+    monitor.setup(trainer, model, "fit")
+    capture = monitor._capture
+    capture.start(seed=0)
+    with torch.no_grad():
+        model(x)
+    capture.stop()
+    rows = capture.take()
+    weights = [monitor._weight_layers[n].detach() for n in monitor._weight_layers]
+
+    def act_event() -> None:
+        monitor._emit(trainer, 0, rows)
+
+    def act_bare() -> None:
+        out = []
+        for r in rows.values():
+            z = r.float()
+            gram = z @ z.mT if z.shape[0] <= z.shape[1] else z.mT @ z
+            out.append(torch.linalg.eigvalsh(gram))
+        torch.cat([o.reshape(-1) for o in out]).cpu()
+
+    def weight_event() -> None:
+        monitor._pending_weights = (0, monitor._weight_spectra(trainer))
+        monitor._emit(trainer, 0, None)
+
+    def weight_bare() -> None:
+        torch.cat([torch.linalg.svdvals(w.reshape(w.shape[0], -1).float()) for w in weights]).cpu()
+
+    times = interleaved(
+        {"act_event": act_event, "act_bare": act_bare, "weight_event": weight_event,
+         "weight_bare": weight_bare},
+        repeats=repeats, warmup=2, device=device, inner=5,
+    )
+    capture.remove()
+    shapes = {n: tuple(r.shape) for n, r in rows.items()}
+    return {"times": times, "shapes": shapes,
+            "weights": {n: tuple(w.shape) for n, w in zip(monitor._weight_layers, weights,
+                                                           strict=True)}}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 7)
+    windows = {"mlp": 30 if args.quick else 2000, "cnn": 10 if args.quick else 400}
+    lines = [
+        "Training overhead: `SpectralMonitor()` at its defaults (every 100 steps, weights every "
+        "2,000) vs the same fit without it; wall time of the window of optimizer steps "
+        "`[1, 1 + window)`, interleaved A/B fits, median (min–max) of per-pair ratios.",
+        "",
+        "| model | window (steps) | without | with | ratio with/without | overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arch in ("mlp", "cnn"):
+        window = windows[arch]
+        fit_window(arch, min(window, 20), False, args.device)  # warm-up (imports, allocator)
+        plain, watched = [], []
+        for _ in range(repeats):
+            plain.append(fit_window(arch, window, False, args.device))
+            watched.append(fit_window(arch, window, True, args.device))
+        ratio = ratio_summary(watched, plain)
+        lines.append(
+            f"| {arch} | {window} | {fmt_ms(summary(plain)[0])} | {fmt_ms(summary(watched)[0])} "
+            f"| {fmt_ratio(ratio)} | {100 * (ratio[0] - 1):+.2f} % |"
+        )
+        print(lines[-1], flush=True)
+    lines += [
+        "",
+        "Per-event cost (no logger attached: computing plus the one host transfer) vs the bare "
+        "kernels on the same matrices, interleaved, 5 calls per timing, median (min–max) of "
+        "per-round ratios. `wide`: three 1024×1024 Linear layers on 1024 random rows (256 with "
+        "`--quick`), where the kernels dominate.",
+        "",
+        "| model | event | event time | bare kernels | ratio event/bare |",
+        "|---|---|---|---|---|",
+    ]
+    for arch in ("mlp", "cnn", "wide"):
+        res = event_benchmark(arch, args.device, repeats, wide=256 if args.quick else 1024)
+        t = res["times"]
+        for kind, bare in (("act", "bare `matmul`+`eigvalsh`"), ("weight", "bare `svdvals`")):
+            ev, ba = t[f"{kind}_event"], t[f"{kind}_bare"]
+            lines.append(
+                f"| {arch} | {'activations' if kind == 'act' else 'weights'} ({bare}) | "
+                f"{fmt_ms(summary(ev)[0])} | {fmt_ms(summary(ba)[0])} | "
+                f"{fmt_ratio(ratio_summary(ev, ba))} |"
+            )
+            print(lines[-1], flush=True)
+        lines.append(f"| {arch} | rows per layer | {res['shapes']} | weights | {res['weights']} |")
+    if args.quick:
+        lines += ["", "_Smoke run (`--quick`): tiny windows and few repeats; not a result._"]
+    write_section("bench_overhead", "SpectralMonitor overhead (issue 3)", "\n".join(lines),
+                  device=args.device, out=args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""``SpectralMonitor``: per-layer spectra of activations and weights, every N optimizer steps.
+
+The callback is thin: *is it due?* → :class:`~lightning_spectral.capture.LayerCapture` →
+:mod:`lightning_spectral.functional` → :mod:`lightning_spectral.report`. See ``docs/monitor.md``
+for usage and costs and ``docs/metrics.md`` for every tag.
+
+Schedule (``x``-axis = ``trainer.global_step``, the number of optimizer steps taken): an
+*activation event* is due at step ``g`` when ``g`` reaches the next multiple of
+``every_n_steps`` (0 included). Its rows are captured from the training forward passes of every
+micro-batch that leads to optimizer step ``g + 1`` (all micro-batches of the accumulation window
+under gradient accumulation), and the event is logged at step ``g`` once that optimizer step
+has happened. A *weight event* reads the weights used by that same forward (at the start of the
+window), so activations and weights logged at step ``g`` belong together.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_spectral import report
+from lightning_spectral._compat import Callback
+from lightning_spectral.callbacks._base import FailSoft
+from lightning_spectral.capture import LayerCapture
+from lightning_spectral.errors import SpectralConfigError, SpectralWarning
+from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum, resolve_dtype
+from lightning_spectral.functional.spectrum import (
+    autocorrelation_eigvals,
+    condition_number,
+    effective_rank,
+    spectral_distribution,
+)
+from lightning_spectral.functional.weights import singular_values_many, truncation_rank
+
+__all__ = ["SpectralMonitor", "WEIGHTS_EVERY_FACTOR", "ACTIVATION_QUANTITIES", "WEIGHT_QUANTITIES"]
+
+#: ``weights_every_n_steps=None`` means ``WEIGHTS_EVERY_FACTOR × every_n_steps`` (docs/monitor.md)
+WEIGHTS_EVERY_FACTOR = 20
+
+ACTIVATION_QUANTITIES = ("vne", "erank", "eig_max", "condition")
+WEIGHT_QUANTITIES = (
+    "weight_stable_rank",
+    "weight_erank",
+    "weight_sv_max",
+    "weight_rank90",
+    "weight_rank99",
+)
+_MAX_HISTORY = 512  # heatmap rows kept per layer (thinned by 2 when full)
+#: the per-event spectra figure is skipped while figure rendering has used more than this
+#: fraction of the fit's wall time (the first event always gets one); see docs/monitor.md
+FIGURE_BUDGET = 0.01
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpectralConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _stable_rank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
+    """``Σσ_i² / σ_1²`` (SPEC.md §1.4) from singular values already computed; NaN for ``W = 0``.
+
+    The same formula as :func:`lightning_spectral.functional.stable_rank`, which would run the
+    SVD a second time.
+    """
+    s2 = s.square()
+    top = s2.amax(dim=-1)
+    ratio = s2.sum(dim=-1) / torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(top > 0, ratio, torch.full_like(ratio, float("nan")))
+
+
+class SpectralMonitor(Callback):
+    """Log per-layer eigen-spectra of activations and weights every ``every_n_steps`` steps.
+
+    Args:
+        every_n_steps: optimizer steps between activation events (first event at step 0).
+        layers: ``"auto"`` (every ``nn.Linear`` and ``nn.Conv1d/2d/3d``), or module names /
+            glob patterns (``"encoder.*"``); a pattern that matches nothing fails at ``setup``
+            listing the available module names.
+        weights: also log the weight matrices' singular spectra (SPEC.md §1.3, §1.4, §5).
+        weights_every_n_steps: optimizer steps between weight events; ``None`` means
+            ``20 × every_n_steps`` (all weight SVDs of a 784-512-512-10 MLP cost ~17 training
+            steps, the activation spectra ~0.35, so the total stays under 2 % of training time;
+            see docs/monitor.md). The final weights are also logged when training ends.
+        max_samples: at most this many rows per layer and rank are captured per event
+            (a deterministic subsample that leaves the global RNG alone).
+        conv_reduce: ``"mean"`` (spatial mean, SPEC.md §0.1) or ``"flatten"`` for convolutions.
+        histograms: write ``eigvals/<layer>`` and ``weight_svals/<layer>`` histograms.
+        figures: write the all-layer spectra figure each event and a heatmap per layer at the
+            end of fit.
+        dtype: working precision of the spectra, ``"float32"`` or ``"float64"``.
+        strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` on non-finite
+            activations or weights instead of logging NaN with one warning.
+
+    Logged tags (SPEC.md sections in ``docs/metrics.md``): ``vne/``, ``erank/``, ``eig_max/``,
+    ``condition/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
+    ``weight_sv_max/``, ``weight_rank90/``, ``weight_rank99/`` per layer (weights).
+
+    ``figure_budget`` (class attribute, default 0.01): the per-event spectra figure is skipped
+    while figure rendering has used more than this fraction of the fit's wall time (one figure
+    costs more than a hundred steps of a small MLP); set it on an instance to draw more often.
+    """
+
+    figure_budget: float = FIGURE_BUDGET
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        layers: str | list[str] = "auto",
+        weights: bool = True,
+        weights_every_n_steps: int | None = None,
+        max_samples: int = 1024,
+        conv_reduce: str = "mean",
+        histograms: bool = True,
+        figures: bool = True,
+        dtype: str = "float32",
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = _check_int("every_n_steps", every_n_steps)
+        if weights_every_n_steps is not None:
+            _check_int("weights_every_n_steps", weights_every_n_steps)
+        self.weights_every_n_steps = (
+            weights_every_n_steps
+            if weights_every_n_steps is not None
+            else WEIGHTS_EVERY_FACTOR * self.every_n_steps
+        )
+        if not (isinstance(layers, str) or (
+            isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers)
+        )):
+            raise SpectralConfigError(
+                f"layers must be 'auto', a module name/pattern or a list of them, got {layers!r}"
+            )
+        self.layers: str | list[str] = layers if isinstance(layers, str) else list(layers)
+        self.weights = bool(weights)
+        self.max_samples = _check_int("max_samples", max_samples)
+        if conv_reduce not in ("mean", "flatten"):
+            raise SpectralConfigError(
+                f"conv_reduce must be 'mean' or 'flatten', got {conv_reduce!r}"
+            )
+        self.conv_reduce = conv_reduce
+        self.histograms = bool(histograms)
+        self.figures = bool(figures)
+        try:
+            self._dtype = resolve_dtype(dtype)
+        except ValueError as exc:
+            raise SpectralConfigError(str(exc)) from None
+        self.dtype = dtype
+        self.strict = bool(strict)
+        self._fail = FailSoft(self.strict, "SpectralMonitor")
+        self._capture: LayerCapture | None = None
+        self._weight_layers: dict[str, torch.nn.Parameter] = {}
+        # schedule and history (state_dict)
+        self._next_step = 0
+        self._next_weight_step = 0
+        self._last_weight_step: int | None = None
+        self._history: dict[str, dict[str, list]] = {}
+        # per-window state
+        self._capturing_for: int | None = None
+        self._pending_weights: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._layout_done = False
+        self._fit_t0: float | None = None
+        self._figure_seconds = 0.0
+        self._warned_empty: set[str] = set()
+        #: ``{"step": g, "rows": {layer: rows used}}`` of the last activation event (all ranks)
+        self.last_event: dict[str, Any] = {}
+
+    # -- identity and state ----------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            layers=self.layers,
+            weights_every_n_steps=self.weights_every_n_steps,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule and heatmap history (tensors and plain values only: safe ``weights_only``)."""
+        return {
+            "next_step": self._next_step,
+            "next_weight_step": self._next_weight_step,
+            "last_weight_step": self._last_weight_step,
+            "history": {
+                layer: {"steps": list(h["steps"]), "spectra": list(h["spectra"])}
+                for layer, h in self._history.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._next_step = int(state_dict.get("next_step", 0))
+        self._next_weight_step = int(state_dict.get("next_weight_step", 0))
+        last = state_dict.get("last_weight_step")
+        self._last_weight_step = None if last is None else int(last)
+        self._history = {
+            layer: {"steps": [int(s) for s in h["steps"]],
+                    "spectra": [torch.as_tensor(v, dtype=torch.float32) for v in h["spectra"]]}
+            for layer, h in state_dict.get("history", {}).items()
+        }
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or (self._capture is not None and self._capture.attached):
+            return
+        if getattr(pl_module, "_compiler_ctx", None):
+            warnings.warn(
+                "SpectralMonitor: the LightningModule was torch.compile'd before the monitor's "
+                "hooks were registered; the compiled graph may not call them.",
+                SpectralWarning,
+                stacklevel=2,
+            )
+        self._capture = LayerCapture(
+            pl_module,
+            layers=self.layers,
+            max_samples=self.max_samples,
+            conv_reduce=self.conv_reduce,
+            owner="SpectralMonitor",
+        )
+        names = self._capture.attach()
+        self._weight_layers = {}
+        for name in names:
+            weight = getattr(self._capture.modules[name], "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+                self._weight_layers[name] = weight
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+        self._capturing_for = None
+        self._pending_weights = None
+
+    # -- schedule --------------------------------------------------------------------------------
+    def _after(self, step: int, every: int) -> int:
+        return (step // every + 1) * every
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._capture is None or self._capturing_for is not None:
+            return  # not set up, or inside an accumulation window already being captured
+        g = int(trainer.global_step)
+        act_due = g >= self._next_step
+        weight_due = self.weights and bool(self._weight_layers) and g >= self._next_weight_step
+        if weight_due:
+            self._next_weight_step = self._after(g, self.weights_every_n_steps)
+            self._pending_weights = (g, self._weight_spectra(trainer))
+        if act_due:
+            self._capturing_for = g
+            self._capture.start(seed=g)
+        elif weight_due:
+            self._emit(trainer, g, None)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        g = self._capturing_for
+        if g is None or self._capture is None or int(trainer.global_step) == g:
+            return  # no window open, or its optimizer step has not happened yet
+        self._capture.stop()
+        self._capturing_for = None
+        self._next_step = self._after(g, self.every_n_steps)
+        self._emit(trainer, g, self._capture.take())
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_t0 = time.perf_counter()
+        self._figure_seconds = 0.0
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._capture is not None:
+            self._capture.stop()  # never capture validation forwards
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._capture is not None and self._capturing_for is not None:
+            self._capture.active = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._capture is not None:
+            self._capture.stop()
+            self._capture.take()  # an unfinished window (interrupted fit) is dropped
+        self._capturing_for = None
+        g = int(trainer.global_step)
+        if self.weights and self._weight_layers and self._last_weight_step != g:
+            self._pending_weights = (g, self._weight_spectra(trainer))
+            self._emit(trainer, g, None)
+        if self.figures and trainer.is_global_zero and report.tensorboard_writers(trainer):
+            from lightning_spectral.plots.spectral import spectrum_heatmap
+
+            for layer, h in self._history.items():
+                if not h["steps"]:
+                    continue
+                spectra = [t.numpy() for t in h["spectra"]]
+                fig = spectrum_heatmap(layer, h["steps"], spectra)
+                report.log_figure(trainer, f"spectrum_heatmap/{layer}", fig, g)
+
+    # -- computing -------------------------------------------------------------------------------
+    def _weight_spectra(self, trainer: Any) -> dict[str, torch.Tensor]:
+        """Singular values of every watched weight, one batched SVD per shape (rank zero only)."""
+        if not trainer.is_global_zero:
+            return {}
+        names = list(self._weight_layers)
+        with torch.no_grad():
+            svals = singular_values_many([self._weight_layers[n] for n in names], dtype=self._dtype)
+        return dict(zip(names, svals, strict=True))
+
+    def _gather(self, trainer: Any, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The union of every rank's rows per layer (rank order); two collectives on all ranks."""
+        names = self._capture.names if self._capture is not None else []
+        device = trainer.strategy.root_device
+        shape = torch.tensor(
+            [[rows[n].shape[0], rows[n].shape[1]] if n in rows else [0, 0] for n in names],
+            dtype=torch.int64,
+            device=device,
+        )
+        shapes = trainer.strategy.all_gather(shape).cpu()  # (world, L, 2)
+        counts = shapes[..., 0]
+        dims = shapes[..., 1].amax(dim=0)
+        top = counts.amax(dim=0)
+        parts = []
+        for i, n in enumerate(names):
+            block = torch.zeros(int(top[i]), int(dims[i]), dtype=self._dtype, device=device)
+            if n in rows and rows[n].shape[0]:
+                block[: rows[n].shape[0]] = rows[n].to(device=device, dtype=self._dtype)
+            parts.append(block.reshape(-1))
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=self._dtype, device=device)
+        gathered = trainer.strategy.all_gather(flat)  # (world, total)
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for i, n in enumerate(names):
+            size = int(top[i]) * int(dims[i])
+            pieces = [
+                gathered[r, offset : offset + size].reshape(int(top[i]), int(dims[i]))[
+                    : int(counts[r, i])
+                ]
+                for r in range(gathered.shape[0])
+            ]
+            offset += size
+            if int(counts[:, i].sum()) > 0:
+                out[n] = torch.cat(pieces)
+        return out
+
+    def _emit(self, trainer: Any, step: int, rows: dict[str, torch.Tensor] | None) -> None:
+        """Compute, move to the host once, and log one event at ``step``."""
+        if rows is not None and int(getattr(trainer, "world_size", 1)) > 1:
+            rows = self._gather(trainer, rows)  # every rank, same order
+        if rows is not None:
+            self.last_event = {"step": step, "rows": {n: int(r.shape[0]) for n, r in rows.items()}}
+            self._warn_empty(rows)
+        pending = self._pending_weights
+        self._pending_weights = None
+        if not trainer.is_global_zero:
+            return
+        packed: dict[str, torch.Tensor] = {}
+        unpack: list[tuple[str, list[str], tuple[str, ...], list[int] | None]] = []
+        if rows:
+            self._activation_metrics(rows, packed, unpack)
+        weight_names: list[str] = []
+        if pending is not None and pending[1]:
+            self._last_weight_step = pending[0]
+            weight_names = list(pending[1])
+            self._weight_metrics(pending[1], packed, unpack)
+        if not packed:
+            return
+        _, host = report.to_host({}, packed)  # the event's one device-to-host copy
+        host_s, host_v = self._unpack(host, unpack)
+        self._check_finite(host_s, list(rows or {}), weight_names)
+        report.log_scalars(trainer, host_s, step)
+        tb = bool(report.tensorboard_writers(trainer))
+        if tb and not self._layout_done:
+            self._register_layout(trainer)
+        if self.histograms and tb:
+            for tag, values in host_v.items():
+                report.log_histogram(trainer, tag, values, step)
+        act = {t.split("/", 1)[1]: v for t, v in host_v.items() if t.startswith("eigvals/")}
+        wts = {t.split("/", 1)[1]: v for t, v in host_v.items() if t.startswith("weight_svals/")}
+        if self.figures:
+            for layer, values in act.items():
+                self._remember(layer, step, values)
+        if self.figures and tb and (act or wts) and self._figure_allowed():
+            from lightning_spectral.plots.spectral import spectra_figure
+
+            start = time.perf_counter()
+            panels = {"activations: λ_i / Σλ (SPEC §1.6)": act,
+                      "weights: σ_i² / Σσ² (SPEC §1.6)": wts}
+            fig = spectra_figure(panels, step=step)
+            report.log_figure(trainer, "spectra/all_layers", fig, step)
+            self._figure_seconds += time.perf_counter() - start
+
+    def _figure_allowed(self) -> bool:
+        """Render while figures have cost at most ``figure_budget`` of the fit's wall time."""
+        if self._fit_t0 is None or self._figure_seconds == 0.0:
+            return True
+        return self._figure_seconds <= self.figure_budget * (time.perf_counter() - self._fit_t0)
+
+    def _activation_metrics(
+        self, rows: dict[str, torch.Tensor], packed: dict, unpack: list
+    ) -> None:
+        """VNE (§2.1), erank (§1.3), λ_max (§1.1), κ (§1.5), p (§1.6): one eigvalsh per shape.
+
+        Results stay packed per shape group (a ``(G, 4)`` block and a ``(G, m)`` block), so an
+        event costs a few tensor operations per *shape*, not per layer and quantity.
+        """
+        groups: dict[tuple, list[str]] = {}
+        for name, r in rows.items():
+            groups.setdefault((tuple(r.shape), r.device), []).append(name)
+        want_dist = self.histograms or self.figures
+        with torch.no_grad():
+            for gi, names in enumerate(groups.values()):
+                stack = torch.stack([rows[n] for n in names]).to(self._dtype)
+                lam = autocorrelation_eigvals(stack, normalize=True, dtype=self._dtype)
+                block = torch.stack(
+                    [entropy_of_spectrum(apply_cutoff(lam)), effective_rank(lam), lam[..., 0],
+                     condition_number(lam)], dim=-1
+                )
+                packed[f"a{gi}"] = block
+                unpack.append((f"a{gi}", names, ACTIVATION_QUANTITIES, None))
+                if want_dist:
+                    packed[f"ad{gi}"] = spectral_distribution(lam)
+                    unpack.append((f"ad{gi}", names, ("eigvals",), None))
+
+    def _weight_metrics(self, svals: dict[str, torch.Tensor], packed: dict, unpack: list) -> None:
+        """Stable rank (§1.4), erank of σ² (§1.3), σ_1, k(0.9) and k(0.99) (§5.3), σ²/Σσ².
+
+        The singular-value vectors are zero-padded into one ``(L, r_max)`` matrix: trailing
+        zeros change none of these quantities (they are cut off, add no energy and no mass),
+        so every weight is handled by the same few batched operations.
+        """
+        names = list(svals)
+        lengths = [int(svals[n].shape[-1]) for n in names]
+        with torch.no_grad():
+            s = torch.nn.utils.rnn.pad_sequence([svals[n] for n in names], batch_first=True)
+            s2 = s.square()
+            nan = torch.isnan(s).any(dim=-1)
+            ranks = [truncation_rank(s, tau).to(s.dtype) for tau in (0.9, 0.99)]
+            ranks = [torch.where(nan, torch.full_like(k, math.nan), k) for k in ranks]
+            block = torch.stack(
+                [_stable_rank_from_singular_values(s), effective_rank(s2), s.amax(dim=-1), *ranks],
+                dim=-1,
+            )
+            packed["w"] = block
+            unpack.append(("w", names, WEIGHT_QUANTITIES, None))
+            if self.histograms or self.figures:
+                packed["wd"] = spectral_distribution(s2)
+                unpack.append(("wd", names, ("weight_svals",), lengths))
+
+    @staticmethod
+    def _unpack(
+        host: dict[str, np.ndarray], unpack: list
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Split the packed host arrays into ``{tag: value}`` and ``{tag: distribution}``."""
+        scalars: dict[str, float] = {}
+        vectors: dict[str, np.ndarray] = {}
+        for key, names, quantities, lengths in unpack:
+            arr = host[key].reshape(len(names), -1)
+            if quantities[0] in ("eigvals", "weight_svals"):
+                for j, n in enumerate(names):
+                    row = arr[j] if lengths is None else arr[j, : lengths[j]]
+                    vectors[f"{quantities[0]}/{n}"] = row
+                continue
+            for j, n in enumerate(names):
+                for q, value in zip(quantities, arr[j], strict=True):
+                    scalars[f"{q}/{n}"] = float(value)
+        return scalars, vectors
+
+    # -- reporting helpers -----------------------------------------------------------------------
+    def _check_finite(self, host: dict[str, float], layers: list[str], weights: list[str]) -> None:
+        bad = [n for n in layers if math.isnan(host.get(f"vne/{n}", 0.0))]
+        if bad:
+            self._fail.problem(
+                "nonfinite-activations",
+                f"non-finite (NaN/Inf) activations in layer(s) {', '.join(bad)}",
+            )
+        bad_w = [n for n in weights if math.isnan(host.get(f"weight_sv_max/{n}", 0.0))]
+        if bad_w:
+            self._fail.problem(
+                "nonfinite-weights", f"non-finite (NaN/Inf) weights in layer(s) {', '.join(bad_w)}"
+            )
+
+    def _warn_empty(self, rows: dict[str, torch.Tensor]) -> None:
+        if self._capture is None:
+            return
+        for name in self._capture.names:
+            if name in rows or name in self._capture.skipped or name in self._warned_empty:
+                continue
+            self._warned_empty.add(name)
+            warnings.warn(
+                f"SpectralMonitor: layer {name!r} produced no output in the training step; "
+                "nothing is logged for it (is it used in training_step?)",
+                SpectralWarning,
+                stacklevel=3,
+            )
+
+    def _remember(self, layer: str, step: int, values: np.ndarray) -> None:
+        h = self._history.setdefault(layer, {"steps": [], "spectra": []})
+        if h["steps"] and h["steps"][-1] >= step:  # a replayed step after resume: replace it
+            keep = [i for i, s in enumerate(h["steps"]) if s < step]
+            h["steps"] = [h["steps"][i] for i in keep]
+            h["spectra"] = [h["spectra"][i] for i in keep]
+        h["steps"].append(int(step))
+        h["spectra"].append(torch.as_tensor(values, dtype=torch.float32))
+        if len(h["steps"]) > _MAX_HISTORY:  # thin by 2, keeping the newest entry
+            h["steps"] = h["steps"][::-1][::2][::-1]
+            h["spectra"] = h["spectra"][::-1][::2][::-1]
+
+    def _register_layout(self, trainer: Any) -> None:
+        names = self._capture.names if self._capture is not None else []
+        quantities = list(ACTIVATION_QUANTITIES)
+        if self.weights and self._weight_layers:
+            quantities += list(WEIGHT_QUANTITIES)
+        by_quantity = report.multiline_layout({q: [f"^{q}/"] for q in quantities})
+        rank_like = "vne|erank"
+        if self.weights and self._weight_layers:
+            rank_like += "|weight_erank|weight_stable_rank"
+        by_layer = report.multiline_layout(
+            {n: [f"^({rank_like})/{re.escape(n)}$"] for n in names}
+        )
+        report.register_layout(
+            trainer, {"spectral: by quantity": by_quantity, "spectral: by layer": by_layer}
+        )
+        self._layout_done = True
+

@@ -1,0 +1,81 @@
+"""Fixtures for the SpectralMonitor tests (tests/callbacks/test_spectral_*.py).
+
+Test files cannot import each other (``--import-mode=importlib``), so shared helpers are handed
+out as fixtures: an in-memory logger class and a factory of small, quiet Trainers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers.logger import Logger
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, {tag: value})`` (rank zero only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((int(step or 0), dict(metrics)))
+
+    def series(self, tag: str) -> dict[int, float]:
+        """``{step: value}`` of one tag (the last value wins if a step repeats)."""
+        return {step: m[tag] for step, m in self.records if tag in m}
+
+    def tags(self) -> set[str]:
+        return {tag for _, m in self.records for tag in m}
+
+
+@pytest.fixture
+def memory_logger_cls() -> type[MemoryLogger]:
+    return MemoryLogger
+
+
+@pytest.fixture
+def make_trainer(tmp_path) -> Callable[..., Trainer]:
+    """``make_trainer(callbacks, **overrides)``: CPU, no progress bar/summary/checkpoints."""
+
+    def factory(callbacks: list | None = None, **overrides: Any) -> Trainer:
+        kwargs: dict[str, Any] = dict(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=str(tmp_path),
+            deterministic=False,
+        )
+        kwargs.update(overrides)
+        return Trainer(callbacks=callbacks or [], **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
