@@ -76,6 +76,11 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
     if not metrics or not _is_global_zero(trainer):
         return
     clean = {k: float(v) for k, v in metrics.items()}
+    # listeners (e.g. SpectralAlarm) see what the monitors log, with or without a logger
+    for callback in getattr(trainer, "callbacks", []) or []:
+        listener = getattr(callback, "on_spectral_scalars", None)
+        if callable(listener):
+            listener(trainer, clean, step)
     for logger in getattr(trainer, "loggers", []) or []:
         logger.log_metrics(clean, step=step)
 

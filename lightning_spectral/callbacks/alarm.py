@@ -1,0 +1,292 @@
+"""SpectralAlarm: the gate's rules evaluated while the model trains.
+
+The alarm keeps its own bounded per-tag history of what was logged so far: everything the
+library's monitors write through :func:`lightning_spectral.report.log_scalars` (delivered to
+:meth:`SpectralAlarm.on_spectral_scalars`) and every number in ``trainer.callback_metrics``
+(what ``self.log`` produced) when it changes. At each evaluation point (end of a training
+batch, of validation, of a training epoch) every check whose tag received a new value is
+evaluated with the same rule semantics as ``lightning-spectral check`` (see
+:mod:`lightning_spectral.gate`; a NaN value fails). A check failing ``patience`` consecutive
+evaluations triggers ``action``: ``"stop"`` sets ``trainer.should_stop`` (like
+``EarlyStopping``; under DDP the decision is shared by all ranks), ``"raise"`` raises
+:class:`SpectralAlarmError`, ``"warn"`` emits one
+:class:`~lightning_spectral.errors.SpectralWarning` per failing streak. The rule grammar and the
+quantities' definitions are in docs/gate.md and SPEC.md; the alarm computes no mathematics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_spectral._compat import Callback
+from lightning_spectral.errors import SpectralConfigError, SpectralError, SpectralWarning
+from lightning_spectral.gate import GateInputError, Rule, parse_rule
+
+__all__ = ["SpectralAlarm", "SpectralAlarmError"]
+
+log = logging.getLogger(__name__)
+
+_ACTIONS = ("stop", "raise", "warn")
+
+
+class SpectralAlarmError(SpectralError, RuntimeError):
+    """Raised by ``SpectralAlarm(action="raise")`` when a rule keeps failing."""
+
+
+class _History:
+    """Streaming reducers of one tag: first, last, min, max, mean and a window of recent values.
+
+    A value logged again at the step of the previous value replaces it for ``last``, ``mean``
+    and the window (as the gate keeps the latest write of a step); ``min``/``max`` keep both.
+    """
+
+    __slots__ = ("first", "last", "lo", "hi", "total", "count", "nan", "recent", "step",
+                 "version")
+
+    def __init__(self, window: int) -> None:
+        self.first = math.nan
+        self.last = math.nan
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.total = 0.0
+        self.count = 0
+        self.nan = 0
+        self.recent: deque[float] = deque(maxlen=max(window, 1))
+        self.step: int | None = None
+        self.version = 0
+
+    def add(self, value: float, step: int | None) -> None:
+        if self.count and step is not None and step == self.step:
+            old = self.recent.pop()
+            if math.isnan(old):
+                self.nan -= 1
+            else:
+                self.total -= old
+            self.count -= 1
+        if self.count == 0:
+            self.first = value
+        self.last = value
+        if math.isnan(value):
+            self.nan += 1
+        else:
+            self.total += value
+            self.lo = min(self.lo, value)
+            self.hi = max(self.hi, value)
+        self.count += 1
+        self.recent.append(value)
+        self.step = step
+        self.version += 1
+
+    def reduce(self, rule: Rule) -> float:
+        if self.count == 0:
+            return math.nan
+        if rule.window is not None:
+            recent = list(self.recent)[-rule.window :]
+            return math.fsum(recent) / len(recent)
+        if rule.reducer == "last":
+            return self.last
+        if rule.reducer == "first":
+            return self.first
+        if self.nan:
+            return math.nan
+        if rule.reducer == "min":
+            return self.lo
+        if rule.reducer == "max":
+            return self.hi
+        return self.total / self.count
+
+    def state(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "lo": self.lo, "hi": self.hi,
+                "total": self.total, "count": self.count, "nan": self.nan,
+                "recent": list(self.recent), "step": self.step}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], window: int) -> _History:
+        h = cls(window)
+        for key in ("first", "last", "lo", "hi", "total", "count", "nan", "step"):
+            setattr(h, key, state[key])
+        h.recent.extend(state["recent"])
+        return h
+
+
+class SpectralAlarm(Callback):
+    """Stop, raise or warn during training when a gate rule fails ``patience`` times in a row.
+
+    Args:
+        rules: gate rules, ``"TAG_PATTERN [REDUCER] OP VALUE"`` (see
+            :mod:`lightning_spectral.gate`), e.g.
+            ``["vne/* >= 1.0", "collapse/nc1 mean(last=3) < 0.5"]``. A glob gives one check per
+            matching tag, tags being discovered as they are logged.
+        patience: consecutive failing evaluations of a check before the action fires. A check is
+            evaluated only when its tag received a new value.
+        action: ``"stop"`` (``trainer.should_stop = True``), ``"raise"`` (
+            :class:`SpectralAlarmError`) or ``"warn"``.
+        watch_callback_metrics: also follow ``trainer.callback_metrics`` (``self.log`` values).
+    """
+
+    def __init__(
+        self,
+        rules: list[str],
+        patience: int = 1,
+        action: str = "stop",
+        watch_callback_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(rules, str):
+            rules = [rules]
+        if not rules:
+            raise SpectralConfigError("SpectralAlarm needs at least one rule, e.g. "
+                                      "rules=['vne/* >= 1.0']")
+        try:
+            self.rules: list[Rule] = [parse_rule(r) for r in rules]
+        except GateInputError as exc:
+            raise SpectralConfigError(f"SpectralAlarm: {exc}") from exc
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise SpectralConfigError(f"SpectralAlarm: patience must be an integer >= 1, "
+                                      f"got {patience!r}")
+        if action not in _ACTIONS:
+            raise SpectralConfigError(f"SpectralAlarm: action must be one of {_ACTIONS}, "
+                                      f"got {action!r}")
+        self.patience = patience
+        self.action = action
+        self.watch_callback_metrics = bool(watch_callback_metrics)
+        self._window = max([r.window or 1 for r in self.rules])
+        self._history: dict[str, _History] = {}
+        self._seen: dict[tuple[int, str], int] = {}  # (rule index, tag) -> version evaluated
+        self._strikes: dict[tuple[int, str], int] = {}
+        self._cm_cache: dict[str, float] = {}
+        self._matched: set[int] = set()
+        self.triggered: list[str] = []  # messages of the checks that fired
+        self.stopped_step: int | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rules=[r.text for r in self.rules],
+                                        patience=self.patience, action=self.action)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": {tag: h.state() for tag, h in self._history.items()},
+            "strikes": [[i, tag, n] for (i, tag), n in self._strikes.items()],
+            "seen": [[i, tag, v] for (i, tag), v in self._seen.items()],
+            "triggered": list(self.triggered),
+            "stopped_step": self.stopped_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history = {tag: _History.from_state(s, self._window)
+                         for tag, s in state_dict.get("history", {}).items()}
+        self._strikes = {(int(i), str(t)): int(n) for i, t, n in state_dict.get("strikes", [])}
+        # restored histories restart their version counters: everything counts as evaluated
+        self._seen = {(int(i), str(t)): self._history[t].version
+                      for i, t, _ in state_dict.get("seen", []) if t in self._history}
+        self.triggered = list(state_dict.get("triggered", []))
+        self.stopped_step = state_dict.get("stopped_step")
+
+    # ------------------------------------------------------------------ intake
+    def record(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Add logged values (``{tag: number}``) to the history; evaluated at the next hook."""
+        for tag, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            hist = self._history.get(tag)
+            if hist is None:
+                hist = self._history[tag] = _History(self._window)
+            hist.add(number, step)
+
+    def on_spectral_scalars(self, trainer: Any, metrics: Mapping[str, float], step: int) -> None:
+        """Called by :func:`lightning_spectral.report.log_scalars` for every logging event."""
+        self.record(metrics, step)
+
+    def _poll_callback_metrics(self, trainer: Any) -> None:
+        if not self.watch_callback_metrics:
+            return
+        fresh = {}
+        for tag, value in dict(getattr(trainer, "callback_metrics", {}) or {}).items():
+            try:
+                number = float(value.item() if hasattr(value, "item") and getattr(
+                    value, "numel", lambda: 1)() == 1 else value)
+            except (TypeError, ValueError, RuntimeError):
+                continue
+            old = self._cm_cache.get(tag)
+            if old is None or not (old == number or (math.isnan(old) and math.isnan(number))):
+                fresh[tag] = number
+                self._cm_cache[tag] = number
+        if fresh:
+            self.record(fresh, int(getattr(trainer, "global_step", 0)))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> list[str]:
+        """Evaluate every check with new data; return the messages of checks that fire now."""
+        fired = []
+        for i, rule in enumerate(self.rules):
+            for tag, hist in self._history.items():
+                if not rule.matches(tag):
+                    continue
+                self._matched.add(i)
+                key = (i, tag)
+                if self._seen.get(key) == hist.version:
+                    continue
+                self._seen[key] = hist.version
+                value = hist.reduce(rule)
+                if rule.compare(value):
+                    self._strikes[key] = 0
+                    continue
+                strikes = self._strikes.get(key, 0) + 1
+                self._strikes[key] = strikes
+                if strikes == self.patience or (strikes > self.patience and self.action != "warn"):
+                    fired.append(
+                        f"SpectralAlarm: rule {rule.text!r} failed on {tag}: "
+                        f"{rule.reducer_label} = {value:.6g}, expected {rule.op} "
+                        f"{rule.threshold:g} ({strikes} consecutive evaluation"
+                        f"{'s' if strikes > 1 else ''}, step {hist.step})"
+                    )
+        return fired
+
+    def _check(self, trainer: Any) -> None:
+        if getattr(trainer, "sanity_checking", False):
+            return
+        self._poll_callback_metrics(trainer)
+        fired = self.evaluate()
+        decision = bool(fired)
+        if int(getattr(trainer, "world_size", 1)) > 1 and self.action != "warn":
+            decision = bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+        if not decision:
+            return
+        self.triggered.extend(fired)
+        message = "; ".join(fired) if fired else "SpectralAlarm: a rule failed on another rank"
+        if self.action == "raise":
+            raise SpectralAlarmError(message)
+        if self.action == "warn":
+            warnings.warn(message, SpectralWarning, stacklevel=2)
+            return
+        if not trainer.should_stop:
+            self.stopped_step = int(getattr(trainer, "global_step", 0))
+            log.warning("%s; stopping the fit at step %d", message, self.stopped_step)
+        trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._check(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check(trainer)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        missing = [r.text for i, r in enumerate(self.rules) if i not in self._matched]
+        if missing and self._history:
+            tags = sorted(self._history)
+            shown = ", ".join(tags[:10]) + (" ..." if len(tags) > 10 else "")
+            warnings.warn(f"SpectralAlarm: rule(s) {missing} matched no logged tag "
+                          f"(logged: {shown})", SpectralWarning, stacklevel=2)
