@@ -1,0 +1,789 @@
+"""One-dimensional absolute-value networks as Lasso problems ("mirrors"), SPEC.md §7.
+
+For 1-D data, a two-layer network ``f(x) = Σ α_k |w_k x + b_k| + ξ`` trained with weight decay
+(§7.2), and a three-layer network of parallel units ``f(x) = Σ α_k |v_k |w_k x + b_k| + c_k| + ξ``
+with the cubic penalty of §7.4, have global minima equal to a *convex* Lasso (§7.1) over a fixed
+dictionary built from the data:
+
+- depth 2: ``A_nj = |x_n − x_j|``, one column per distinct data point (``P ≤ N``);
+- depth 3: ``φ_{a₁,a₂}(x) = ||x − a₁| − a₂|`` at the vertices of the breakpoint arrangement —
+  reflection features ``(x_i, |x_j − x_i|)`` and midpoint features ``((x_i+x_j)/2, |x_i−x_j|/2)``
+  (``P ≤ 1.5 N² − 0.5 N``).
+
+So "is my network at its global optimum?" becomes a number: :func:`convex_gap` is
+``(J(network) − Lasso optimum) / Lasso optimum``, which is never negative (up to the solver's
+stated tolerance) for a network of the stated form of any width.
+
+Every feature is stored as a pair ``(a₁, a₂)``: the two-layer feature ``|x − a₁|`` is
+``φ_{a₁,0}``, so both depths share one representation (``params`` of shape ``(P, 2)``).
+
+The Lasso solver is our own: a primal–dual interior-point method on a working set of columns,
+grown from the KKT violators of the full dictionary, snapped to an exact sparse solution (a
+vertex from ``scipy.optimize.linprog``, then the KKT equations of its sign pattern), in
+float64 NumPy on the host (a small, sequential, host-side computation; the rest of this
+module is torch). It stops on the relative duality gap ``(P − D)/P ≤ tol`` of the full problem, and
+reports that gap and the KKT violation it reached.
+
+*Source:* E. Zeger, Y. Wang, A. Mishkin, T. Ergen, E. Candès, M. Pilanci, "A Library of
+Mirrors: Deep Neural Nets in Low Dimensions are Convex Lasso Models with Reflection Features",
+arXiv:2403.01046 (2024).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import linalg as scipy_linalg
+from torch import nn
+
+__all__ = [
+    "MirrorFit",
+    "MirrorNet",
+    "reflection_dictionary",
+    "mirror_features",
+    "lasso_mirror_fit",
+    "mirror_network",
+    "network_objective",
+    "convex_gap",
+]
+
+_DEPTHS = (2, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# input validation
+
+
+def _as_numpy_1d(value: Any, name: str) -> np.ndarray:
+    """A float64 host copy of a 1-D input; ``(N, 1)`` is accepted and flattened."""
+    if isinstance(value, torch.Tensor):
+        arr = value.detach().to("cpu", torch.float64).numpy()
+    else:
+        arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(
+            f"{name} must be one-dimensional data of shape (N,) or (N, 1) (SPEC.md §7 covers "
+            f"1-D inputs only), got shape {tuple(arr.shape)}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def _check_depth(depth: int) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth not in _DEPTHS:
+        raise ValueError(f"depth must be 2 or 3 (SPEC.md §7.2 / §7.4), got {depth!r}")
+    return int(depth)
+
+
+def _check_beta(beta: float) -> float:
+    try:
+        value = float(beta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"beta must be a positive number, got {beta!r}") from exc
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"beta must be a finite number > 0, got {beta!r} (beta → 0 is the minimum-ℓ1 "
+            "interpolation of SPEC.md §7.1, a linear program, not a Lasso)"
+        )
+    return value
+
+
+def _check_xy(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    xs = _as_numpy_1d(x, "x")
+    ys = _as_numpy_1d(y, "y")
+    if xs.shape != ys.shape:
+        raise ValueError(
+            f"x and y must hold the same number of points, got {xs.size} and {ys.size}"
+        )
+    if np.unique(xs).size < 2:
+        raise ValueError(
+            f"need at least 2 distinct x values to build a dictionary, got {xs.size} point(s) "
+            f"with {np.unique(xs).size} distinct value(s)"
+        )
+    return xs, ys
+
+
+# ------------------------------------------------------------------------------------------
+# dictionary
+
+
+def _distinct_in_order(x: np.ndarray) -> np.ndarray:
+    """Distinct values of ``x`` in order of first occurrence."""
+    _, first = np.unique(x, return_index=True)
+    return x[np.sort(first)]
+
+
+def _feature_params(x: np.ndarray, depth: int) -> np.ndarray:
+    """``(P, 2)`` array of ``(a₁, a₂)``: two-layer features first, then reflections, midpoints."""
+    u = _distinct_in_order(x)
+    m = u.size
+    two = np.stack([u, np.zeros(m)], axis=1)
+    if depth == 2:
+        return two
+    i, j = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    off = i != j
+    refl = np.stack([u[i[off]], np.abs(u[j[off]] - u[i[off]])], axis=1)
+    iu, ju = np.triu_indices(m, k=1)
+    mid = np.stack([(u[iu] + u[ju]) / 2.0, np.abs(u[iu] - u[ju]) / 2.0], axis=1)
+    params = np.concatenate([two, refl, mid], axis=0)
+    # drop duplicate (a1, a2) pairs, keeping the first occurrence; the key is rounded to 12
+    # significant digits of the data scale so that pairs equal up to rounding coincide
+    scale = max(float(np.max(np.abs(u))), 1e-300)
+    keys = np.round(params / scale, 12) + 0.0
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return params[np.sort(first)]
+
+
+def _phi(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """``φ_{a₁,a₂}(x_n) = ||x_n − a₁| − a₂|`` as an ``(N, P)`` float64 array."""
+    out = np.subtract.outer(x, params[:, 0])
+    np.abs(out, out=out)
+    out -= params[:, 1]
+    np.abs(out, out=out)
+    return out
+
+
+def mirror_features(
+    x: torch.Tensor | np.ndarray, params: torch.Tensor | np.ndarray
+) -> torch.Tensor:
+    """The features ``φ_{a₁,a₂}(x) = ||x − a₁| − a₂|`` (SPEC.md §7.4) at arbitrary points.
+
+    ``params`` is ``(P, 2)`` (as returned by :func:`reflection_dictionary`); ``a₂ = 0`` gives the
+    two-layer feature ``|x − a₁|`` (§7.2). Returns a float64 ``(N, P)`` tensor on the host.
+    """
+    xs = _as_numpy_1d(x, "x")
+    p = params.detach().cpu().double().numpy() if isinstance(params, torch.Tensor) else (
+        np.asarray(params, dtype=np.float64))
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ValueError(f"params must have shape (P, 2), got shape {tuple(p.shape)}")
+    return torch.from_numpy(_phi(xs, p))
+
+
+def reflection_dictionary(
+    x: torch.Tensor | np.ndarray, depth: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Lasso dictionary of a depth-``depth`` absolute-value network (SPEC.md §7.2, §7.4).
+
+    Returns ``(A, params)``: ``A`` (float64, ``N × P``) with ``A[n, j] = φ_{params[j]}(x_n)``
+    and ``params`` (float64, ``P × 2``) holding ``(a₁, a₂)`` of each column.
+
+    - ``depth=2``: ``A_nj = |x_n − x_j|`` — one column per distinct ``x_j`` (order of first
+      occurrence), ``params[j] = (x_j, 0)``; ``P ≤ N`` (growth O(N)).
+    - ``depth=3``: the depth-2 columns first (``i = j``), then the reflection features
+      ``(x_i, |x_j − x_i|)`` for ``i ≠ j``, then the midpoint features
+      ``((x_i + x_j)/2, |x_i − x_j|/2)`` for ``i < j``; duplicate ``(a₁, a₂)`` pairs are dropped
+      (first kept). ``P ≤ 1.5 M² − 0.5 M`` for ``M`` distinct points (growth O(N²)).
+
+    ``x`` must be 1-D (``(N,)`` or ``(N, 1)``) with at least 2 distinct finite values; repeated
+    values are allowed (they add no feature). Raises ``ValueError`` otherwise.
+    """
+    depth = _check_depth(depth)
+    xs = _as_numpy_1d(x, "x")
+    if np.unique(xs).size < 2:
+        raise ValueError(
+            f"need at least 2 distinct x values to build a dictionary, got {xs.size} point(s)"
+        )
+    params = _feature_params(xs, depth)
+    return torch.from_numpy(_phi(xs, params)), torch.from_numpy(params)
+
+
+# ------------------------------------------------------------------------------------------
+# the Lasso solver (SPEC.md §7.1)
+
+
+@dataclass
+class _Solution:
+    z: np.ndarray
+    intercept: float
+    primal: float
+    dual: float
+    kkt: float
+    rounds: int
+    converged: bool
+
+
+def _max_step(v: np.ndarray, dv: np.ndarray) -> float:
+    """Largest ``t`` with ``v + t·dv ≥ 0``."""
+    neg = dv < 0
+    return float(np.min(-v[neg] / dv[neg])) if np.any(neg) else np.inf
+
+
+def _newton(state: tuple[np.ndarray, ...], rc1: np.ndarray, rc2: np.ndarray
+            ) -> tuple[np.ndarray, ...]:
+    """One Newton direction of :func:`_ipm_lasso` for complementarity targets ``rc₁, rc₂``."""
+    chol, r1, r2, a, b, s1, s2, w1, inv_dsum = state
+    f1 = -r1 + rc1 / a
+    f2 = -r2 + rc2 / b
+    rhs = (1.0 - w1) * f1 - w1 * f2
+    p = scipy_linalg.cho_solve((chol, True), rhs)
+    db = (f1 + f2) * inv_dsum - w1 * p
+    da = p + db
+    return da, db, (rc1 - s1 * da) / a, (rc2 - s2 * db) / b
+
+
+def _ipm_lasso(
+    G: np.ndarray, c: np.ndarray, beta: float, yy: float, tol: float, max_iter: int = 200
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """``min ½ zᵀGz − cᵀz + β‖z‖₁`` by a primal–dual interior-point method (Mehrotra).
+
+    Split ``z = a − b`` with ``a, b ≥ 0`` and multipliers ``s₁, s₂ ≥ 0``; each Newton step
+    reduces to one ``k × k`` positive-definite solve ``(G + D₁D₂/(D₁+D₂)) p = …`` with
+    ``D_i = s_i / u_i``. Robust to the near-collinear columns of 1-D dictionaries, where
+    coordinate descent stalls. ``yy = ‖y_c‖²`` turns the value into the full objective for the
+    relative stopping test. Returns ``(z, iterations, predicted signs of the support)``.
+    """
+    k = c.size
+    scale = math.sqrt(max(float(np.max(np.diag(G))), 1e-300))
+    a = np.full(k, 1.0 / scale)
+    b = a.copy()
+    s1 = np.full(k, beta + float(np.max(np.abs(c))) / k + 1e-3 * beta)
+    s2 = s1.copy()
+    cmax = float(np.max(np.abs(c)))
+    it = 0
+    last_step = 1.0
+    for it in range(1, max_iter + 1):
+        z = a - b
+        Gz = G @ z
+        r1 = Gz - c + beta - s1
+        r2 = -Gz + c + beta - s2
+        mu = (a @ s1 + b @ s2) / (2 * k)
+        primal = 0.5 * float(z @ Gz) - float(c @ z) + beta * float(np.abs(z).sum()) + 0.5 * yy
+        res = max(float(np.abs(r1).max()), float(np.abs(r2).max()))
+        if 2 * k * mu <= 0.1 * tol * max(primal, 1e-300) and res <= 1e-9 * (beta + cmax):
+            break
+        if it > 1 and last_step < 1e-10:  # stalled at the limit of float64
+            break
+        # D_i = s_i/u_i; the reduced matrix is G + diag(D₁D₂/(D₁+D₂)) = G + diag(1/(a/s₁ + b/s₂)),
+        # written without forming D_i (they overflow as a coefficient goes to its bound)
+        den = s1 * b + s2 * a
+        w1 = s1 * b / den  # D₁/(D₁+D₂)
+        inv_dsum = a * b / den  # 1/(D₁+D₂)
+        M = G + np.diag(1.0 / (a / s1 + b / s2))
+        chol = None
+        for shift in (0.0, 1e-13, 1e-10, 1e-7):
+            try:
+                chol = np.linalg.cholesky(M + np.eye(k) * (shift * float(np.max(np.diag(M)))))
+                break
+            except np.linalg.LinAlgError:
+                continue
+        if chol is None:
+            break
+
+        state = (chol, r1, r2, a, b, s1, s2, w1, inv_dsum)
+        aff = _newton(state, -a * s1, -b * s2)
+        step = min(1.0, *(_max_step(v, d) for v, d in zip((a, b, s1, s2), aff, strict=True)))
+        mu_aff = ((a + step * aff[0]) @ (s1 + step * aff[2])
+                  + (b + step * aff[1]) @ (s2 + step * aff[3])) / (2 * k)
+        sigma = (mu_aff / mu) ** 3
+        da, db, ds1, ds2 = _newton(state, -a * s1 - aff[0] * aff[2] + sigma * mu,
+                                 -b * s2 - aff[1] * aff[3] + sigma * mu)
+        step = min(1.0, 0.995 * min(_max_step(v, d) for v, d in
+                                      zip((a, b, s1, s2), (da, db, ds1, ds2), strict=True)))
+        a, b, s1, s2 = a + step * da, b + step * db, s1 + step * ds1, s2 + step * ds2
+        last_step = step
+    # support indicator (scale-free): a coefficient is active when its value, relative to the
+    # largest one, exceeds its dual slack relative to β (complementarity drives one of the two
+    # to 0 along the central path)
+    zscale = max(float(np.max(a)), float(np.max(b)), 1e-300)
+    active = np.where(a / zscale > s1 / beta, 1.0, 0.0) - np.where(b / zscale > s2 / beta, 1.0, 0.0)
+    return a - b, it, active
+
+
+def _sub_objective(G: np.ndarray, c: np.ndarray, z: np.ndarray, beta: float) -> float:
+    return 0.5 * float(z @ G @ z) - float(c @ z) + beta * float(np.abs(z).sum())
+
+
+def _vertex(Ac: np.ndarray, z: np.ndarray) -> np.ndarray | None:
+    """A basic (sparse) point with the same fitted values and no larger ``ℓ1`` norm.
+
+    Lasso solutions share their fitted values and ``‖z‖₁``; with near-duplicate columns an
+    interior-point method returns a dense one. The linear program ``min Σ s_j z_j`` subject to
+    ``A_c z = A_c z⁰`` and ``s_j z_j ≥ 0`` (signs ``s`` of ``z⁰``) has a vertex solution with at
+    most ``rank A_c`` non-zeros (HiGHS returns one).
+    """
+    from scipy.optimize import linprog
+
+    S = np.flatnonzero(z)
+    if S.size == 0:
+        return None
+    sgn = np.sign(z[S])
+    B = Ac[:, S] * sgn
+    res = linprog(np.ones(S.size), A_eq=B, b_eq=Ac[:, S] @ z[S], bounds=(0, None),
+                  method="highs")
+    if res.status != 0:
+        return None
+    out = np.zeros_like(z)
+    u = np.where(res.x > 1e-12 * float(np.max(res.x)), res.x, 0.0)
+    out[S] = sgn * u
+    return out
+
+
+def _polish(G: np.ndarray, c: np.ndarray, Ac: np.ndarray, z: np.ndarray, signs: np.ndarray,
+            beta: float, yy: float) -> np.ndarray:
+    """Snap an interior-point solution to an exact, sparse solution of its sign pattern.
+
+    Candidates: the interior-point point (also with coefficients below ``1e-9 · max|z|``
+    zeroed), the exact solution ``G_SS z_S = c_S − β s_S`` (least squares) on the support ``S``
+    predicted by the interior-point method, and the same on the support of a sparse vertex
+    (:func:`_vertex`). Sign-inconsistent snaps are discarded; the candidate of lowest objective
+    wins, ties (within ``1e-12`` of the objective ``½‖y_c‖² + value``) going to the sparser.
+    """
+    zmax = float(np.max(np.abs(z))) if z.size else 0.0
+    if zmax == 0.0:
+        return z
+    thresholded = np.where(np.abs(z) > 1e-9 * zmax, z, 0.0)
+    cands = [z, thresholded]
+    supports = [signs, np.sign(thresholded)]
+    vert = _vertex(Ac, thresholded) if np.count_nonzero(thresholded) > 1 else None
+    if vert is not None:
+        cands.append(vert)
+        supports.append(np.sign(vert))
+    for sg in supports:
+        S = np.flatnonzero(sg)
+        if not S.size:
+            continue
+        sol, *_ = np.linalg.lstsq(G[np.ix_(S, S)], c[S] - beta * sg[S], rcond=None)
+        if np.all(np.sign(sol) == sg[S]):
+            snapped = np.zeros_like(z)
+            snapped[S] = sol
+            cands.append(snapped)
+    vals = np.array([_sub_objective(G, c, cand, beta) for cand in cands])
+    nnz = np.array([np.count_nonzero(cand) for cand in cands])
+    # lowest objective; among those within rounding of it, the sparsest
+    near = vals <= vals.min() + 1e-12 * max(vals.min() + 0.5 * yy, 1e-300)
+    idx = np.flatnonzero(near)
+    return cands[int(idx[np.argmin(nnz[idx])])]
+
+
+def _solve(A: np.ndarray, y: np.ndarray, beta: float, tol: float, max_iter: int) -> _Solution:
+    """Lasso with an unpenalised intercept, by centring: ``min ½‖y_c − A_c z‖² + β‖z‖₁``.
+
+    Working-set loop: solve the problem restricted to a set ``W`` of columns exactly
+    (:func:`_ipm_lasso` + :func:`_polish`), compute the correlations ``A_cᵀ r`` of the whole
+    dictionary (one matrix–vector product), stop when the relative duality gap of the *full*
+    problem is at most ``tol``, else add the most violating columns to ``W``.
+    """
+    N, P = A.shape
+    mu = A.mean(axis=0)
+    yc = y - y.mean()
+    colsq = np.maximum(np.einsum("np,np->p", A, A) - N * mu * mu, 0.0)
+    # columns constant on the data (zero after centring) can only add penalty: fixed at 0
+    valid = colsq > max(float(colsq.max()), 1e-300) * 1e-20
+    z = np.zeros(P)
+    W = np.zeros(0, dtype=np.int64)
+    r = yc.copy()
+    yy = float(yc @ yc)
+    inner_tol = tol
+
+    def dual_value(res: np.ndarray, corr: np.ndarray) -> float:
+        # the residual rescaled into the dual feasible set {|A_cᵀθ| ≤ β}: a lower bound
+        gmax = float(np.max(np.abs(corr))) if corr.size else 0.0
+        s = 1.0 if gmax <= beta else beta / gmax
+        return s * float(res @ yc) - 0.5 * s * s * float(res @ res)
+
+    best_dual = -np.inf
+    primal = float("nan")
+    converged = False
+    rounds = 0
+    for rounds in range(1, max_iter + 1):  # noqa: B007 (reported)
+        g = A.T @ r - mu * r.sum()  # = A_cᵀ r
+        g[~valid] = 0.0
+        absg = np.abs(g)
+        primal = 0.5 * float(r @ r) + beta * float(np.abs(z).sum())
+        best_dual = max(best_dual, dual_value(r, g))
+        if primal - best_dual <= tol * max(primal, 1e-300) or yy == 0.0:
+            converged = True
+            break
+        in_w = np.zeros(P, dtype=bool)
+        in_w[W] = True
+        viol = np.flatnonzero(valid & ~in_w & (absg > beta))
+        if viol.size:
+            take = min(N, 64)
+            if viol.size > take:
+                viol = viol[np.argpartition(-absg[viol], take - 1)[:take]]
+            # the new working set: the current support and the worst violators. The support
+            # is kept, so each round's optimum is no worse than the last one.
+            W = np.concatenate([np.flatnonzero(z), viol])
+        else:
+            if inner_tol <= 1e-13:
+                break  # float64 limit reached on this working set: report the gap achieved
+            inner_tol *= 0.01  # the restricted problem was not solved accurately enough
+        Ac = A[:, W] - mu[W]
+        G = Ac.T @ Ac
+        cW = Ac.T @ yc
+        zW, _, signs = _ipm_lasso(G, cW, beta, yy, max(inner_tol, 1e-13))
+        # the dense interior point often certifies a tighter dual bound than the sparse snap
+        r_dense = yc - Ac @ zW
+        g_dense = A.T @ r_dense - mu * r_dense.sum()
+        best_dual = max(best_dual, dual_value(r_dense, g_dense[valid]))
+        zW = _polish(G, cW, Ac, zW, signs, beta, yy)
+        z[:] = 0.0
+        z[W] = zW
+        r = yc - Ac @ zW
+    intercept = float(np.mean(y - A @ z))
+    res = y - A @ z - intercept
+    g = A.T @ res
+    kkt = 0.0
+    if P:
+        nz = z != 0
+        v_zero = np.maximum(np.abs(g[~nz & valid]) - beta, 0.0)
+        v_supp = np.abs(g[nz] - beta * np.sign(z[nz]))
+        kkt = float(max(v_zero.max(initial=0.0), v_supp.max(initial=0.0)) / beta)
+    kkt = max(kkt, abs(float(res.sum())) / beta)
+    primal = 0.5 * float(res @ res) + beta * float(np.abs(z).sum())
+    return _Solution(z, intercept, primal, min(best_dual, primal), kkt, rounds, converged)
+
+
+@dataclass
+class MirrorFit:
+    """A solved Lasso of SPEC.md §7.1 over the dictionary of :func:`reflection_dictionary`.
+
+    ``objective`` is the primal value at the returned point, ``½‖A z + ξ1 − y‖² + β‖z‖₁``;
+    ``dual`` a certified lower bound of the optimum, so ``gap = objective − dual ≥ 0`` bounds
+    how far ``objective`` is above the true optimum (``gap ≤ tol · objective`` when
+    ``converged``). ``kkt`` is the largest KKT violation relative to ``β``:
+    ``max_j`` of ``(|a_jᵀr| − β)₊`` off the support and ``|a_jᵀr − β sign z_j|`` on it, and
+    ``|1ᵀr|``, all divided by ``β``. Tensors are float64 on the host.
+    """
+
+    objective: float
+    coef: torch.Tensor
+    intercept: float
+    dictionary: torch.Tensor | None
+    params: torch.Tensor
+    depth: int
+    beta: float
+    x: torch.Tensor
+    y: torch.Tensor
+    residual: torch.Tensor
+    dual: float
+    gap: float
+    kkt: float
+    tol: float
+    rounds: int
+    converged: bool
+
+    @property
+    def support(self) -> torch.Tensor:
+        """Indices of the non-zero coefficients."""
+        return torch.nonzero(self.coef, as_tuple=False).reshape(-1)
+
+    @property
+    def l1_norm(self) -> float:
+        """``‖z‖₁`` (the network's penalty is ``β‖z‖₁`` after rescaling, §7.2/§7.4)."""
+        return float(self.coef.abs().sum())
+
+    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The Lasso model ``Σ_j z_j φ_j(x) + ξ`` at arbitrary points (float64, host)."""
+        s = self.support
+        if s.numel() == 0:
+            return torch.full((_as_numpy_1d(x, "x").size,), self.intercept, dtype=torch.float64)
+        return mirror_features(x, self.params[s]) @ self.coef[s] + self.intercept
+
+    def breakpoints(self) -> torch.Tensor:
+        """Sorted kink positions of the active features: ``a₁`` and ``a₁ ± a₂`` (``a₂ > 0``)."""
+        p = self.params[self.support]
+        a1, a2 = p[:, 0], p[:, 1]
+        pos = a2 > 0
+        pts = torch.cat([a1, (a1 + a2)[pos], (a1 - a2)[pos]])
+        return torch.unique(pts)
+
+
+def lasso_mirror_fit(
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    beta: float,
+    depth: int = 3,
+    tol: float = 1e-9,
+    max_iter: int = 100,
+    keep_dictionary: bool = True,
+) -> MirrorFit:
+    """Solve the Lasso of SPEC.md §7.1 over the depth-``depth`` dictionary of ``x``.
+
+    ``min_{z, ξ} ½‖A z + ξ1 − y‖² + β‖z‖₁`` with ``A`` from :func:`reflection_dictionary` and
+    the intercept ``ξ`` unpenalised. Its optimum equals the global minimum of the network
+    objective of §7.2 (``depth=2``) or §7.4 (``depth=3``) for any width at least the support
+    size; :func:`mirror_network` rebuilds such a network.
+
+    Stopping rule: the relative duality gap ``(P − D)/P ≤ tol`` over the *whole* dictionary,
+    ``D`` the dual value of the rescaled residual; the achieved gap and KKT violation are in the
+    returned :class:`MirrorFit`. ``max_iter`` bounds the working-set rounds; when it is
+    reached first, ``converged`` is False and a ``RuntimeWarning`` is emitted.
+    ``keep_dictionary=False`` drops the ``N × P`` matrix from the result (it can be rebuilt from
+    ``params``). Raises ``ValueError`` on non-1-D input, ``beta ≤ 0``, fewer than 2 distinct
+    points, mismatched lengths or non-finite values.
+    """
+    depth = _check_depth(depth)
+    beta = _check_beta(beta)
+    xs, ys = _check_xy(x, y)
+    if not (isinstance(tol, (int, float)) and 0 < float(tol) < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    params = _feature_params(xs, depth)
+    A = _phi(xs, params)
+    sol = _solve(A, ys, beta, float(tol), int(max_iter))
+    if not sol.converged:
+        warnings.warn(
+            f"lasso_mirror_fit: stopped after {sol.rounds} working-set rounds with relative "
+            f"duality gap {(sol.primal - sol.dual) / max(sol.primal, 1e-300):.3g} > tol={tol:g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    residual = ys - A @ sol.z - sol.intercept
+    return MirrorFit(
+        objective=sol.primal,
+        coef=torch.from_numpy(sol.z),
+        intercept=sol.intercept,
+        dictionary=torch.from_numpy(A) if keep_dictionary else None,
+        params=torch.from_numpy(params),
+        depth=depth,
+        beta=beta,
+        x=torch.from_numpy(xs),
+        y=torch.from_numpy(ys),
+        residual=torch.from_numpy(residual),
+        dual=sol.dual,
+        gap=sol.primal - sol.dual,
+        kkt=sol.kkt,
+        tol=float(tol),
+        rounds=sol.rounds,
+        converged=sol.converged,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# the networks (SPEC.md §7.2, §7.4)
+
+
+class MirrorNet(nn.Module):
+    """A 1-D absolute-value network of exactly the SPEC.md §7.2 or §7.4 form.
+
+    - ``depth=2``: ``f(x) = Σ_k α_k |w_k x + b_k| + ξ``;
+    - ``depth=3``: ``f(x) = Σ_k α_k |v_k |w_k x + b_k| + c_k| + ξ`` (parallel units, one scalar
+      per unit in the middle layer).
+
+    Parameters are vectors of length ``width`` (``w``, ``b``, ``alpha`` and, at depth 3, ``v``,
+    ``c``) and the scalar ``xi``. ``forward`` accepts ``(N,)`` or ``(N, 1)`` and returns the
+    same shape. Train it with :func:`network_objective` as the loss to target exactly the
+    objective that :func:`convex_gap` certifies.
+
+    Initialisation (:meth:`reset_parameters`): ``w, v ~ N(0, 1)``, first kinks ``−b/w`` uniform
+    in ``x_range``, second-layer offsets ``−c/(v|w|)`` uniform in ``[0, (hi − lo)/2]``,
+    ``α ~ N(0, 1)/√width``, ``ξ = 0``; pass ``generator`` to keep the global RNG untouched.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        depth: int = 2,
+        x_range: tuple[float, float] = (-1.0, 1.0),
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, got {width!r}")
+        self.width = int(width)
+        self.depth = _check_depth(depth)
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.w = nn.Parameter(torch.empty(width, **kw))
+        self.b = nn.Parameter(torch.empty(width, **kw))
+        if self.depth == 3:
+            self.v = nn.Parameter(torch.empty(width, **kw))
+            self.c = nn.Parameter(torch.empty(width, **kw))
+        self.alpha = nn.Parameter(torch.empty(width, **kw))
+        self.xi = nn.Parameter(torch.zeros((), **kw))
+        self.reset_parameters(x_range=x_range, generator=generator)
+
+    @torch.no_grad()
+    def reset_parameters(
+        self, x_range: tuple[float, float] = (-1.0, 1.0), generator: torch.Generator | None = None
+    ) -> None:
+        """Draw fresh parameters (see the class docstring); ``generator`` for reproducibility."""
+        lo, hi = float(x_range[0]), float(x_range[1])
+        if not hi > lo:
+            raise ValueError(f"x_range must be (low, high) with low < high, got {x_range!r}")
+        m = self.width
+
+        def draw(fn: Any, *shape: int) -> torch.Tensor:
+            out = fn(*shape, generator=generator, dtype=torch.float64)
+            return out.to(self.w.device, self.w.dtype)
+
+        self.w.copy_(draw(torch.randn, m))
+        self.b.copy_(-self.w * (lo + (hi - lo) * draw(torch.rand, m)))
+        if self.depth == 3:
+            self.v.copy_(draw(torch.randn, m))
+            self.c.copy_(-self.v * self.w.abs() * (0.5 * (hi - lo)) * draw(torch.rand, m))
+        self.alpha.copy_(draw(torch.randn, m) / math.sqrt(m))
+        self.xi.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self, x, None)
+
+    def breakpoints(self) -> torch.Tensor:
+        """Kinks of the network function: ``a₁ = −b/w`` and, at depth 3, ``a₁ ± a₂`` with
+        ``a₂ = −c/(v|w|)`` when ``a₂ > 0`` (units with ``w = 0`` or ``v = 0`` are constant)."""
+        with torch.no_grad():
+            w = self.w.double()
+            ok = w != 0
+            a1 = -self.b.double()[ok] / w[ok]
+            if self.depth == 2:
+                return torch.sort(a1).values.cpu()
+            v = self.v.double()[ok]
+            okv = v != 0
+            a2 = -self.c.double()[ok][okv] / (v[okv] * w[ok][okv].abs())
+            base = a1[okv]
+            pos = a2 > 0
+            pts = torch.cat([a1, (base + a2)[pos], (base - a2)[pos]])
+            return torch.sort(pts).values.cpu()
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, depth={self.depth}"
+
+
+def _forward(model: MirrorNet, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``f(x)`` of §7.2/§7.4, optionally with parameters cast to ``dtype`` (differentiable)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    squeeze_back = False
+    if x.ndim == 2 and x.shape[1] == 1:
+        squeeze_back = True
+        flat = x[:, 0]
+    elif x.ndim == 1:
+        flat = x
+    else:
+        raise ValueError(
+            f"MirrorNet takes 1-D inputs of shape (N,) or (N, 1), got shape {tuple(x.shape)}"
+        )
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    w, b, alpha, xi = cast(model.w), cast(model.b), cast(model.alpha), cast(model.xi)
+    flat = flat.to(device=w.device, dtype=w.dtype)
+    h = torch.abs(flat[:, None] * w + b)
+    if model.depth == 3:
+        h = torch.abs(h * cast(model.v) + cast(model.c))
+    f = h @ alpha + xi
+    return f[:, None] if squeeze_back else f
+
+
+def _penalty(model: MirrorNet, dtype: torch.dtype | None) -> torch.Tensor:
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    w, alpha = cast(model.w), cast(model.alpha)
+    if model.depth == 2:
+        return 0.5 * (w.square().sum() + alpha.square().sum())
+    v = cast(model.v)
+    return (w.abs().pow(3).sum() + v.abs().pow(3).sum() + alpha.abs().pow(3).sum()) / 3.0
+
+
+def network_objective(
+    model: MirrorNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    beta: float,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The training objective of a :class:`MirrorNet` (SPEC.md §7.2 / §7.4), differentiable.
+
+    depth 2: ``J = ½‖f(x) − y‖² + (β/2) Σ_k (w_k² + α_k²)``;
+    depth 3: ``J = ½‖f(x) − y‖² + (β/3) Σ_k (|w_k|³ + |v_k|³ + |α_k|³)``.
+    A sum over the data (not a mean); biases ``b``, ``c``, ``ξ`` are unpenalised. Computed in
+    the parameters' dtype, or in ``dtype`` (e.g. ``torch.float64``) when given.
+    Raises ``ValueError`` for ``beta < 0``, non-1-D ``x`` or mismatched lengths.
+    """
+    if not isinstance(model, MirrorNet):
+        raise TypeError(f"model must be a MirrorNet, got {type(model).__name__}")
+    try:
+        b = float(beta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}") from exc
+    if not math.isfinite(b) or b < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    f = _forward(model, x, dtype)
+    f = f.reshape(-1)
+    yt = torch.as_tensor(y).to(device=f.device, dtype=f.dtype)
+    if yt.ndim == 2 and yt.shape[1] == 1:
+        yt = yt[:, 0]
+    if yt.shape != f.shape:
+        raise ValueError(f"y must have shape ({f.numel()},) or ({f.numel()}, 1), got shape "
+                         f"{tuple(torch.as_tensor(y).shape)}")
+    return 0.5 * (f - yt).square().sum() + b * _penalty(model, dtype)
+
+
+def mirror_network(fit: MirrorFit, dtype: torch.dtype = torch.float64) -> MirrorNet:
+    """Rebuild a :class:`MirrorNet` from a Lasso solution (SPEC.md §7.2, §7.4 reconstruction).
+
+    One unit per non-zero coefficient ``z_j`` with feature ``(a₁, a₂)``:
+    depth 2: ``t = |z|^{1/2}``, ``(w, b, α) = (t, −t a₁, sign(z) t)``;
+    depth 3: ``t = |z|^{1/3}``, ``(w, b, v, c, α) = (t, −t a₁, t, −t² a₂, sign(z) t)``;
+    and ``ξ`` = the intercept. Then ``network_objective(net, fit.x, fit.y, fit.beta)`` equals
+    ``fit.objective`` (up to rounding). A solution with no non-zero coefficient gives one unit
+    with all-zero parameters.
+    """
+    s = fit.support
+    z = fit.coef[s]
+    p = fit.params[s]
+    width = max(int(s.numel()), 1)
+    net = MirrorNet(width, fit.depth, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.zero_()
+        k = int(s.numel())
+        if k:
+            power = 0.5 if fit.depth == 2 else 1.0 / 3.0
+            t = z.abs().pow(power)
+            net.w[:k] = t.to(dtype)
+            net.b[:k] = (-t * p[:, 0]).to(dtype)
+            net.alpha[:k] = (torch.sign(z) * t).to(dtype)
+            if fit.depth == 3:
+                net.v[:k] = t.to(dtype)
+                net.c[:k] = (-t * t * p[:, 1]).to(dtype)
+        net.xi.fill_(fit.intercept)
+    return net
+
+
+def convex_gap(
+    model: MirrorNet,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    beta: float,
+    fit: MirrorFit | None = None,
+    tol: float = 1e-9,
+) -> float:
+    """Relative distance of a network to its global optimum (SPEC.md §7.2, §7.4, §7.5).
+
+    ``(J(model) − J*) / J*`` with ``J`` from :func:`network_objective` (float64, no gradient)
+    and ``J* = fit.objective`` the Lasso optimum (solved here when ``fit`` is not given, with
+    ``tol``). No network of the stated form reaches below ``J*``, so the value is ``≥ −fit.gap /
+    J*`` (``≥ −tol``). Returns ``0.0`` if both are 0 and ``inf`` if only ``J* = 0``.
+    Raises ``ValueError`` when ``fit`` was solved for other data, ``beta`` or depth.
+    """
+    if not isinstance(model, MirrorNet):
+        raise TypeError(f"model must be a MirrorNet, got {type(model).__name__}")
+    beta = _check_beta(beta)
+    xs, ys = _check_xy(x, y)
+    if fit is None:
+        fit = lasso_mirror_fit(xs, ys, beta, model.depth, tol=tol, keep_dictionary=False)
+    else:
+        if fit.depth != model.depth:
+            raise ValueError(f"fit has depth {fit.depth} but the model has depth {model.depth}")
+        if fit.beta != beta:
+            raise ValueError(f"fit was solved for beta={fit.beta}, got beta={beta}")
+        if fit.x.shape[0] != xs.size or not (
+            np.array_equal(fit.x.numpy(), xs) and np.array_equal(fit.y.numpy(), ys)
+        ):
+            raise ValueError("fit was solved for different data (x, y)")
+    with torch.no_grad():
+        J = float(
+            network_objective(model, torch.from_numpy(xs), torch.from_numpy(ys), beta,
+                              dtype=torch.float64)
+        )
+    opt = fit.objective
+    if opt <= 0:
+        return 0.0 if J <= 0 else float("inf")
+    return (J - opt) / opt

@@ -1,0 +1,236 @@
+"""MirrorCertificate: the convex-optimality gap of a MirrorNet during training (SPEC.md §7)."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spectral import report
+from lightning_spectral.callbacks.mirrors import MirrorCertificate
+from lightning_spectral.errors import SpectralConfigError
+from lightning_spectral.functional.mirrors import (
+    MirrorNet,
+    lasso_mirror_fit,
+    network_objective,
+)
+
+BETA = 0.05
+
+
+class _Regressor(pl.LightningModule):
+    def __init__(self, depth: int = 2, width: int = 8, extra: bool = False) -> None:
+        super().__init__()
+        self.net = MirrorNet(width, depth, generator=torch.Generator().manual_seed(3))
+        if extra:
+            self.other = MirrorNet(width, depth, generator=torch.Generator().manual_seed(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        # the certified objective, rescaled per batch (same minimiser on full batches)
+        return network_objective(self.net, x, y, BETA)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.02)
+
+
+class _NotMirror(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.body(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Recorder(pl.loggers.logger.Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "rec"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+
+def _data(n: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=gen) * 2 - 1
+    y = torch.sin(3 * x) + 0.1 * torch.randn(n, 1, generator=gen)
+    return x, y
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 24) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(1))
+
+
+def _trainer(callbacks, logger, steps: int = 30) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, logger=logger, callbacks=callbacks,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", devices=1)
+
+
+def test_logs_gap_objective_optimum_and_solves_once():
+    x, y = _data()
+    rec = _Recorder()
+    cb = MirrorCertificate(every_n_steps=5, beta=BETA, figure_every_n_steps=0)
+    model = _Regressor(depth=3)
+    _trainer([cb], rec, steps=30).fit(model, _loader(x, y))
+    rows = [(s, m) for s, m in rec.rows if "mirror/gap" in m]
+    assert [s for s, _ in rows] == [5, 10, 15, 20, 25, 30]
+    assert cb.solves == 1  # once per data set, not per event (and not again per epoch)
+    ref = lasso_mirror_fit(x, y, BETA, 3)
+    for _, m in rows:
+        assert m["mirror/optimum"] == pytest.approx(ref.objective, rel=1e-9)
+        assert m["mirror/gap"] >= -1e-9
+        assert m["mirror/gap"] == pytest.approx(
+            (m["mirror/objective"] - m["mirror/optimum"]) / m["mirror/optimum"], rel=1e-12)
+    # the logged objective is the network's objective on the data
+    J = float(network_objective(model.net, x, y, BETA, dtype=torch.float64).detach())
+    assert rows[-1][1]["mirror/objective"] == pytest.approx(J, rel=1e-12)
+    assert rows[-1][1]["mirror/gap"] < rows[0][1]["mirror/gap"]
+
+
+def test_training_is_bit_identical_with_and_without():
+    x, y = _data(seed=2)
+    results = []
+    for with_cb in (False, True):
+        torch.manual_seed(0)
+        model = _Regressor(depth=2)
+        cbs = [MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=0)]
+        _trainer(cbs if with_cb else [], _Recorder(), steps=12).fit(
+            model, _loader(x, y, batch_size=8))
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        torch.random.get_rng_state()))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_max_samples_bounds_the_data_with_own_generator():
+    x, y = _data(n=40, seed=5)
+    cb = MirrorCertificate(every_n_steps=100, beta=BETA, max_samples=16,
+                           figure_every_n_steps=0)
+    _trainer([cb], _Recorder(), steps=2).fit(_Regressor(), _loader(x, y, batch_size=20))
+    assert cb.fit is not None and cb.fit.x.numel() == 16
+    # the subset is a subset of the training points
+    assert set(cb.fit.x.tolist()) <= set(x[:, 0].double().tolist())
+
+
+def test_setup_errors_name_what_is_available():
+    x, y = _data()
+    with pytest.raises(SpectralConfigError, match="no MirrorNet found.*body"):
+        _trainer([MirrorCertificate(beta=BETA)], _Recorder(), 1).fit(_NotMirror(),
+                                                                     _loader(x, y))
+    with pytest.raises(SpectralConfigError, match="several MirrorNet.*net.*other"):
+        _trainer([MirrorCertificate(beta=BETA)], _Recorder(), 1).fit(_Regressor(extra=True),
+                                                                     _loader(x, y))
+    with pytest.raises(SpectralConfigError, match="no module named 'nett'.*'net'"):
+        _trainer([MirrorCertificate(beta=BETA, module="nett")], _Recorder(), 1).fit(
+            _Regressor(), _loader(x, y))
+    # naming one of several works
+    cb = MirrorCertificate(beta=BETA, module="other", every_n_steps=1, figure_every_n_steps=0)
+    _trainer([cb], _Recorder(), 1).fit(_Regressor(extra=True), _loader(x, y))
+    assert cb.fit is not None
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(beta=-1.0), dict(beta=0.0),
+                                    dict(beta=0.1, every_n_steps=0),
+                                    dict(beta=0.1, max_samples=1), dict(beta=0.1, tol=2.0)])
+def test_constructor_rejects_bad_values(kwargs):
+    with pytest.raises(SpectralConfigError):
+        MirrorCertificate(**kwargs)
+
+
+def test_two_dimensional_inputs_fail_with_clear_message():
+    x = torch.rand(10, 2)
+    y = torch.rand(10, 1)
+    with pytest.raises(SpectralConfigError, match="1-D regression"):
+        _trainer([MirrorCertificate(beta=BETA)], _Recorder(), 1).fit(_Regressor(),
+                                                                     _loader(x, y))
+
+
+def test_figure_overlay_is_logged(tmp_path, monkeypatch):
+    x, y = _data()
+    logged = []
+    real = report.log_figure
+
+    def spy(trainer, tag, figure, step):
+        logged.append((tag, step, len(figure.axes[0].lines)))
+        real(trainer, tag, figure, step)
+
+    monkeypatch.setattr(report, "log_figure", spy)
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path))
+    cb = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer([cb], tb, steps=6).fit(_Regressor(depth=3), _loader(x, y))
+    assert [(t, s) for t, s, _ in logged] == [("mirror/overlay", 4), ("mirror/overlay", 6)]
+    assert all(n >= 2 for _, _, n in logged)  # network and Lasso curves at least
+
+
+def test_overlay_plot_function():
+    from matplotlib.figure import Figure
+
+    from lightning_spectral.plots.mirrors import mirror_overlay
+
+    xs = np.linspace(-1, 1, 9)
+    fig = mirror_overlay(xs, np.abs(xs), xs, np.abs(xs), np.abs(xs), np.array([0.0]),
+                         np.array([0.1]), title="t")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert ax.get_title() == "t" and len(ax.lines) >= 4
+
+
+def test_state_dict_roundtrip_and_unique_key():
+    a = MirrorCertificate(beta=0.1)
+    b = MirrorCertificate(beta=0.2)
+    assert a.state_key != b.state_key
+    a._last_step = 17
+    c = MirrorCertificate(beta=0.1)
+    c.load_state_dict(a.state_dict())
+    assert c._last_step == 17
+
+
+def test_non_finite_network_fails_soft_or_strict():
+    from lightning_spectral.errors import SpectralComputeError, SpectralWarning
+
+    x, y = _data()
+    model = _Regressor()
+    with torch.no_grad():
+        model.net.xi.fill_(float("nan"))
+    rec = _Recorder()
+    cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0)
+    with pytest.warns(SpectralWarning, match="not finite"):
+        _trainer([cb], rec, steps=3).fit(model, _loader(x, y))
+    gaps = [m["mirror/gap"] for _, m in rec.rows if "mirror/gap" in m]
+    assert len(gaps) == 3 and all(np.isnan(g) for g in gaps)
+
+    model = _Regressor()
+    with torch.no_grad():
+        model.net.xi.fill_(float("nan"))
+    cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0, strict=True)
+    with pytest.raises(SpectralComputeError):
+        _trainer([cb], _Recorder(), steps=3).fit(model, _loader(x, y))
