@@ -24,6 +24,8 @@ _LAZY = {
     "VNEPenalty": "lightning_spectral.callbacks.penalty",
     "CollapseMonitor": "lightning_spectral.callbacks.collapse",
     "SpectralAlarm": "lightning_spectral.callbacks.alarm",
+    "SpectralAlarmError": "lightning_spectral.callbacks.alarm",
+    "analyze_state_dict": "lightning_spectral.analysis",
     "CurvatureMonitor": "lightning_spectral.callbacks.curvature",
     "MirrorCertificate": "lightning_spectral.callbacks.mirrors",
     "MirrorNet": "lightning_spectral.functional.mirrors",

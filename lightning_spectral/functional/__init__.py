@@ -37,6 +37,34 @@ _LAZY: dict[str, str] = {
     "hdr": "interplay",
     # collapse (SPEC.md §4)
     "neural_collapse": "collapse",
+    # curvature (SPEC.md §6.4)
+    "hessian_vector_product": "curvature",
+    "hessian_eigenpairs": "curvature",
+    "hessian_trace": "curvature",
+    "flat_gradients": "curvature",
+    "flatten_tensors": "curvature",
+    "objective_noise": "curvature",
+    "ObjectiveNoise": "curvature",
+    # symmetry (SPEC.md §6.1–6.3)
+    "log_equivalent_optima": "symmetry",
+    "permutation_count_log10": "symmetry",
+    "canonical_order": "symmetry",
+    "align": "symmetry",
+    "alignment_permutations": "symmetry",
+    "permute_hidden_units": "symmetry",
+    "interpolation_losses": "symmetry",
+    "interpolation_barrier": "symmetry",
+    "BarrierResult": "symmetry",
+    "permutation_distance": "symmetry",
+    # mirrors (SPEC.md §7)
+    "reflection_dictionary": "mirrors",
+    "mirror_features": "mirrors",
+    "lasso_mirror_fit": "mirrors",
+    "MirrorFit": "mirrors",
+    "MirrorNet": "mirrors",
+    "mirror_network": "mirrors",
+    "network_objective": "mirrors",
+    "convex_gap": "mirrors",
 }
 
 _MODULES = ("spectrum", "weights", "interplay", "collapse", "curvature", "symmetry", "mirrors")
