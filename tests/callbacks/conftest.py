@@ -12,36 +12,8 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers.logger import Logger
 
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, {tag: value})`` (rank zero only)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), dict(metrics)))
-
-    def series(self, tag: str) -> dict[int, float]:
-        """``{step: value}`` of one tag (the last value wins if a step repeats)."""
-        return {step: m[tag] for step, m in self.records if tag in m}
-
-    def tags(self) -> set[str]:
-        return {tag for _, m in self.records for tag in m}
+from lightning_spectral.testing import MemoryLogger
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.loggers.logger import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -22,6 +21,7 @@ from lightning_spectral.errors import SpectralComputeError, SpectralConfigError,
 from lightning_spectral.functional.collapse import neural_collapse
 from lightning_spectral.functional.interplay import information_interplay
 from lightning_spectral.stats import RowReservoir
+from lightning_spectral.testing import MemoryLogger as _MemoryLogger
 
 TAGS = [
     "collapse/" + k
@@ -34,26 +34,8 @@ TAGS = [
 # ----------------------------------------------------------------------------- helpers
 
 
-class MemoryLogger(Logger):
-    """Records every ``log_metrics`` call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), dict(metrics)))
+class MemoryLogger(_MemoryLogger):
+    """The shared in-memory logger, plus a view of the collapse events."""
 
     def collapse(self) -> list[tuple[int, dict[str, float]]]:
         return [(s, m) for s, m in self.records if any(k.startswith("collapse/") for k in m)]

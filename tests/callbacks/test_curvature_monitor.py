@@ -8,7 +8,6 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,6 +19,7 @@ from lightning_spectral.functional.curvature import (
     hessian_eigenpairs,
     objective_noise,
 )
+from lightning_spectral.testing import MemoryLogger
 
 
 @pytest.fixture(autouse=True)
@@ -28,28 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class _Recorder(Logger):
-    """Keeps every ``log_metrics`` call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 def _data(n: int = 96, seed: int = 0) -> DataLoader:
@@ -85,7 +63,7 @@ def _fit(callbacks: list, logger=None) -> DigitsClassifier:
 
 def test_training_bit_identical_with_and_without_and_tags_logged():
     plain = _fit([])
-    rec = _Recorder()
+    rec = MemoryLogger()
     monitor = CurvatureMonitor(every_n_steps=2, k=2, trace_probes=4, noise_samples=6)
     train_mode = CurvatureMonitor(every_n_steps=3, k=1, trace_probes=2, noise_samples=0,
                                   mode="train")
@@ -93,7 +71,7 @@ def test_training_bit_identical_with_and_without_and_tags_logged():
     for (name, p), q in zip(plain.state_dict().items(), watched.state_dict().values(),
                             strict=True):
         assert torch.equal(p, q), name
-    rows = [(step, m) for step, m in rec.rows if "hessian/eig_2" in m]
+    rows = [(step, m) for step, m in rec.records if "hessian/eig_2" in m]
     assert [step for step, _ in rows] == [2, 4, 6]
     tags = set(rows[0][1])
     want = {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/trace_se",

@@ -19,6 +19,7 @@ from lightning_spectral.functional.mirrors import (
     lasso_mirror_fit,
     network_objective,
 )
+from lightning_spectral.testing import MemoryLogger
 
 BETA = 0.05
 
@@ -54,26 +55,6 @@ class _NotMirror(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _Recorder(pl.loggers.logger.Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
-
-    @property
-    def name(self):
-        return "rec"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-
 def _data(n: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, generator=gen) * 2 - 1
@@ -94,11 +75,11 @@ def _trainer(callbacks, logger, steps: int = 30) -> pl.Trainer:
 
 def test_logs_gap_objective_optimum_and_solves_once():
     x, y = _data()
-    rec = _Recorder()
+    rec = MemoryLogger()
     cb = MirrorCertificate(every_n_steps=5, beta=BETA, figure_every_n_steps=0)
     model = _Regressor(depth=3)
     _trainer([cb], rec, steps=30).fit(model, _loader(x, y))
-    rows = [(s, m) for s, m in rec.rows if "mirror/gap" in m]
+    rows = [(s, m) for s, m in rec.records if "mirror/gap" in m]
     assert [s for s, _ in rows] == [5, 10, 15, 20, 25, 30]
     assert cb.solves == 1  # once per data set, not per event (and not again per epoch)
     ref = lasso_mirror_fit(x, y, BETA, 3)
@@ -120,7 +101,7 @@ def test_training_is_bit_identical_with_and_without():
         torch.manual_seed(0)
         model = _Regressor(depth=2)
         cbs = [MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=0)]
-        _trainer(cbs if with_cb else [], _Recorder(), steps=12).fit(
+        _trainer(cbs if with_cb else [], MemoryLogger(), steps=12).fit(
             model, _loader(x, y, batch_size=8))
         results.append(([p.detach().clone() for p in model.parameters()],
                         torch.random.get_rng_state()))
@@ -133,7 +114,7 @@ def test_max_samples_bounds_the_data_with_own_generator():
     x, y = _data(n=40, seed=5)
     cb = MirrorCertificate(every_n_steps=100, beta=BETA, max_samples=16,
                            figure_every_n_steps=0)
-    _trainer([cb], _Recorder(), steps=2).fit(_Regressor(), _loader(x, y, batch_size=20))
+    _trainer([cb], MemoryLogger(), steps=2).fit(_Regressor(), _loader(x, y, batch_size=20))
     assert cb.fit is not None and cb.fit.x.numel() == 16
     # the subset is a subset of the training points
     assert set(cb.fit.x.tolist()) <= set(x[:, 0].double().tolist())
@@ -142,17 +123,17 @@ def test_max_samples_bounds_the_data_with_own_generator():
 def test_setup_errors_name_what_is_available():
     x, y = _data()
     with pytest.raises(SpectralConfigError, match="no MirrorNet found.*body"):
-        _trainer([MirrorCertificate(beta=BETA)], _Recorder(), 1).fit(_NotMirror(),
+        _trainer([MirrorCertificate(beta=BETA)], MemoryLogger(), 1).fit(_NotMirror(),
                                                                      _loader(x, y))
     with pytest.raises(SpectralConfigError, match="several MirrorNet.*net.*other"):
-        _trainer([MirrorCertificate(beta=BETA)], _Recorder(), 1).fit(_Regressor(extra=True),
+        _trainer([MirrorCertificate(beta=BETA)], MemoryLogger(), 1).fit(_Regressor(extra=True),
                                                                      _loader(x, y))
     with pytest.raises(SpectralConfigError, match="no module named 'nett'.*'net'"):
-        _trainer([MirrorCertificate(beta=BETA, module="nett")], _Recorder(), 1).fit(
+        _trainer([MirrorCertificate(beta=BETA, module="nett")], MemoryLogger(), 1).fit(
             _Regressor(), _loader(x, y))
     # naming one of several works
     cb = MirrorCertificate(beta=BETA, module="other", every_n_steps=1, figure_every_n_steps=0)
-    _trainer([cb], _Recorder(), 1).fit(_Regressor(extra=True), _loader(x, y))
+    _trainer([cb], MemoryLogger(), 1).fit(_Regressor(extra=True), _loader(x, y))
     assert cb.fit is not None
 
 
@@ -168,7 +149,7 @@ def test_two_dimensional_inputs_fail_with_clear_message():
     x = torch.rand(10, 2)
     y = torch.rand(10, 1)
     with pytest.raises(SpectralConfigError, match="1-D regression"):
-        _trainer([MirrorCertificate(beta=BETA)], _Recorder(), 1).fit(_Regressor(),
+        _trainer([MirrorCertificate(beta=BETA)], MemoryLogger(), 1).fit(_Regressor(),
                                                                      _loader(x, y))
 
 
@@ -221,11 +202,11 @@ def test_non_finite_network_fails_soft_or_strict():
     model = _Regressor()
     with torch.no_grad():
         model.net.xi.fill_(float("nan"))
-    rec = _Recorder()
+    rec = MemoryLogger()
     cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0)
     with pytest.warns(SpectralWarning, match="not finite"):
         _trainer([cb], rec, steps=3).fit(model, _loader(x, y))
-    gaps = [m["mirror/gap"] for _, m in rec.rows if "mirror/gap" in m]
+    gaps = [m["mirror/gap"] for _, m in rec.records if "mirror/gap" in m]
     assert len(gaps) == 3 and all(np.isnan(g) for g in gaps)
 
     model = _Regressor()
@@ -233,4 +214,4 @@ def test_non_finite_network_fails_soft_or_strict():
         model.net.xi.fill_(float("nan"))
     cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0, strict=True)
     with pytest.raises(SpectralComputeError):
-        _trainer([cb], _Recorder(), steps=3).fit(model, _loader(x, y))
+        _trainer([cb], MemoryLogger(), steps=3).fit(model, _loader(x, y))

@@ -13,40 +13,15 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers.logger import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callbacks import penalty as penalty_mod
 from lightning_spectral.callbacks.penalty import VNEPenalty, reduce_rows, vne_penalty_term
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError, SpectralWarning
+from lightning_spectral.testing import MemoryLogger
 
 # --------------------------------------------------------------------------- helpers
-
-
-class RecordingLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, {tag: value})``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), dict(metrics)))
-
-    def series(self, tag: str) -> dict[int, float]:
-        return {step: m[tag] for step, m in self.records if tag in m}
 
 
 class GradGrab(Callback):
@@ -230,7 +205,7 @@ def test_injected_gradient_equals_hand_gradient_float64(alpha: float, output: st
     loader = make_data(torch.float64)
     want = hand_grads(model, batches(loader, 1), alpha)
     plain = hand_grads(model, batches(loader, 1), 0.0)
-    grab, log = GradGrab(), RecordingLogger()
+    grab, log = GradGrab(), MemoryLogger()
     make_trainer([VNEPenalty("features", alpha=alpha), grab], logger=log).fit(model, loader)
     got = grab.grads[0]
     assert set(got) == set(want)
@@ -257,7 +232,7 @@ def test_gradient_accumulation_penalises_each_micro_batch_float64() -> None:
     model = TinyNet(dtype=torch.float64)
     loader = make_data(torch.float64)
     want = hand_grads(model, batches(loader, 2), alpha, accumulate=2)
-    grab, log = GradGrab(), RecordingLogger()
+    grab, log = GradGrab(), MemoryLogger()
     trainer = make_trainer([VNEPenalty("features", alpha=alpha), grab], logger=log,
                            accumulate_grad_batches=2)
     trainer.fit(model, loader)
@@ -316,7 +291,7 @@ def test_alpha_zero_is_bit_identical_to_no_callback() -> None:
         make_trainer(callbacks, max_steps=4).fit(model, make_data())
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    log = RecordingLogger()
+    log = MemoryLogger()
     base = run([])
     with_cb = run([VNEPenalty("features", alpha=0.0)])
     moved = run([VNEPenalty("features", alpha=0.1)])
@@ -326,7 +301,7 @@ def test_alpha_zero_is_bit_identical_to_no_callback() -> None:
 
 
 def test_every_n_steps_and_logging_schedule() -> None:
-    log = RecordingLogger()
+    log = MemoryLogger()
     make_trainer([VNEPenalty("features", alpha=0.1, every_n_steps=2)], max_steps=5, logger=log,
                  log_every_n_steps=2).fit(TinyNet(), make_data(n=160))
     assert sorted(log.series("vne/features")) == [0, 2, 4]
@@ -378,7 +353,7 @@ def test_nonfinite_vne_skips_penalty_and_warns_once() -> None:
     model = SideNet()
     model.side[1].on = True
     before = model.side[0].weight.detach().clone()
-    log = RecordingLogger()
+    log = MemoryLogger()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer([VNEPenalty("side", alpha=0.5)], max_steps=3, logger=log,
@@ -465,7 +440,7 @@ def test_bf16_mixed_computes_vne_in_float32(monkeypatch: pytest.MonkeyPatch) -> 
         return real(h, normalize)
 
     monkeypatch.setattr(penalty_mod, "vne", spy)
-    grab, log = GradGrab(), RecordingLogger()
+    grab, log = GradGrab(), MemoryLogger()
     model = TinyNet()
     make_trainer([VNEPenalty("features", alpha=0.2), grab], max_steps=2, logger=log,
                  precision="bf16-mixed", log_every_n_steps=1).fit(model, make_data())
@@ -520,7 +495,7 @@ def test_composes_with_spectral_monitor() -> None:
     want = hand_grads(model, batches(loader, 1), alpha)
     monitor = spectral.SpectralMonitor(every_n_steps=1, layers="features", weights=False,
                                        histograms=False, figures=False)
-    grab, log = GradGrab(), RecordingLogger()
+    grab, log = GradGrab(), MemoryLogger()
     keys, hooks = hooks_and_keys(model)
     make_trainer([monitor, VNEPenalty("features", alpha=alpha), grab], logger=log,
                  log_every_n_steps=1).fit(model, loader)
