@@ -23,7 +23,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --out runs
+	@echo "== gate: lightning-spectral check runs/mlp runs/cnn --rules examples/gates.toml"
+	$(VENV)/bin/lightning-spectral check runs/mlp runs/cnn --rules examples/gates.toml
+	@echo ""
+	@echo "Open the dashboard:  $(VENV)/bin/tensorboard --logdir runs   (then the CUSTOM SCALARS tab)"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache .ruff_cache

@@ -36,7 +36,7 @@ Tags (``i = 1 … k``, ``λ_1`` the largest)
 -----------------------------------------
 ``hessian/eig_<i>``, ``hessian/trace``, ``hessian/trace_se``, ``hessian/loss``,
 ``hessian/noise_s2_<i>``, ``hessian/beta_<i>``, ``hessian/sigma_<i>`` — see
-``docs/metrics_curvature.md``.
+``docs/metrics.md`` (section "Curvature and objective noise").
 """
 
 from __future__ import annotations
