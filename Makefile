@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ demo: $(STAMP)
 	$(VENV)/bin/lightning-spectral check runs/mlp runs/cnn --rules examples/gates.toml
 	@echo ""
 	@echo "Open the dashboard:  $(VENV)/bin/tensorboard --logdir runs   (then the CUSTOM SCALARS tab)"
+
+# Every benchmark script, then benchmarks/RESULTS.md from their sections (run on an idle
+# machine; a failing script is reported and the others still run).
+bench: $(STAMP)
+	@status=0; for f in benchmarks/bench_*.py; do \
+		echo "== $$f"; $(PY) $$f || { echo "FAILED: $$f"; status=1; }; \
+	done; $(PY) benchmarks/collect.py; exit $$status
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache .ruff_cache
