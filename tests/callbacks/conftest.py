@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 from lightning.pytorch import Trainer
 
 from lightning_spectral.testing import MemoryLogger
@@ -44,10 +43,3 @@ def make_trainer(tmp_path) -> Callable[..., Trainer]:
     return factory
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one intra-op thread is faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -21,13 +21,7 @@ from lightning_spectral.functional.curvature import (
 )
 from lightning_spectral.testing import MemoryLogger
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 96, seed: int = 0) -> DataLoader:

@@ -13,13 +13,7 @@ from lightning_spectral._cli.align import rebuild_mlp
 from lightning_spectral.cli import main
 from lightning_spectral.functional.symmetry import permute_hidden_units
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int, widths=(64, 16, 12, 10), bn: bool = False) -> nn.Sequential:

@@ -26,16 +26,10 @@ from lightning_spectral.functional.curvature import (
 )
 
 # torch.func.hessian scripts helpers internally; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: oversubscribed BLAS threads make dense checks crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),
+    pytest.mark.usefixtures("one_thread"),  # dense checks crawl with oversubscribed threads
+]
 
 
 def _quadratic(eigs: list[float], seed: int = 0):

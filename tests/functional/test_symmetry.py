@@ -23,13 +23,7 @@ from lightning_spectral.functional.symmetry import (
     permute_hidden_units,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(widths, act=nn.ReLU, bn=False, seed=0, dtype=torch.float64) -> nn.Sequential:
