@@ -10,15 +10,149 @@ test can assert on what the monitors logged without reading event files::
 
 For thresholds over a finished run written by a real logger, use
 :func:`lightning_spectral.gate.check` instead.
+
+:func:`count_host_syncs` counts the device-to-host synchronisations a block of code causes, so a
+test can hold the monitors (or your own code) to "one transfer per event"::
+
+    with count_host_syncs("cuda") as syncs:
+        trainer.fit(model, loader)
+    assert syncs.count_under("lightning_spectral") == number_of_events
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning_spectral._compat import pl
 
-__all__ = ["MemoryLogger"]
+__all__ = ["HostSyncs", "MemoryLogger", "count_host_syncs"]
+
+#: Tensor methods that copy data to the host (the CPU stand-in for a CUDA synchronisation)
+HOST_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostSyncs:
+    """What :func:`count_host_syncs` saw: one ``(file, line, what)`` per synchronisation."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.events: list[tuple[str, int, str]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def count_under(self, folder: str) -> int:
+        """Synchronisations caused by code whose file path contains the folder ``folder``."""
+        return sum(1 for f, _, _ in self.events if folder in Path(f).parts)
+
+    def sites(self) -> dict[str, int]:
+        """``{"file.py:line what": count}``, by the Python line that caused them."""
+        out: dict[str, int] = {}
+        for f, line, what in self.events:
+            key = f"{Path(f).name}:{line} {what}".rstrip()
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def describe(self) -> str:
+        """``"2 (report.py:56 .cpu() ×1, ...)"``."""
+        where = ", ".join(f"{s} ×{n}" for s, n in sorted(self.sites().items()))
+        return f"{self.count} ({where})" if where else str(self.count)
+
+
+@contextlib.contextmanager
+def count_host_syncs(device: str | torch.device = "cpu") -> Iterator[HostSyncs]:
+    """Count the device-to-host synchronisations caused inside the block.
+
+    On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` makes PyTorch warn at every
+    synchronising operation: explicit copies to the host *and* implicit ones, such as the error
+    check after ``torch.linalg.eigvalsh`` or ``svdvals`` (PyTorch documents that these
+    synchronise on CUDA). The warnings are counted, each with the Python line that caused it,
+    and the previous debug mode is restored.
+
+    On CPU there is no device to wait for, so the stand-in is counted: calls of the tensor
+    methods that would copy to the host on a GPU (``.item()``, ``.tolist()``, ``.cpu()``,
+    ``.numpy()``, and ``bool()``/``float()``/``int()`` of a tensor). What ``.cpu()`` returned
+    is then host memory, so ``.numpy()`` or ``.tolist()`` of it (or of a slice of it) is not
+    counted again; nor is a tensor made by ``torch.from_numpy`` inside the block. The implicit
+    synchronisations of CUDA kernels (linear-algebra error checks) are not visible this way.
+    """
+    device = str(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("count_host_syncs('cuda'): CUDA is not available")
+        result = HostSyncs("cuda")
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield result
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        result.events += [(w.filename, w.lineno, "") for w in caught
+                          if "synchroniz" in str(w.message)]
+        return
+    result = HostSyncs("cpu")
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_METHODS}
+    depth = [0]
+    host: set[int] = set()
+
+    def storage(t: torch.Tensor) -> int:
+        try:
+            return t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return -1
+
+    def mark_host(t: torch.Tensor) -> None:
+        # forgotten when ``t`` dies: its memory address may be reused by a device-side tensor
+        ptr = storage(t)
+        host.add(ptr)
+        weakref.finalize(t, host.discard, ptr)
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if depth[0] == 0 and storage(self) not in host:
+                frame = sys._getframe(1)
+                result.events.append(
+                    (frame.f_code.co_filename, frame.f_lineno, f".{name.strip('_')}()")
+                )
+            depth[0] += 1
+            try:
+                out = fn(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if name == "cpu" and isinstance(out, torch.Tensor):
+                mark_host(out)
+            return out
+
+        return counted
+
+    from_numpy = torch.from_numpy
+
+    def host_from_numpy(array: Any) -> torch.Tensor:
+        out = from_numpy(array)
+        mark_host(out)
+        return out
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    torch.from_numpy = host_from_numpy
+    try:
+        yield result
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        torch.from_numpy = from_numpy
 
 
 class MemoryLogger(pl.loggers.logger.Logger):

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from lightning_spectral._compat import Callback
 from lightning_spectral.errors import SpectralConfigError, SpectralError, SpectralWarning
 from lightning_spectral.gate import GateInputError, Rule, parse_rule
@@ -160,6 +162,8 @@ class SpectralAlarm(Callback):
         self._seen: dict[tuple[int, str], int] = {}  # (rule index, tag) -> version evaluated
         self._strikes: dict[tuple[int, str], int] = {}
         self._cm_cache: dict[str, float] = {}
+        self._cm_names: set[str] = set()  # every callback-metric tag seen (for messages)
+        self._tag_matches: dict[str, bool] = {}
         self._matched: set[int] = set()
         self.triggered: list[str] = []  # messages of the checks that fired
         self.stopped_step: int | None = None
@@ -206,16 +210,42 @@ class SpectralAlarm(Callback):
         """Called by :func:`lightning_spectral.report.log_scalars` for every logging event."""
         self.record(metrics, step)
 
+    def _wanted(self, tag: str) -> bool:
+        hit = self._tag_matches.get(tag)
+        if hit is None:
+            hit = self._tag_matches[tag] = any(rule.matches(tag) for rule in self.rules)
+        return hit
+
     def _poll_callback_metrics(self, trainer: Any) -> None:
+        """Read the ``self.log`` values that some rule names, all in one host transfer.
+
+        Only tags a rule matches are read, so an alarm on spectral tags never touches the
+        user's per-step metrics; the matched scalar tensors are stacked per device and moved
+        to the host together (one synchronisation per poll on a GPU, not one per metric).
+        """
         if not self.watch_callback_metrics:
             return
-        fresh = {}
-        for tag, value in dict(getattr(trainer, "callback_metrics", {}) or {}).items():
-            try:
-                number = float(value.item() if hasattr(value, "item") and getattr(
-                    value, "numel", lambda: 1)() == 1 else value)
-            except (TypeError, ValueError, RuntimeError):
+        metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
+        self._cm_names.update(metrics)
+        numbers: dict[str, float] = {}
+        by_device: dict[Any, list[tuple[str, torch.Tensor]]] = {}
+        for tag, value in metrics.items():
+            if not self._wanted(tag):
                 continue
+            if isinstance(value, torch.Tensor):
+                if value.numel() == 1 and not value.is_complex():
+                    by_device.setdefault(value.device, []).append((tag, value))
+                continue
+            try:
+                numbers[tag] = float(value)
+            except (TypeError, ValueError):
+                continue
+        for items in by_device.values():
+            stacked = torch.stack([v.detach().reshape(()).to(torch.float32) for _, v in items])
+            for (tag, _), number in zip(items, stacked.tolist(), strict=True):
+                numbers[tag] = float(number)
+        fresh = {}
+        for tag, number in numbers.items():
             old = self._cm_cache.get(tag)
             if old is None or not (old == number or (math.isnan(old) and math.isnan(number))):
                 fresh[tag] = number
@@ -285,8 +315,8 @@ class SpectralAlarm(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         missing = [r.text for i, r in enumerate(self.rules) if i not in self._matched]
-        if missing and self._history:
-            tags = sorted(self._history)
+        tags = sorted(set(self._history) | self._cm_names)
+        if missing and tags:
             shown = ", ".join(tags[:10]) + (" ..." if len(tags) > 10 else "")
             warnings.warn(f"SpectralAlarm: rule(s) {missing} matched no logged tag "
                           f"(logged: {shown})", SpectralWarning, stacklevel=2)

@@ -217,13 +217,14 @@ def hessian_eigenpairs(
     for j in range(m_max):
         Q[j] = q
         w = op.matvec(q)
-        alpha = float(torch.dot(w, q))
-        w = w - alpha * q
+        alpha_t = torch.dot(w, q)
+        w = w - alpha_t * q
         if j > 0:
             w = w - betas[j - 1] * Q[j - 1]
         for _ in range(2):  # full re-orthogonalisation, twice is enough
             w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        beta = float(torch.linalg.vector_norm(w))
+        # α and β reach the host together: one device synchronisation per Hessian product
+        alpha, beta = torch.stack((alpha_t, torch.linalg.vector_norm(w))).tolist()
         if not (math.isfinite(alpha) and math.isfinite(beta)):  # NaN/Inf loss or curvature
             nan = torch.full((k,), float("nan"), dtype=dtype, device=device)
             return nan, torch.full((k, P), float("nan"), dtype=dtype, device=device)
@@ -235,9 +236,10 @@ def hessian_eigenpairs(
         breakdown = beta <= 100 * eps * max(scale, 1e-300) * math.sqrt(m)
         if m >= k:
             theta, S = ritz(m)
-            top = theta[-k:]
-            resid = (0.0 if breakdown else beta) * S[-1, -k:].abs()
-            if bool((resid <= tol * max(float(top.abs().max()), 1e-300)).all()):
+            # host-side convergence test on the small tridiagonal problem (numpy, no device)
+            top = theta.numpy()[-k:]
+            resid = (0.0 if breakdown else beta) * np.abs(S.numpy()[-1, -k:])
+            if bool((resid <= tol * max(float(np.abs(top).max()), 1e-300)).all()):
                 break
         if m == m_max:
             break

@@ -130,11 +130,11 @@ def _validate(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.numel():
-        lo, hi = torch.aminmax(labels)
-        if int(lo) < 0 or int(hi) >= weight.shape[0]:
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host transfer
+        if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(
                 f"labels must lie in [0, C) = [0, {weight.shape[0]}) (one head row per class), "
-                f"got values in [{int(lo)}, {int(hi)}]"
+                f"got values in [{lo}, {hi}]"
             )
 
 
