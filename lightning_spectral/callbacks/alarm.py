@@ -163,7 +163,8 @@ class SpectralAlarm(Callback):
         self._strikes: dict[tuple[int, str], int] = {}
         self._cm_cache: dict[str, float] = {}
         self._cm_names: set[str] = set()  # every callback-metric tag seen (for messages)
-        self._tag_matches: dict[str, bool] = {}
+        self._tag_rules: dict[str, frozenset[int]] = {}
+        self._dirty: set[str] = set()  # tags with values not yet evaluated
         self._matched: set[int] = set()
         self.triggered: list[str] = []  # messages of the checks that fired
         self.stopped_step: int | None = None
@@ -205,16 +206,22 @@ class SpectralAlarm(Callback):
             if hist is None:
                 hist = self._history[tag] = _History(self._window)
             hist.add(number, step)
+            self._dirty.add(tag)
 
     def on_spectral_scalars(self, trainer: Any, metrics: Mapping[str, float], step: int) -> None:
         """Called by :func:`lightning_spectral.report.log_scalars` for every logging event."""
         self.record(metrics, step)
 
-    def _wanted(self, tag: str) -> bool:
-        hit = self._tag_matches.get(tag)
+    def _rules_of(self, tag: str) -> frozenset[int]:
+        """Indices of the rules whose pattern matches ``tag`` (cached: patterns are fixed)."""
+        hit = self._tag_rules.get(tag)
         if hit is None:
-            hit = self._tag_matches[tag] = any(rule.matches(tag) for rule in self.rules)
+            hit = self._tag_rules[tag] = frozenset(
+                i for i, rule in enumerate(self.rules) if rule.matches(tag))
         return hit
+
+    def _wanted(self, tag: str) -> bool:
+        return bool(self._rules_of(tag))
 
     def _poll_callback_metrics(self, trainer: Any) -> None:
         """Read the ``self.log`` values that some rule names, all in one host transfer.
@@ -256,11 +263,17 @@ class SpectralAlarm(Callback):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[str]:
         """Evaluate every check with new data; return the messages of checks that fire now."""
-        fired = []
+        fired: list[str] = []
+        if not self._dirty:
+            return fired
+        # only tags with new values since the last evaluation, in the order they first appeared
+        tags = [t for t in self._history if t in self._dirty]
+        self._dirty = set()
         for i, rule in enumerate(self.rules):
-            for tag, hist in self._history.items():
-                if not rule.matches(tag):
+            for tag in tags:
+                if i not in self._rules_of(tag):
                     continue
+                hist = self._history[tag]
                 self._matched.add(i)
                 key = (i, tag)
                 if self._seen.get(key) == hist.version:

@@ -15,6 +15,7 @@ category.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any
 
@@ -89,7 +90,14 @@ class CollapseMonitor(Callback):
     Logged tags (step = ``trainer.global_step``): ``collapse/<key>`` for every key of SPEC.md
     §4's table, ``collapse/mir`` and ``collapse/hdr``; with TensorBoard also the figure
     ``collapse/geometry`` and a ``collapse`` custom-scalars category.
+
+    ``figure_budget`` (class attribute, default 0.01): the geometry figure (≈ 0.3–1 s to draw on a
+    CPU) is skipped at an epoch end while figures have used more than this fraction of the fit's
+    wall time; the last skipped one is drawn when training ends. Set it on an instance to draw
+    more often (``1.0``: every epoch).
     """
+
+    figure_budget: float = 0.01
 
     def __init__(
         self,
@@ -148,6 +156,9 @@ class CollapseMonitor(Callback):
         self._problem_text: dict[int, str] = {}
         self._warned_absent = False
         self._layout_done = False
+        self._fit_t0: float | None = None
+        self._figure_seconds = 0.0
+        self._pending_figure: tuple | None = None
         self.history: list[tuple[int, float]] = []
         self.last_metrics: dict[str, float] = {}
         self._restored: dict[str, Any] | None = None
@@ -171,6 +182,38 @@ class CollapseMonitor(Callback):
         self._restored = dict(state_dict)
 
     # ------------------------------------------------------------------ setup / teardown
+    # ------------------------------------------------------------------ figures
+    def _figure_allowed(self) -> bool:
+        """Render while figures have cost at most ``figure_budget`` of the fit's wall time."""
+        if self._fit_t0 is None or self._figure_seconds == 0.0:
+            return True
+        return self._figure_seconds <= self.figure_budget * (time.perf_counter() - self._fit_t0)
+
+    def _render(self, trainer: Any, figure: tuple) -> None:
+        from lightning_spectral.plots.collapse import collapse_figure
+
+        cosine, classes, history, epoch, step = figure
+        start = time.perf_counter()
+        fig = collapse_figure(
+            cosine, classes, history,
+            title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
+        )
+        report.log_figure(trainer, "collapse/geometry", fig, step)
+        self._figure_seconds += time.perf_counter() - start
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_t0 = time.perf_counter()
+        self._figure_seconds = 0.0
+        self._pending_figure = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        figure, self._pending_figure = self._pending_figure, None
+        if figure is not None and report.tensorboard_writers(trainer):
+            try:
+                self._render(trainer, figure)
+            except Exception as exc:  # a figure never breaks the run
+                self._fail.problem("figure", f"collapse figure: {type(exc).__name__}: {exc}")
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._handle is not None:
             return
@@ -508,12 +551,10 @@ class CollapseMonitor(Callback):
                 self._layout_done = True
             c = host_v["classes"].size
             if c >= 2:
-                from lightning_spectral.plots.collapse import collapse_figure
-
-                fig = collapse_figure(
-                    host_v["cosine"].reshape(c, c),
-                    host_v["classes"].astype(int).tolist(),
-                    self.history,
-                    title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
-                )
-                report.log_figure(trainer, "collapse/geometry", fig, step)
+                figure = (host_v["cosine"].reshape(c, c), host_v["classes"].astype(int).tolist(),
+                          list(self.history), epoch, step)
+                if self._figure_allowed():
+                    self._pending_figure = None
+                    self._render(trainer, figure)
+                else:  # drawn at the end of the fit if no later epoch is drawn
+                    self._pending_figure = figure

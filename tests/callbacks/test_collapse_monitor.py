@@ -251,6 +251,32 @@ def test_tensorboard_figure_and_layout(tmp_path):
     assert any("custom_scalars" in t for t in layout)
 
 
+def test_figure_budget_skips_epochs_but_draws_the_last(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = make_data(n=48)
+
+    def images(mon: CollapseMonitor, name: str) -> list[int]:
+        logger = TensorBoardLogger(tmp_path, name=name)
+        trainer([mon], logger=logger, epochs=6).fit(Tiny(), loader(x, y))
+        acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        assert len(acc.Scalars("collapse/nc1")) == 6  # scalars every epoch regardless
+        return [e.step for e in acc.Images("collapse/geometry")]
+
+    budgeted = images(CollapseMonitor(), "budget")
+    steps = [e.step for e in EventAccumulator(
+        str(tmp_path / "budget" / "version_0"), size_guidance={"scalars": 0}).Reload()
+        .Scalars("collapse/nc1")]
+    # one figure costs far more than a tiny epoch: the first is drawn, then the budget holds
+    # them back until the end of training, which draws the last epoch's
+    assert budgeted[0] == steps[0] and budgeted[-1] == steps[-1]
+    assert len(budgeted) < 6
+    every = CollapseMonitor()
+    every.figure_budget = 1.0
+    assert len(images(every, "every")) == 6
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
