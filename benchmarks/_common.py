@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,3 +116,12 @@ def write_section(name: str, title: str, body: str, device: str = "cpu",
     path.write_text(text, encoding="utf-8")
     print(text)
     return path
+
+
+
+def count_syncs(device: str) -> Any:
+    """Count device-to-host synchronisations in a block (``count_host_syncs`` of
+    :mod:`lightning_spectral.testing`)."""
+    from lightning_spectral.testing import count_host_syncs
+
+    return count_host_syncs(device)

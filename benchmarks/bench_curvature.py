@@ -10,6 +10,17 @@ Side by side on the same model and batch (the digits MLP, SPEC.md §6.4), interl
   when ``import pyhessian`` works (reported as not installed otherwise);
 - ``trace``: our Hutchinson estimate with ``N`` Rademacher probes vs PyHessian's with the same
   ``N`` (its early stop disabled), so both do the same number of products.
+- ``cockpit`` (when ``import cockpit`` works; its failure is written in the section): the
+  overhead of Cockpit's ``HessMaxEV`` and ``HessTrace`` on one training step, against one plain
+  training step and against one step plus the calls ``CurvatureMonitor(k=1)`` makes at an event
+  (:func:`hessian_eigenpairs` with its default ``tol``, :func:`hessian_trace` with its default
+  probe count), both quantities together and each alone. Cockpit runs on a BackPACK-extended
+  copy of the same network (an ``nn.Sequential`` of the same modules and weights; ``extend``
+  changes modules in place). All arms use SGD with ``lr = 0``, so every round sees the same
+  parameters and the values stay comparable. Cockpit's ``HessTrace`` is the exact trace (sum of
+  BackPACK's exact Hessian diagonal, spot-checked here against ``e_iᵀ H e_i``), so it is the
+  reference for every Hutchinson estimate in this benchmark; its ``HessMaxEV`` (power
+  iteration) is compared with the tight Lanczos reference.
 
 Accuracy is measured against a tightly converged Lanczos run (``tol=1e-10``); wall times are
 medians of interleaved rounds and per-round ratios. Also reported: products per estimate and
@@ -20,9 +31,13 @@ the cost of one product relative to one training step (forward + backward).
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
 import importlib.util
+import inspect
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +101,225 @@ class _Counter:
         _HessianOperator.matvec = self._orig
 
 
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def cockpit_section(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str,
+                    repeats: int, ref: float, others: dict[str, tuple[float, float]]) -> list[str]:
+    """Cockpit's HessMaxEV/HessTrace against one plain step and against ours; never raises.
+
+    ``others``: further Hutchinson estimates ``name -> (estimate, SE)`` to set against the exact
+    trace. Cockpit's and PyTorch's UserWarnings/DeprecationWarnings are silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import backpack  # noqa: F401
+            import cockpit  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - a peer's failure is a finding, not a crash
+            return ["### Cockpit", "", f"cockpit: import failed: {_one_line(exc)}"]
+        try:
+            return _cockpit_run(model, x, y, device, repeats, ref, others)
+        except Exception as exc:  # noqa: BLE001
+            return ["### Cockpit", "", f"cockpit: run failed: {_one_line(exc)}"]
+
+
+def _cockpit_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, repeats: int,
+                 ref: float, others: dict[str, tuple[float, float]]) -> list[str]:
+    import cockpit.quantities.hess_max_ev as ck_hess_max_ev
+    from backpack import backpack, extend
+    from backpack.extensions import DiagHessian
+    from cockpit import Cockpit, quantities
+    from cockpit.utils.schedules import linear
+
+    from lightning_spectral.callbacks.curvature import CurvatureMonitor
+
+    defaults = inspect.signature(CurvatureMonitor).parameters
+    cm_probes = int(defaults["trace_probes"].default)
+    cm_tol = float(defaults["tol"].default)
+    batch = int(x.shape[0])
+    crit = nn.functional.cross_entropy
+
+    # ours: the LightningModule itself, as the callback sees it
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+
+    def loss_fn() -> torch.Tensor:
+        return crit(model(x), y)
+
+    def plain_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    values: dict[str, float] = {}
+    events = {"n": 0}
+
+    def ours(eig: bool, trace: bool):
+        def fn() -> None:
+            plain_step()
+            events["n"] += 1  # the callback seeds its generator with seed + step
+            gen = torch.Generator().manual_seed(events["n"])
+            if eig:
+                vals, _ = hessian_eigenpairs(loss_fn, params, k=1, tol=cm_tol, generator=gen)
+                values["ours_ev"] = float(vals[0])  # the callback reads it on the host too
+            if trace:
+                est, se = hessian_trace(loss_fn, params, n_probes=cm_probes, generator=gen)
+                values["ours_tr"], values["ours_tr_se"] = float(est), float(se)
+        return fn
+
+    # Cockpit: a BackPACK-extended copy (extend() modifies modules in place)
+    twin = copy.deepcopy(model)
+    ck_model = extend(nn.Sequential(*twin.features, twin.classifier))
+    ck_lossf = extend(nn.CrossEntropyLoss())
+    ck_params = [q for q in ck_model.parameters() if q.requires_grad]
+    ck_opt = torch.optim.SGD(ck_params, lr=0.0)
+
+    def cockpit_step(*names: str):
+        ck = Cockpit(ck_params, quantities=[getattr(quantities, n)(track_schedule=linear(1))
+                                            for n in names])
+        state = {"step": 0}
+
+        def fn() -> dict:
+            step = state["step"]
+            state["step"] += 1
+            ck_opt.zero_grad(set_to_none=True)  # also breaks create_graph's grad cycle
+            out = ck_model(x)
+            loss = ck_lossf(out, y)
+            info = {"batch_size": batch, "individual_losses": crit(out, y, reduction="none"),
+                    "loss": loss, "optimizer": ck_opt}
+            with ck(step, info=info):
+                loss.backward(create_graph=ck.create_graph(step))
+            ck_opt.step()
+            return ck.get_output()[step]
+        return fn
+
+    fns = {
+        "plain": plain_step,
+        "ck_both": cockpit_step("HessMaxEV", "HessTrace"),
+        "ours_both": ours(True, True),
+        "ck_ev": cockpit_step("HessMaxEV"),
+        "ours_ev": ours(True, False),
+        "ck_tr": cockpit_step("HessTrace"),
+        "ours_tr": ours(False, True),
+    }
+    times = interleaved(fns, repeats=repeats, warmup=2, device=device)
+
+    # values: one more untimed event of each, seeded, counting products
+    counts = {"ck": 0}
+    orig_hvp = ck_hess_max_ev.hessian_vector_product
+
+    def counted_hvp(*a, **k):
+        counts["ck"] += 1
+        return orig_hvp(*a, **k)
+
+    torch.manual_seed(0)  # Cockpit's power iteration starts from torch.rand_like
+    ck_hess_max_ev.hessian_vector_product = counted_hvp
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ck_out = fns["ck_both"]()
+    finally:
+        ck_hess_max_ev.hessian_vector_product = orig_hvp
+    unconverged = any("Exceeded maximum" in str(w.message) for w in caught)
+    ck_ev = float(ck_out["HessMaxEV"])
+    exact = float(sum(ck_out["HessTrace"]))
+    with _Counter() as c:
+        fns["ours_both"]()
+    ours_ev, ours_tr, ours_se = values["ours_ev"], values["ours_tr"], values["ours_tr_se"]
+    ours_ev_products = c.n - cm_probes  # hessian_trace makes exactly one product per probe
+
+    # spot check of BackPACK's diagonal against exact e_iᵀ H e_i (our Hessian-vector product)
+    ck_opt.zero_grad(set_to_none=True)
+    with backpack(DiagHessian()):
+        ck_lossf(ck_model(x), y).backward()
+    diag = torch.cat([q.diag_h.reshape(-1) for q in ck_params]).to(torch.float64)
+    for q in ck_params:
+        del q.diag_h
+    ck_opt.zero_grad(set_to_none=True)
+    op = _HessianOperator(loss_fn, params)
+    n_check = min(32, op.numel)
+    idx = torch.randperm(op.numel, generator=torch.Generator().manual_seed(1))[:n_check]
+    exact_hii = []
+    for i in idx.tolist():
+        e = torch.zeros(op.numel, dtype=op.dtype, device=op.device)
+        e[i] = 1.0
+        exact_hii.append(float(op.matvec(e)[i]))
+    del op
+    exact_hii_t = torch.tensor(exact_hii, dtype=torch.float64)
+    diag_dev = float((diag[idx.to(diag.device)].cpu() - exact_hii_t).abs().max()
+                     / diag.abs().max().clamp_min(1e-300).cpu())
+
+    def vs_exact(est: float, se: float) -> str:
+        d = est - exact
+        return f"{d / abs(exact):+.2%} = {d / se:+.2f} SE" if se > 0 else f"{d / abs(exact):+.2%}"
+
+    plain_ms = fmt_ms(summary(times["plain"])[0])
+    lines = [
+        "### Cockpit",
+        "",
+        f"cockpit-for-pytorch {_version('cockpit-for-pytorch')}, backpack-for-pytorch "
+        f"{_version('backpack-for-pytorch')}, on a BackPACK-extended copy of the same network "
+        f"and batch; Cockpit's quantities every step (`linear(1)`). Ours: the same plain step, "
+        f"then the calls `CurvatureMonitor(k=1)` makes at an event — `hessian_eigenpairs(k=1, "
+        f"tol={cm_tol:g})` and `hessian_trace(n_probes={cm_probes})` (its defaults; noise "
+        "quantities off: Cockpit has no counterpart). SGD with lr = 0 in every arm (same "
+        f"parameters each round). {repeats} interleaved rounds after 2 warm-up rounds; plain "
+        f"step {plain_ms} (median).",
+        "",
+        "| per training step | median time | × plain step | ours / Cockpit |",
+        "|---|---|---|---|",
+        f"| plain step (zero_grad, forward, backward, SGD step) | {plain_ms} | 1 | – |",
+    ]
+    rows = (
+        ("ck_both", "ours_both", "HessMaxEV + HessTrace",
+         f"λ_max (Lanczos) + trace (Hutchinson, {cm_probes} probes)"),
+        ("ck_ev", "ours_ev", "HessMaxEV only", "λ_max only (Lanczos)"),
+        ("ck_tr", "ours_tr", "HessTrace only (exact diagonal)",
+         f"trace only (Hutchinson, {cm_probes} probes)"),
+    )
+    for ck_name, our_name, ck_label, our_label in rows:
+        lines.append(f"| Cockpit: {ck_label} | {fmt_ms(summary(times[ck_name])[0])} | "
+                     f"{fmt_ratio(ratio_summary(times[ck_name], times['plain']))} | – |")
+        lines.append(
+            f"| ours: {our_label} | {fmt_ms(summary(times[our_name])[0])} | "
+            f"{fmt_ratio(ratio_summary(times[our_name], times['plain']))} | "
+            f"{fmt_ratio(ratio_summary(times[our_name], times[ck_name]))} |"
+        )
+    cap = "; hit its 100-iteration cap" if unconverged else ""
+    lines += [
+        "",
+        "Values at one more (untimed, seeded) event of each:",
+        "",
+        "| quantity | Cockpit | ours (CurvatureMonitor defaults) | reference |",
+        "|---|---|---|---|",
+        f"| λ_max | {ck_ev:.6g} (power iteration: rel. error {abs(ck_ev - ref) / abs(ref):.2e}, "
+        f"{counts['ck']} products{cap}) | {ours_ev:.6g} (Lanczos: rel. error "
+        f"{abs(ours_ev - ref) / abs(ref):.2e}, {ours_ev_products} products) | {ref:.6g} "
+        "(Lanczos, tol 1e-10) |",
+        f"| trace | {exact:.6g} (exact: sum of BackPACK's Hessian diagonal) | {ours_tr:.5g} ± "
+        f"{ours_se:.2g} SE ({cm_probes} probes): {vs_exact(ours_tr, ours_se)} | Cockpit's "
+        "exact value |",
+        "",
+        f"BackPACK's diagonal matches {n_check} sampled exact entries e_iᵀHe_i (by our "
+        f"Hessian-vector product) to {diag_dev:.1e} of max|H_ii|. The other Hutchinson "
+        "estimates above, against the exact trace: "
+        + "; ".join(f"{name} {est:.5g} ± {se:.2g}: {vs_exact(est, se)}"
+                    for name, (est, se) in others.items()) + ".",
+    ]
+    return lines
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--probes", type=int, default=None, help="trace probes (default 100; quick 10)")
@@ -95,6 +329,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {device} requested but CUDA is not available", file=sys.stderr)
+        raise SystemExit(2)
+    torch.manual_seed(0)  # PyHessian's and Cockpit's start vectors come from the global RNG
+    # PyHessian calls loss.backward(create_graph=True); PyTorch warns about the grad cycle
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
     repeats = args.repeats or (3 if args.quick else 7)
     probes = args.probes or (10 if args.quick else 100)
     hidden = (32, 16) if args.quick else (128, 64)
@@ -212,7 +452,12 @@ def main() -> None:
         "",
         f"One Hessian-vector product = {fmt_ratio(ratio_summary(times['hvp'], times['step']))} "
         f"training steps (forward + backward) on this batch.",
+        "",
     ]
+    others = {f"ours {probes} probes": (results["trace"], results["trace_se"])}
+    if have_pyh:
+        others[f"PyHessian {probes} probes"] = (results["pyh_trace"], results["pyh_trace_se"])
+    lines += cockpit_section(model, x, y, device, repeats, ref, others)
     write_section("bench_curvature", "Hessian top eigenvalue and trace (CurvatureMonitor)",
                   "\n".join(lines), device=device, out=args.out)
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    count_syncs,
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -114,13 +115,35 @@ def fit_window(arch: str, window: int, with_monitor: bool, device: str) -> float
     return float(timer.elapsed)
 
 
+TRANSFORMER = {"vocab_size": 1000, "batch": 16, "seq": 32}
+
+
+def make_transformer(device: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """``lightning.pytorch.demos.Transformer`` (2+2 layers, d = 200) on synthetic tokens."""
+    from lightning.pytorch.demos import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=TRANSFORMER["vocab_size"]).to(device)
+    g = torch.Generator().manual_seed(0)
+    shape = (TRANSFORMER["batch"], TRANSFORMER["seq"])
+    tokens = torch.randint(0, TRANSFORMER["vocab_size"], shape, generator=g).to(device)
+    target = torch.randint(0, TRANSFORMER["vocab_size"], shape, generator=g).to(device)
+    return model, (tokens, target)
+
+
 def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> dict[str, Any]:
     """Per-event cost of the monitor's computing vs the bare kernels, interleaved.
 
     ``arch="wide"``: three ``wide × wide`` Linear layers on ``wide`` random rows, where the
     kernels dominate and the fixed per-event overhead shows as the ratio's distance from 1.
+    ``arch="transformer"``: the demo transformer of ``lightning.pytorch.demos`` on synthetic
+    tokens (every token is a row). One training step (forward, loss, backward, SGD) of a copy
+    of the model is timed in the same rounds, so an event can be priced in steps.
     """
+    import copy
+
     from torch import nn
+    from torch.nn import functional as F
 
     from lightning_spectral import SpectralMonitor
 
@@ -129,17 +152,32 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
         model = nn.Sequential(nn.Linear(wide, wide), nn.ReLU(), nn.Linear(wide, wide), nn.ReLU(),
                               nn.Linear(wide, wide)).to(device)
         x = torch.randn(wide, wide, generator=torch.Generator().manual_seed(0)).to(device)
+        target = torch.randn(wide, wide, generator=torch.Generator().manual_seed(1)).to(device)
+        inputs: tuple[torch.Tensor, ...] = (x,)
+
+        def loss_of(m: nn.Module) -> torch.Tensor:
+            return F.mse_loss(m(x), target)
+    elif arch == "transformer":
+        model, (tokens, target) = make_transformer(device)
+        inputs = (tokens, target)
+
+        def loss_of(m: nn.Module) -> torch.Tensor:
+            return F.nll_loss(m(tokens, target), target.reshape(-1))
     else:
         model = make_model(arch).to(device)
-        x, _ = next(iter(make_loader(arch, device)))
-        x = x.to(device)
+        x, y = next(iter(make_loader(arch, device)))
+        x, y = x.to(device), y.to(device)
+        inputs = (x,)
+
+        def loss_of(m: nn.Module) -> torch.Tensor:
+            return F.cross_entropy(m(x), y)
     trainer = SimpleNamespace(is_global_zero=True, loggers=[], world_size=1, callbacks=[])
     monitor = SpectralMonitor(figures=False)
     monitor.setup(trainer, model, "fit")
     capture = monitor._capture
     capture.start(seed=0)
     with torch.no_grad():
-        model(x)
+        model(*inputs)
     capture.stop()
     rows = capture.take()
     weights = [monitor._weight_layers[n].detach() for n in monitor._weight_layers]
@@ -162,14 +200,27 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
     def weight_bare() -> None:
         torch.cat([torch.linalg.svdvals(w.reshape(w.shape[0], -1).float()) for w in weights]).cpu()
 
+    student = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_of(student).backward()
+        opt.step()
+
     times = interleaved(
         {"act_event": act_event, "act_bare": act_bare, "weight_event": weight_event,
-         "weight_bare": weight_bare},
+         "weight_bare": weight_bare, "step": train_step},
         repeats=repeats, warmup=2, device=device, inner=5,
     )
+    syncs = {}
+    for name, fn in (("act", act_event), ("weight", weight_event)):
+        with count_syncs(device) as counted:
+            fn()
+        syncs[name] = counted
     capture.remove()
     shapes = {n: tuple(r.shape) for n, r in rows.items()}
-    return {"times": times, "shapes": shapes,
+    return {"times": times, "shapes": shapes, "syncs": syncs,
             "weights": {n: tuple(w.shape) for n, w in zip(monitor._weight_layers, weights,
                                                            strict=True)}}
 
@@ -178,6 +229,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench_overhead: --device {args.device} but CUDA is not available")
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
     windows = {"mlp": 30 if args.quick else 2000, "cnn": 10 if args.quick else 1000}
@@ -205,28 +258,65 @@ def main() -> None:
             f"| {fmt_ratio(ratio)} | {100 * (ratio[0] - 1):+.2f} % |"
         )
         print(lines[-1], flush=True)
+    wide = 256 if args.quick else 1024
     lines += [
         "",
         "Per-event cost (no logger attached: computing plus the one host transfer) vs the bare "
-        "kernels on the same matrices, interleaved, 5 calls per timing, median (min–max) of "
-        "per-round ratios. `wide`: three 1024×1024 Linear layers on 1024 random rows (256 with "
-        "`--quick`), where the kernels dominate.",
+        "kernels on the same matrices, and vs one training step (forward, loss, backward, SGD "
+        "on a copy of the model, same batch), all interleaved in the same rounds, 5 calls per "
+        f"timing, median (min–max) of per-round ratios. `wide`: three {wide}×{wide} Linear "
+        f"layers on {wide} random rows, where the kernels dominate. `transformer`: "
+        "`lightning.pytorch.demos.Transformer` (2 encoder + 2 decoder layers, d = 200, "
+        f"vocabulary {TRANSFORMER['vocab_size']}) on synthetic tokens, batch "
+        f"{TRANSFORMER['batch']} × {TRANSFORMER['seq']} tokens = "
+        f"{TRANSFORMER['batch'] * TRANSFORMER['seq']} rows per layer. *Syncs*: device-to-host "
+        "synchronisations in one event, counted with `torch.cuda.set_sync_debug_mode('warn')` "
+        "on CUDA; on CPU, the calls that would copy to the host (`.cpu()`, `.item()`, "
+        "`.tolist()`, ...), by source line.",
         "",
-        "| model | event | event time | bare kernels | ratio event/bare |",
-        "|---|---|---|---|---|",
+        "| model | event | event time | bare kernels | event / bare | event / training step "
+        "| syncs per event |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for arch in ("mlp", "cnn", "wide"):
-        res = event_benchmark(arch, args.device, repeats, wide=256 if args.quick else 1024)
+    shapes_lines = []
+    at_defaults = []
+    for arch in ("mlp", "cnn", "transformer", "wide"):
+        res = event_benchmark(arch, args.device, repeats, wide=wide)
         t = res["times"]
-        for kind, bare in (("act", "bare `matmul`+`eigvalsh`"), ("weight", "bare `svdvals`")):
+        per_step = {}
+        for kind, bare in (("act", "`matmul`+`eigvalsh`"), ("weight", "`svdvals`")):
             ev, ba = t[f"{kind}_event"], t[f"{kind}_bare"]
+            per_step[kind] = ratio_summary(ev, t["step"])
             lines.append(
-                f"| {arch} | {'activations' if kind == 'act' else 'weights'} ({bare}) | "
-                f"{fmt_ms(summary(ev)[0])} | {fmt_ms(summary(ba)[0])} | "
-                f"{fmt_ratio(ratio_summary(ev, ba))} |"
+                f"| {arch} | {'activations' if kind == 'act' else 'weights'} | "
+                f"{fmt_ms(summary(ev)[0])} | {fmt_ms(summary(ba)[0])} ({bare}) | "
+                f"{fmt_ratio(ratio_summary(ev, ba))} | {fmt_ratio(per_step[kind])} | "
+                f"{res['syncs'][kind].describe()} |"
             )
             print(lines[-1], flush=True)
-        lines.append(f"| {arch} | rows per layer | {res['shapes']} | weights | {res['weights']} |")
+        shapes_lines.append(
+            f"- `{arch}`: training step {fmt_ms(summary(t['step'])[0])}; activation rows "
+            + ", ".join(f"{n} {r[0]}×{r[1]}" for n, r in res["shapes"].items())
+            + f"; {len(res['weights'])} weights "
+            + ", ".join(f"{n} {'×'.join(map(str, w))}" for n, w in res["weights"].items())
+        )
+        # defaults: activations every 100 steps, weights every 2,000
+        est = per_step["act"][0] / 100 + per_step["weight"][0] / 2000
+        at_defaults.append(f"| {arch} | {per_step['act'][0]:.2f} | {per_step['weight'][0]:.2f} "
+                           f"| {100 * est:.2f} % |")
+    lines += ["", "Shapes (rows captured per layer, n × d, and weights):", "", *shapes_lines]
+    lines += [
+        "",
+        "What an event costs at the defaults (activations every 100 steps, weights every 2,000), "
+        "in training steps of the same model on the same machine, from the medians above: "
+        "overhead ≈ (activation event / step) / 100 + (weight event / step) / 2000. Logging "
+        "(histograms, figures) is not in this estimate; the fit-level figures above and "
+        "`bench_callbacks` include it.",
+        "",
+        "| model | activation event (steps) | weight event (steps) | overhead at defaults |",
+        "|---|---|---|---|",
+        *at_defaults,
+    ]
     if args.quick:
         lines += ["", "_Smoke run (`--quick`): tiny windows and few repeats; not a result._"]
     write_section("bench_overhead", "SpectralMonitor overhead (issue 3)", "\n".join(lines),
