@@ -211,8 +211,8 @@ def cases(steps_per_epoch: int) -> dict[str, Case]:
             lambda: ls.CurvatureMonitor(), "compute", start=1, window=1500, quick=500, warm=500),
         "MirrorCertificate": Case(
             "MirrorCertificate",
-            "gap to the convex optimum every 50 steps, overlay figure every 500; Lasso once "
-            "per fit (before the window)",
+            "gap to the convex optimum every 50 steps; overlay figure at most every 500, "
+            "budgeted to 1 % of fit time; Lasso once per fit (before the window)",
             lambda: ls.MirrorCertificate(beta=MIRROR_BETA), "_log_event", start=1, window=1000,
             quick=250, warm=500, model=mirror_model, loader=mirror_loader),
     }

@@ -172,6 +172,33 @@ def test_figure_overlay_is_logged(tmp_path, monkeypatch):
     assert all(n >= 2 for _, _, n in logged)  # network and Lasso curves at least
 
 
+def test_figure_budget_skips_scheduled_figures_but_draws_the_last(tmp_path, monkeypatch):
+    x, y = _data()
+    logged: list[int] = []
+    real = report.log_figure
+
+    def spy(trainer, tag, figure, step):
+        logged.append(step)
+        real(trainer, tag, figure, step)
+
+    monkeypatch.setattr(report, "log_figure", spy)
+
+    def run(cb):
+        logged.clear()
+        tb = pl.loggers.TensorBoardLogger(str(tmp_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _trainer([cb], tb, steps=20).fit(_Regressor(depth=3), _loader(x, y))
+        return list(logged)
+
+    # a figure costs far more than 1 % of a few tiny steps: first and last only
+    budgeted = run(MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=2))
+    assert budgeted[0] == 2 and budgeted[-1] == 20 and len(budgeted) < 10
+    every = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=2)
+    every.figure_budget = 1.0
+    assert run(every) == list(range(2, 21, 2))
+
+
 def test_overlay_plot_function():
     from matplotlib.figure import Figure
 
