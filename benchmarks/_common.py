@@ -118,10 +118,26 @@ def write_section(name: str, title: str, body: str, device: str = "cpu",
     return path
 
 
+class WindowTimer:
+    """Wall time from optimizer step ``start`` to step ``stop`` (measured at batch start).
 
-def count_syncs(device: str) -> Any:
-    """Count device-to-host synchronisations in a block (``count_host_syncs`` of
-    :mod:`lightning_spectral.testing`)."""
-    from lightning_spectral.testing import count_host_syncs
+    Placed first in the callback list, so the window holds the other callbacks' hooks of the
+    batches ``start … stop − 1`` (batch start to batch end) and every epoch end in between.
+    """
 
-    return count_host_syncs(device)
+    def __init__(self, start: int, stop: int, device: str) -> None:
+        self.start, self.stop, self.device = start, stop, device
+        self.t0: float | None = None
+        self.elapsed: float | None = None
+        self.open = False
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.start and self.t0 is None:
+            sync(self.device)
+            self.t0 = time.perf_counter()
+            self.open = True
+        elif trainer.global_step == self.stop and self.elapsed is None and self.t0 is not None:
+            sync(self.device)
+            self.elapsed = time.perf_counter() - self.t0
+            self.open = False
+            trainer.should_stop = True

@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    WindowTimer,
     fmt_ms,
     fmt_ratio,
     parser,
@@ -219,31 +220,6 @@ def cases(steps_per_epoch: int) -> dict[str, Case]:
 
 
 # --------------------------------------------------------------------------- timing machinery
-class WindowTimer:
-    """Wall time from optimizer step ``start`` to step ``stop`` (measured at batch start).
-
-    Placed first in the callback list, so the window holds the other callbacks' hooks of the
-    batches ``start … stop − 1`` (batch start to batch end) and every epoch end in between.
-    """
-
-    def __init__(self, start: int, stop: int, device: str) -> None:
-        self.start, self.stop, self.device = start, stop, device
-        self.t0: float | None = None
-        self.elapsed: float | None = None
-        self.open = False
-
-    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-        if trainer.global_step == self.start and self.t0 is None:
-            sync(self.device)
-            self.t0 = time.perf_counter()
-            self.open = True
-        elif trainer.global_step == self.stop and self.elapsed is None and self.t0 is not None:
-            sync(self.device)
-            self.elapsed = time.perf_counter() - self.t0
-            self.open = False
-            trainer.should_stop = True
-
-
 class HookClock:
     """Wraps a callback's hooks (time inside the window) and its work method (event count)."""
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    count_syncs,
+    WindowTimer,
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -58,27 +57,6 @@ def make_loader(arch: str, device: str) -> Any:
 
     train, _ = digits_dataloaders(batch_size=128 if arch == "mlp" else 64, image=arch == "cnn")
     return train
-
-
-class WindowTimer:
-    """Wall time from optimizer step ``start`` to step ``stop`` (measured at batch start)."""
-
-    def __init__(self, start: int, stop: int, device: str) -> None:
-        self.start, self.stop, self.device = start, stop, device
-        self.t0 = self.elapsed = None
-
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-        if trainer.global_step == self.start and self.t0 is None:
-            self._sync()
-            self.t0 = time.perf_counter()
-        elif trainer.global_step == self.stop and self.elapsed is None:
-            self._sync()
-            self.elapsed = time.perf_counter() - self.t0
-            trainer.should_stop = True
 
 
 def fit_window(arch: str, window: int, with_monitor: bool, device: str) -> float:
@@ -146,6 +124,7 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
     from torch.nn import functional as F
 
     from lightning_spectral import SpectralMonitor
+    from lightning_spectral.testing import count_host_syncs
 
     if arch == "wide":
         torch.manual_seed(0)
@@ -215,7 +194,7 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
     )
     syncs = {}
     for name, fn in (("act", act_event), ("weight", weight_event)):
-        with count_syncs(device) as counted:
+        with count_host_syncs(device) as counted:
             fn()
         syncs[name] = counted
     capture.remove()

@@ -15,7 +15,6 @@ category.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from lightning_spectral import report
 from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft
+from lightning_spectral.callbacks._base import FailSoft, FigureClock
 from lightning_spectral.errors import SpectralConfigError, SpectralWarning
 from lightning_spectral.functional.collapse import _collapse_compute, collapse_keys
 from lightning_spectral.functional.interplay import information_interplay
@@ -156,8 +155,7 @@ class CollapseMonitor(Callback):
         self._problem_text: dict[int, str] = {}
         self._warned_absent = False
         self._layout_done = False
-        self._fit_t0: float | None = None
-        self._figure_seconds = 0.0
+        self._figures = FigureClock()
         self._pending_figure: tuple | None = None
         self.history: list[tuple[int, float]] = []
         self.last_metrics: dict[str, float] = {}
@@ -183,27 +181,19 @@ class CollapseMonitor(Callback):
 
     # ------------------------------------------------------------------ setup / teardown
     # ------------------------------------------------------------------ figures
-    def _figure_allowed(self) -> bool:
-        """Render while figures have cost at most ``figure_budget`` of the fit's wall time."""
-        if self._fit_t0 is None or self._figure_seconds == 0.0:
-            return True
-        return self._figure_seconds <= self.figure_budget * (time.perf_counter() - self._fit_t0)
-
     def _render(self, trainer: Any, figure: tuple) -> None:
         from lightning_spectral.plots.collapse import collapse_figure
 
         cosine, classes, history, epoch, step = figure
-        start = time.perf_counter()
-        fig = collapse_figure(
-            cosine, classes, history,
-            title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
-        )
-        report.log_figure(trainer, "collapse/geometry", fig, step)
-        self._figure_seconds += time.perf_counter() - start
+        with self._figures.timed():
+            fig = collapse_figure(
+                cosine, classes, history,
+                title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
+            )
+            report.log_figure(trainer, "collapse/geometry", fig, step)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._fit_t0 = time.perf_counter()
-        self._figure_seconds = 0.0
+        self._figures.start()
         self._pending_figure = None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -553,7 +543,7 @@ class CollapseMonitor(Callback):
             if c >= 2:
                 figure = (host_v["cosine"].reshape(c, c), host_v["classes"].astype(int).tolist(),
                           list(self.history), epoch, step)
-                if self._figure_allowed():
+                if self._figures.allowed(self.figure_budget):
                     self._pending_figure = None
                     self._render(trainer, figure)
                 else:  # drawn at the end of the fit if no later epoch is drawn

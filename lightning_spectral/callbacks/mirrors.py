@@ -9,7 +9,6 @@ steps, the network's objective, the optimum and the relative gap (never below ``
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 from lightning_spectral import report
 from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft
+from lightning_spectral.callbacks._base import FailSoft, FigureClock
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
     MirrorFit,
@@ -114,8 +113,7 @@ class MirrorCertificate(Callback):
         self._fit: MirrorFit | None = None
         self._last_step = -1
         self._last_figure_step = -1
-        self._fit_t0: float | None = None
-        self._figure_seconds = 0.0
+        self._figures = FigureClock()
         self.solves = 0  # how many Lasso problems were solved (once per data set)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -137,8 +135,7 @@ class MirrorCertificate(Callback):
         self._net, self._net_name = _find_mirror_net(pl_module, self.module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._fit_t0 = time.perf_counter()
-        self._figure_seconds = 0.0
+        self._figures.start()
         if self._net is None:
             self._net, self._net_name = _find_mirror_net(pl_module, self.module)
         report.register_layout(trainer, {"mirror": report.multiline_layout({
@@ -163,7 +160,7 @@ class MirrorCertificate(Callback):
             return
         self._log_event(trainer, step)
         if (self.figure_every_n_steps and step % self.figure_every_n_steps == 0
-                and self._figure_allowed()):
+                and self._figures.allowed(self.figure_budget)):
             self._log_figure(trainer, step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -224,18 +221,9 @@ class MirrorCertificate(Callback):
                 values = dict.fromkeys(TAGS, float("nan"))
         report.log_scalars(trainer, values, step)
 
-    def _figure_allowed(self) -> bool:
-        """Draw while figures have cost at most ``figure_budget`` of the fit's wall time."""
-        if self._fit_t0 is None or self._figure_seconds == 0.0:
-            return True
-        return self._figure_seconds <= self.figure_budget * (time.perf_counter() - self._fit_t0)
-
     def _log_figure(self, trainer: Any, step: int) -> None:
-        start = time.perf_counter()
-        try:
+        with self._figures.timed():
             self._draw_figure(trainer, step)
-        finally:
-            self._figure_seconds += time.perf_counter() - start
 
     def _draw_figure(self, trainer: Any, step: int) -> None:
         net, fit = self._net, self._fit

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 import warnings
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 
 from lightning_spectral import report
 from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft
+from lightning_spectral.callbacks._base import FailSoft, FigureClock
 from lightning_spectral.capture import LayerCapture
 from lightning_spectral.errors import SpectralConfigError, SpectralWarning
 from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum, resolve_dtype
@@ -165,8 +164,7 @@ class SpectralMonitor(Callback):
         self._capturing_for: int | None = None
         self._pending_weights: tuple[int, dict[str, torch.Tensor]] | None = None
         self._layout_done = False
-        self._fit_t0: float | None = None
-        self._figure_seconds = 0.0
+        self._figures = FigureClock()
         self._warned_empty: set[str] = set()
         #: ``{"step": g, "rows": {layer: rows used}}`` of the last activation event (all ranks)
         self.last_event: dict[str, Any] = {}
@@ -267,8 +265,7 @@ class SpectralMonitor(Callback):
         self._emit(trainer, g, self._capture.take())
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._fit_t0 = time.perf_counter()
-        self._figure_seconds = 0.0
+        self._figures.start()
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self._capture is not None:
@@ -380,21 +377,14 @@ class SpectralMonitor(Callback):
         if self.figures:
             for layer, values in act.items():
                 self._remember(layer, step, values)
-        if self.figures and tb and (act or wts) and self._figure_allowed():
+        if self.figures and tb and (act or wts) and self._figures.allowed(self.figure_budget):
             from lightning_spectral.plots.spectral import spectra_figure
 
-            start = time.perf_counter()
-            panels = {"activations: λ_i / Σλ (SPEC §1.6)": act,
-                      "weights: σ_i² / Σσ² (SPEC §1.6)": wts}
-            fig = spectra_figure(panels, step=step)
-            report.log_figure(trainer, "spectra/all_layers", fig, step)
-            self._figure_seconds += time.perf_counter() - start
-
-    def _figure_allowed(self) -> bool:
-        """Render while figures have cost at most ``figure_budget`` of the fit's wall time."""
-        if self._fit_t0 is None or self._figure_seconds == 0.0:
-            return True
-        return self._figure_seconds <= self.figure_budget * (time.perf_counter() - self._fit_t0)
+            with self._figures.timed():
+                panels = {"activations: λ_i / Σλ (SPEC §1.6)": act,
+                          "weights: σ_i² / Σσ² (SPEC §1.6)": wts}
+                fig = spectra_figure(panels, step=step)
+                report.log_figure(trainer, "spectra/all_layers", fig, step)
 
     def _activation_metrics(
         self, rows: dict[str, torch.Tensor], packed: dict, unpack: list
