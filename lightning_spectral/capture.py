@@ -1,22 +1,29 @@
-"""Which layers, and their outputs: gated forward hooks with bounded row buffers.
+"""Which layers, and their outputs: the one capture path every callback uses.
 
-A :class:`LayerCapture` resolves a layer selection against a model, registers one forward hook
-per chosen module **once** (so a ``torch.compile``\\ d model sees them) and removes them again,
+A :class:`LayerCapture` resolves a layer selection against a model, registers one hook per
+chosen module **once** (so a ``torch.compile``\\ d model sees them) and removes them again,
 leaving the modules as found. The hooks do nothing unless the capture is switched on
-(:meth:`LayerCapture.start`), so they cost one attribute test on every other step.
+(:meth:`LayerCapture.start`), so they cost one attribute test on every other step. It is the
+only place in the package that registers hooks on a user's modules.
 
-While on, each hook reduces its module's output to rows (SPEC.md §0.1) through a table from
-module type to reduction (:data:`REDUCTIONS`) — adding a layer type is one entry — detaches
-them, and keeps a deterministic, bounded subsample of at most ``max_samples`` rows per layer
-across every call of the window (several micro-batches under gradient accumulation, a module
-called several times per forward). The subsample is a *bottom-k* sample: each row gets a key
-from the capture's own :class:`torch.Generator` (seeded per window, never the global RNG) and the
-``max_samples`` rows with the smallest keys are kept, which is a uniform sample without
-replacement of all rows seen, in bounded memory. When every row fits, all rows are kept in
-arrival order.
+While on, each hook turns its module's output (or, with ``pre=True``, its first input) into
+rows — a representation batch ``(n, d)`` (docs/definitions.md, "Rows of a layer") — through one
+table from module type to reduction (:data:`REDUCTIONS`, documented in docs/metrics.md); adding
+a module type is one entry. The rows then go either
 
-Nothing here imports Lightning: callbacks (``SpectralMonitor``, and any other that needs layer
-outputs) own a ``LayerCapture`` and decide when it is on.
+- into a bounded buffer: a deterministic *bottom-k* subsample of at most ``max_samples`` rows
+  per layer across every call of the window (micro-batches under gradient accumulation, a module
+  called several times per forward). Each row gets a key from the capture's own
+  :class:`torch.Generator` (seeded per window, never the global RNG) and the ``max_samples``
+  rows with the smallest keys are kept, a uniform sample without replacement of all rows seen.
+  When every row fits, all rows are kept in arrival order; or
+- to a ``sink(name, rows)`` callable, once per call (the penalty keeps each call as a view with
+  its graph; the collapse monitor pairs the head's input with the batch labels).
+
+Forward passes that autograd re-runs during the backward pass (gradient checkpointing) are not
+captured a second time.
+
+Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -25,40 +32,69 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_spectral.errors import SpectralConfigError, SpectralWarning
 
 __all__ = [
     "REDUCTIONS",
     "AUTO_TYPES",
+    "Reduction",
     "LayerCapture",
     "resolve_layers",
+    "resolve_one",
+    "reduction_for",
+    "module_rows",
+    "weight_matrices",
     "rows_channel_last",
     "rows_channel_first",
     "first_tensor",
     "is_compiled",
+    "in_backward",
 ]
 
-#: module types captured by ``layers="auto"``
-AUTO_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Layout = Literal["channel_last", "channel_first", "inherit"]
+
+#: module types captured by ``layers="auto"`` (Linear modules owned by a MultiheadAttention are
+#: left out: attention calls them functionally, never as modules, and the attention module
+#: itself is captured)
+AUTO_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+)
 
 
 def first_tensor(output: object) -> torch.Tensor | None:
-    """The module output itself, or the first tensor of a tuple/list output (else ``None``)."""
+    """The tensor a module output stands for (else ``None``).
+
+    A tensor is itself; a :class:`~torch.nn.utils.rnn.PackedSequence` gives its packed data
+    (one row per real token, no padding); a tuple or list gives its first item that is a tensor
+    or a packed sequence (the per-token outputs of ``nn.LSTM``/``nn.GRU``/``nn.RNN``, the
+    attention output of ``nn.MultiheadAttention``).
+    """
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, PackedSequence):
+        return output.data
     if isinstance(output, (tuple, list)):
         for item in output:
             if isinstance(item, torch.Tensor):
                 return item
+            if isinstance(item, PackedSequence):
+                return item.data
     return None
 
 
 def rows_channel_last(x: torch.Tensor, reduce: str = "flatten") -> torch.Tensor:
-    """Channel-last rows (SPEC.md §0.1): ``(B, …, d) → (B·…, d)``; ``(d,) → (1, d)``.
+    """Channel-last rows: ``(B, …, d) → (B·…, d)``; ``(d,) → (1, d)``.
 
     ``reduce="mean"`` averages the middle (token) axes instead: ``(B, …, d) → (B, d)``.
     """
@@ -70,14 +106,16 @@ def rows_channel_last(x: torch.Tensor, reduce: str = "flatten") -> torch.Tensor:
 
 
 def rows_channel_first(
-    x: torch.Tensor, reduce: str = "mean", spatial_dims: int = 2
+    x: torch.Tensor, reduce: str = "mean", spatial_dims: int | None = 2
 ) -> torch.Tensor:
-    """Channel-first rows (SPEC.md §0.1): ``(B, c, *spatial) → (B, c)`` by the spatial mean.
+    """Channel-first rows: ``(B, c, *spatial) → (B, c)`` by the spatial mean.
 
-    ``reduce="flatten"`` gives ``(B, c·∏spatial)`` instead. An unbatched output
-    ``(c, *spatial)`` (``spatial_dims + 1`` axes) is read as one sample.
+    ``reduce="flatten"`` gives ``(B, c·∏spatial)`` instead. With a fixed ``spatial_dims``, an
+    unbatched output ``(c, *spatial)`` (``spatial_dims + 1`` axes) is read as one sample; with
+    ``spatial_dims=None`` (batch norms, group norm) axis 0 is always the batch, so ``(B, c)``
+    stays as it is.
     """
-    if x.ndim == spatial_dims + 1:
+    if spatial_dims is not None and x.ndim == spatial_dims + 1:
         x = x.unsqueeze(0)
     if x.ndim < 2:
         return x.reshape(-1, 1)
@@ -90,31 +128,150 @@ def rows_channel_first(
 
 @dataclass(frozen=True)
 class Reduction:
-    """How a module type's output becomes rows: channel-first (convolutions) or channel-last."""
+    """How a module type's output becomes rows.
 
-    layout: str  # "channel_first" | "channel_last"
-    spatial_dims: int = 0
+    ``layout``: ``"channel_first"`` (``N × C × …`` feature maps: the rows are the samples, the
+    columns the channels, averaged over the remaining axes), ``"channel_last"`` (``… × d``:
+    every leading position is a row) or ``"inherit"`` (a container: the reduction of its last
+    submodule that has one). ``spatial_dims``: the number of spatial axes of a channel-first
+    output (``None``: any number, axis 0 always the batch).
+    """
+
+    layout: Layout
+    spatial_dims: int | None = None
 
 
-#: module type -> reduction; a type not listed (and not a subclass of one) is channel-last
+_CL = Reduction("channel_last")
+
+#: module type -> reduction; the most derived listed type of a module wins. Documented as a
+#: table in docs/metrics.md ("Which rows a layer gives").
 REDUCTIONS: dict[type[nn.Module], Reduction] = {
-    nn.Linear: Reduction("channel_last"),
-    nn.Bilinear: Reduction("channel_last"),
+    nn.Linear: _CL,
+    nn.Bilinear: _CL,
+    nn.Embedding: _CL,
+    nn.EmbeddingBag: _CL,
+    nn.LayerNorm: _CL,
+    nn.MultiheadAttention: _CL,  # its attention output (L, N, E) / (N, L, E): one row per token
+    nn.RNNBase: _CL,  # LSTM/GRU/RNN per-token outputs; packed sequences give their real tokens
+    nn.TransformerEncoderLayer: _CL,
+    nn.TransformerDecoderLayer: _CL,
+    nn.TransformerEncoder: _CL,
+    nn.TransformerDecoder: _CL,
+    nn.Transformer: _CL,
     nn.Conv1d: Reduction("channel_first", 1),
     nn.Conv2d: Reduction("channel_first", 2),
     nn.Conv3d: Reduction("channel_first", 3),
     nn.ConvTranspose1d: Reduction("channel_first", 1),
     nn.ConvTranspose2d: Reduction("channel_first", 2),
     nn.ConvTranspose3d: Reduction("channel_first", 3),
+    nn.BatchNorm1d: Reduction("channel_first", None),  # (N, C) or (N, C, L)
+    nn.BatchNorm2d: Reduction("channel_first", 2),
+    nn.BatchNorm3d: Reduction("channel_first", 3),
+    nn.SyncBatchNorm: Reduction("channel_first", None),
+    nn.GroupNorm: Reduction("channel_first", None),  # (N, C, *)
+    nn.InstanceNorm1d: Reduction("channel_first", 1),
+    nn.InstanceNorm2d: Reduction("channel_first", 2),
+    nn.InstanceNorm3d: Reduction("channel_first", 3),
+    nn.LocalResponseNorm: Reduction("channel_first", None),
+    nn.Dropout1d: Reduction("channel_first", 1),
+    nn.Dropout2d: Reduction("channel_first", 2),
+    nn.Dropout3d: Reduction("channel_first", 3),
+    nn.MaxPool1d: Reduction("channel_first", 1),
+    nn.MaxPool2d: Reduction("channel_first", 2),
+    nn.MaxPool3d: Reduction("channel_first", 3),
+    nn.AvgPool1d: Reduction("channel_first", 1),
+    nn.AvgPool2d: Reduction("channel_first", 2),
+    nn.AvgPool3d: Reduction("channel_first", 3),
+    nn.AdaptiveAvgPool1d: Reduction("channel_first", 1),
+    nn.AdaptiveAvgPool2d: Reduction("channel_first", 2),
+    nn.AdaptiveAvgPool3d: Reduction("channel_first", 3),
+    nn.AdaptiveMaxPool1d: Reduction("channel_first", 1),
+    nn.AdaptiveMaxPool2d: Reduction("channel_first", 2),
+    nn.AdaptiveMaxPool3d: Reduction("channel_first", 3),
+    nn.Sequential: Reduction("inherit"),
+    nn.ModuleList: Reduction("inherit"),
 }
 
 
-def reduction_for(module: nn.Module) -> Reduction:
-    """The :data:`REDUCTIONS` entry of ``module``'s type (most derived match); channel-last else."""
+def _own_reduction(module: nn.Module) -> Reduction | None:
     for klass in type(module).__mro__:
         if klass in REDUCTIONS:
             return REDUCTIONS[klass]
-    return Reduction("channel_last")
+    return None
+
+
+def reduction_for(module: nn.Module) -> Reduction | None:
+    """The reduction of ``module``'s output (see :data:`REDUCTIONS` and docs/metrics.md).
+
+    A listed type gives its entry. A container (``nn.Sequential``, or any module with
+    submodules whose own type is not listed) takes the reduction of its last submodule, in
+    definition order, whose type is listed. ``None`` means "decide by the output's shape":
+    elementwise modules (activations, ``nn.Dropout``, ``nn.Identity``) and unknown leaf types,
+    whose 4-D and 5-D outputs are read as channel-first feature maps and all others as
+    channel-last.
+    """
+    own = _own_reduction(module)
+    if own is not None and own.layout != "inherit":
+        return own
+    children = list(module.modules())[1:]
+    for child in reversed(children):
+        red = _own_reduction(child)
+        if red is not None and red.layout != "inherit":
+            return red
+    return None
+
+
+def module_rows(
+    reduction: Reduction | None,
+    output: object,
+    conv_reduce: str = "mean",
+    seq_reduce: str = "flatten",
+) -> torch.Tensor | None:
+    """A module output as rows ``(n, d)`` by its reduction (``None`` if it holds no floating
+    tensor with a batch axis). The graph is kept; detach the result if it is to be stored."""
+    out = first_tensor(output)
+    if out is None or not out.is_floating_point() or out.ndim == 0:
+        return None
+    if reduction is None:
+        reduction = Reduction("channel_first", None) if out.ndim >= 4 else _CL
+    if reduction.layout == "channel_first":
+        return rows_channel_first(out, conv_reduce, reduction.spatial_dims)
+    return rows_channel_last(out, seq_reduce)
+
+
+def weight_matrices(name: str, module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """The weight matrices of a watched module: ``{tag suffix: (owner module, parameter name)}``.
+
+    - ``nn.MultiheadAttention``: ``<name>.in_proj_weight`` (or ``<name>.q_proj_weight``,
+      ``k_proj_weight``, ``v_proj_weight`` when key/value sizes differ) and
+      ``<name>.out_proj.weight``;
+    - ``nn.LSTM``/``nn.GRU``/``nn.RNN``: ``<name>.weight_ih_l<k>``, ``<name>.weight_hh_l<k>``
+      (``_reverse`` for the backward direction, ``weight_hr_l<k>`` for projections);
+    - any other module with a ``weight`` of two or more axes: ``<name>``.
+
+    The parameters themselves are looked up when they are read (``getattr(owner, pname)``), so a
+    lazy module resolved after its first forward, or a parameter replaced by a sharding strategy,
+    is read as it is then.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        out: dict[str, tuple[nn.Module, str]] = {}
+        for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            if getattr(module, pname, None) is not None:
+                out[f"{name}.{pname}"] = (module, pname)
+        out[f"{name}.out_proj.weight"] = (module.out_proj, "weight")
+        return out
+    if isinstance(module, nn.RNNBase):
+        return {
+            f"{name}.{pname}": (module, pname)
+            for pname, p in module.named_parameters(recurse=False)
+            if pname.startswith("weight_") and p.ndim == 2
+        }
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and (
+        isinstance(weight, nn.parameter.UninitializedParameter) or weight.ndim >= 2
+    ):
+        return {name: (module, "weight")}
+    return {}
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -127,22 +284,43 @@ def is_compiled(model: nn.Module) -> bool:
     return False
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where gradient checkpointing re-runs forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _mha_owned(named: list[tuple[str, nn.Module]]) -> set[str]:
+    """Names of the modules owned by a MultiheadAttention (its ``out_proj``)."""
+    owned: set[str] = set()
+    for name, mod in named:
+        if isinstance(mod, nn.MultiheadAttention):
+            owned.update(f"{name}.{sub}" for sub, _ in mod.named_modules() if sub)
+    return owned
+
+
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     """Module names chosen by ``layers``, in ``named_modules()`` order.
 
-    ``"auto"``: every :data:`AUTO_TYPES` module. Otherwise a name or glob pattern (``fnmatch``,
-    e.g. ``"encoder.*"``), or a list of them; any module type may be named. A pattern that
-    matches nothing raises :class:`SpectralConfigError` listing the available module names.
+    ``"auto"``: every :data:`AUTO_TYPES` module (Linear, Conv1d/2d/3d, MultiheadAttention,
+    LSTM/GRU/RNN) except the projections owned by a MultiheadAttention. Otherwise a name or glob
+    pattern (``fnmatch``, e.g. ``"encoder.*"``), or a list of them; any module type may be
+    named. A pattern that matches nothing raises :class:`SpectralConfigError` listing the
+    available module names.
     """
     named = [(name, mod) for name, mod in model.named_modules() if name]
     available = [name for name, _ in named]
     if isinstance(layers, str):
         if layers == "auto":
-            chosen = [name for name, mod in named if isinstance(mod, AUTO_TYPES)]
+            owned = _mha_owned(named)
+            chosen = [
+                name for name, mod in named if isinstance(mod, AUTO_TYPES) and name not in owned
+            ]
             if not chosen:
                 raise SpectralConfigError(
-                    "layers='auto' found no nn.Linear or nn.Conv1d/2d/3d module; name the layers "
-                    f"to watch instead. Available modules: {_listing(named)}"
+                    "layers='auto' found no nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention or "
+                    "recurrent module; name the layers to watch instead. Available modules: "
+                    f"{_listing(named)}"
                 )
             return chosen
         patterns = [layers]
@@ -168,6 +346,17 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
+def resolve_one(model: nn.Module, pattern: str, what: str = "layer") -> str:
+    """The one module named (or matched by the glob) ``pattern``; else a listing error."""
+    names = resolve_layers(model, [pattern])
+    if len(names) != 1:
+        raise SpectralConfigError(
+            f"{what} {pattern!r} matches {len(names)} modules ({', '.join(names)}); name exactly "
+            "one"
+        )
+    return names[0]
+
+
 def _listing(named: Iterable[tuple[str, nn.Module]]) -> str:
     items = [f"{name} ({type(mod).__name__})" for name, mod in named]
     return ", ".join(items) if items else "(the model has no submodules)"
@@ -178,27 +367,34 @@ class _Buffer:
     rows: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     seen: int = 0
-    calls: int = 0
+
+
+Sink = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
 class LayerCapture:
-    """Gated forward hooks on chosen layers of ``model``, keeping bounded row buffers.
+    """Gated hooks on chosen layers of ``model``, keeping bounded row buffers (or feeding a sink).
 
     Args:
         model: the network; hooks go on its submodules named by ``layers``.
         layers: ``"auto"``, a name/glob pattern, or a list of them (see :func:`resolve_layers`).
         max_samples: at most this many rows are kept per layer per window (≥ 1).
-        conv_reduce: ``"mean"`` (global average pooling) or ``"flatten"`` for convolutions.
+        conv_reduce: ``"mean"`` (global average pooling) or ``"flatten"`` for channel-first
+            outputs.
         seq_reduce: ``"flatten"`` (each token a row) or ``"mean"`` for channel-last outputs.
         detach: detach the captured rows (default); ``False`` keeps the graph for a loss.
+        pre: capture each module's first *input* (a forward pre-hook) instead of its output;
+            the input is read channel-last (the features a classifier head receives).
+        sink: when given, ``sink(name, rows)`` receives the rows of every call instead of the
+            bounded buffer.
         on_skip: called once per layer as ``on_skip(name, reason)`` when an output cannot be
             captured (not a floating tensor); default: one :class:`SpectralWarning` per layer.
         owner: name used in warnings.
 
     Use :meth:`attach` once, then :meth:`start` / :meth:`stop` around the forward passes of
     one window, :meth:`take` to get ``{layer: rows}`` (the buffers are emptied), and
-    :meth:`remove` at teardown.
+    :meth:`remove` when done (teardown and on an exception).
     """
 
     model: nn.Module
@@ -207,6 +403,8 @@ class LayerCapture:
     conv_reduce: str = "mean"
     seq_reduce: str = "flatten"
     detach: bool = True
+    pre: bool = False
+    sink: Sink | None = None
     on_skip: Callable[[str, str], None] | None = None
     owner: str = "LayerCapture"
     names: list[str] = field(default_factory=list, init=False)
@@ -233,6 +431,9 @@ class LayerCapture:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._seed = 0
         self.modules: dict[str, nn.Module] = {}
+        self._reductions: dict[str, tuple[type, Reduction | None]] = {}
+        #: times each layer was called (captured calls) since the last :meth:`start`
+        self.calls: dict[str, int] = {}
 
     # -- lifetime ---------------------------------------------------------------------------
     def attach(self) -> list[str]:
@@ -253,10 +454,15 @@ class LayerCapture:
                 stacklevel=2,
             )
         lookup = dict(self.model.named_modules())
+        self.skipped = {}
         for name in self.names:
             module = lookup[name]
             self.modules[name] = module
-            self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
+            if self.pre:
+                handle = module.register_forward_pre_hook(self._make_pre_hook(name))
+            else:
+                handle = module.register_forward_hook(self._make_hook(name, module))
+            self._handles.append(handle)
             self._buffers[name] = _Buffer()
         return self.names
 
@@ -266,6 +472,7 @@ class LayerCapture:
             handle.remove()
         self._handles.clear()
         self._buffers = {name: _Buffer() for name in self.names}
+        self.modules = {}
         self.active = False
 
     @property
@@ -277,6 +484,7 @@ class LayerCapture:
         """Switch the hooks on; ``seed`` fixes this window's subsample (e.g. the global step)."""
         self._seed = int(seed)
         self._generators.clear()
+        self.calls = {}
         self.active = True
 
     def stop(self) -> None:
@@ -299,16 +507,31 @@ class LayerCapture:
         }
 
     # -- hooks ------------------------------------------------------------------------------
-    def _make_hook(self, name: str, module: nn.Module) -> Callable:
-        reduction = reduction_for(module)
-
+    def _make_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
         def hook(mod: nn.Module, args: object, output: object) -> None:
-            if not self.active:
+            if not self.active or in_backward():
                 return None
-            self._capture(name, reduction, output)
+            self._capture(name, self._reduction(name, mod), output)
             return None
 
         return hook
+
+    def _reduction(self, name: str, mod: nn.Module) -> Reduction | None:
+        # cached per module type: a lazy module becomes its concrete type after its first forward
+        cached = self._reductions.get(name)
+        if cached is None or cached[0] is not type(mod):
+            cached = (type(mod), reduction_for(mod))
+            self._reductions[name] = cached
+        return cached[1]
+
+    def _make_pre_hook(self, name: str) -> Callable[..., None]:
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.active or in_backward():
+                return None
+            self._capture(name, _CL, args[0] if args else None)
+            return None
+
+        return pre_hook
 
     def _skip(self, name: str, reason: str) -> None:
         if name in self.skipped:
@@ -321,16 +544,11 @@ class LayerCapture:
                 f"{self.owner}: layer {name!r} skipped: {reason}", SpectralWarning, stacklevel=3
             )
 
-    def to_rows(self, reduction: Reduction, out: torch.Tensor) -> torch.Tensor:
-        """A module output as rows, per its :class:`Reduction` (SPEC.md §0.1)."""
-        if reduction.layout == "channel_first":
-            return rows_channel_first(out, self.conv_reduce, reduction.spatial_dims)
-        return rows_channel_last(out, self.seq_reduce)
-
-    def _capture(self, name: str, reduction: Reduction, output: object) -> None:
+    def _capture(self, name: str, reduction: Reduction | None, output: object) -> None:
         out = first_tensor(output)
         if out is None:
-            self._skip(name, f"output of type {type(output).__name__} holds no tensor")
+            what = "input" if self.pre else "output"
+            self._skip(name, f"{what} of type {type(output).__name__} holds no tensor")
             return
         if not (out.is_floating_point()) or out.ndim == 0:
             self._skip(
@@ -338,12 +556,16 @@ class LayerCapture:
                 f"shape {tuple(out.shape)})"
             )
             return
+        self.calls[name] = self.calls.get(name, 0) + 1
         source = out.detach() if self.detach else out
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
-            rows = self.to_rows(reduction, source)
-            buf = self._buffers[name]
-            buf.calls += 1
-            self._append(buf, rows, source)
+            rows = module_rows(reduction, source, self.conv_reduce, self.seq_reduce)
+            if rows is None:
+                return
+            if self.sink is not None:
+                self.sink(name, rows)
+                return
+            self._append(self._buffers[name], rows, source)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)

@@ -1,37 +1,192 @@
-"""Behaviour shared by the callbacks: fail soft (NaN + one warning) unless ``strict``, and the
-wall-time budget of figures."""
+"""The skeleton every callback is built on.
+
+A callback of this package reads as *due? → capture → functional → report*. What they all
+share lives here, once:
+
+- :class:`SpectralCallback`: the lifecycle. ``setup("fit")`` starts a **fresh** state (a
+  callback reused in a new ``Trainer`` starts its schedule again; only a ``ckpt_path`` resume,
+  whose ``load_state_dict`` runs after ``setup``, continues one) and installs the captures;
+  ``teardown`` **and** ``on_exception`` (an error in ``training_step``, ``KeyboardInterrupt``,
+  an alarm) remove every hook and wrapper, so nothing is left on the user's model.
+- :class:`StepSchedule`: "due at optimizer step ``g``" (step 0 included unless told otherwise),
+  the one rule of every step-based callback, with its state for resuming.
+- :class:`FailSoft`: a metric that cannot be computed is reported once, on rank zero, with the
+  true consequence; ``strict=True`` raises instead.
+- :class:`FigureClock`: the wall-time budget of figures.
+- ``check_*``: the constructor checks (one message style, :class:`SpectralConfigError`).
+
+Hooks are registered only through :class:`lightning_spectral.capture.LayerCapture`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
-from lightning_spectral.errors import SpectralComputeError, SpectralWarning
+from torch import nn
+
+from lightning_spectral._compat import Callback, rank_zero_only
+from lightning_spectral.capture import LayerCapture
+from lightning_spectral.errors import SpectralComputeError, SpectralConfigError, SpectralWarning
+
+__all__ = [
+    "SpectralCallback",
+    "StepSchedule",
+    "FailSoft",
+    "FigureClock",
+    "warn_rank_zero",
+    "check_int",
+    "check_float",
+    "check_choice",
+    "check_layers",
+    "check_bool",
+]
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------- checks
+def check_int(name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> Any:
+    """``value`` if it is an ``int`` (not a bool) ``>= minimum`` (or ``None`` when optional)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if optional else ""
+        raise SpectralConfigError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+) -> float:
+    """``float(value)`` if it is a finite real number within ``[low, high]`` (``(low, high]``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+        float(value)
+    ):
+        raise SpectralConfigError(f"{name} must be a finite number, got {value!r}")
+    v = float(value)
+    if low is not None and (v < low or (low_open and v == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise SpectralConfigError(f"{name} must be {bound}, got {value!r}")
+    if high is not None and v > high:
+        raise SpectralConfigError(f"{name} must be <= {high}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: Any, choices: Sequence[T]) -> T:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise SpectralConfigError(f"{name} must be one of {listed}, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise SpectralConfigError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_layers(name: str, value: Any) -> str | list[str]:
+    """A layer selection: ``"auto"``, one name/glob pattern, or a list of them."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(x, str) and x for x in value):
+        return list(value)
+    raise SpectralConfigError(
+        f"{name} must be 'auto', a module name/glob pattern or a list of them, got {value!r}"
+    )
+
+
+# ------------------------------------------------------------------------------- warnings
+def warn_rank_zero(message: str, *, stacklevel: int = 3) -> None:
+    """One :class:`SpectralWarning`, issued on global rank zero only."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        warnings.warn(message, SpectralWarning, stacklevel=stacklevel)
 
 
 class FailSoft:
-    """Records problems: raises when ``strict``, else warns once per ``key`` and carries on."""
+    """Records problems: raises when ``strict``, else warns once per ``key`` and carries on.
+
+    ``consequence`` says what happened instead, in the warning: by default the value was logged
+    as NaN; pass the true consequence otherwise (a skipped penalty, a finite value that is only
+    suspicious). Warnings go out on global rank zero only.
+    """
 
     def __init__(self, strict: bool, owner: str) -> None:
         self.strict = bool(strict)
         self.owner = owner
         self._warned: set[str] = set()
 
-    def problem(self, key: str, message: str) -> None:
-        """Report that a metric could not be computed (it is logged as NaN by the caller)."""
+    def problem(self, key: str, message: str, consequence: str | None = "logged as NaN") -> None:
+        """Report that a metric could not be computed (or is suspicious)."""
         text = f"{self.owner}: {message}"
         if self.strict:
             raise SpectralComputeError(text)
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(text + " (logged as NaN; further warnings of this kind suppressed)",
-                          SpectralWarning, stacklevel=3)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        tail = f" ({consequence}; further warnings of this kind suppressed)" if consequence else (
+            " (further warnings of this kind suppressed)"
+        )
+        warn_rank_zero(text + tail, stacklevel=4)
+
+    def reset(self) -> None:
+        """Warn again (a new fit)."""
+        self._warned.clear()
+
+
+# ------------------------------------------------------------------------------- schedule
+class StepSchedule:
+    """Due at optimizer step ``g`` when ``g`` has reached the next multiple of ``every``.
+
+    ``first`` is the first due step (0: step 0 included). After an event at ``g``,
+    :meth:`done` moves the next due step to the first multiple of ``every`` after ``g``, so a
+    skipped step (resume, a postponed event) never shifts the grid. :meth:`postpone` makes the
+    next step due instead (an event that could not be taken at ``g``).
+    """
+
+    def __init__(self, every: int, first: int = 0) -> None:
+        self.every = int(every)
+        self.first = int(first)
+        self.next = self.first
+
+    def due(self, step: int) -> bool:
+        return step >= self.next
+
+    def after(self, step: int) -> int:
+        return (step // self.every + 1) * self.every
+
+    def done(self, step: int) -> None:
+        self.next = self.after(step)
+
+    def postpone(self, step: int) -> None:
+        self.next = step + 1
+
+    def reset(self) -> None:
+        self.next = self.first
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next": self.next}
+
+    def load_state_dict(self, state: dict[str, Any] | int | None) -> None:
+        if isinstance(state, dict):
+            state = state.get("next")
+        self.next = self.first if state is None else int(state)
 
 
 class FigureClock:
-    """The figure budget shared by the callbacks that draw (``figure_budget`` attributes).
+    """The figure budget shared by the callbacks that draw (``figure_budget`` arguments).
 
     ``start()`` at the beginning of training; wrap each drawing in ``with clock.timed():``;
     ``allowed(budget)`` is true for the first figure and then while drawing has used at most
@@ -58,3 +213,80 @@ class FigureClock:
             yield
         finally:
             self.seconds += time.perf_counter() - begin
+
+
+# ------------------------------------------------------------------------------- skeleton
+class SpectralCallback(Callback):
+    """Base class of the package's callbacks: lifecycle, captures, fail-soft and figure budget.
+
+    Subclasses implement :meth:`_reset` (the state a fresh fit starts from), :meth:`_install`
+    (resolve modules and open captures with :meth:`_open_capture`) and, if they change anything
+    else on the model, :meth:`_uninstall`. They must not register hooks themselves.
+
+    Args:
+        strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` where a metric
+            cannot be computed, instead of logging NaN with one warning.
+        figure_budget: fraction of the fit's wall time figures may use (the first figure is
+            always drawn); ``0`` draws only the first, ``1`` every one.
+    """
+
+    #: the stages whose ``setup`` installs the callback
+    stages: tuple[str, ...] = ("fit",)
+
+    def __init__(self, *, strict: bool = False, figure_budget: float = 0.01) -> None:
+        super().__init__()
+        self.strict = check_bool("strict", strict)
+        self.figure_budget = check_float("figure_budget", figure_budget, 0.0, 1.0)
+        self._fail = FailSoft(self.strict, self._owner())
+        self._figures = FigureClock()
+        self._captures: list[LayerCapture] = []
+
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    # -- to implement ------------------------------------------------------------------------
+    def _reset(self) -> None:
+        """Return to the state a fresh fit starts from (schedule, history, accumulators)."""
+
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Resolve modules and open the captures (called by ``setup``)."""
+
+    def _uninstall(self) -> None:
+        """Undo whatever :meth:`_install` changed besides the captures (idempotent)."""
+
+    # -- captures ------------------------------------------------------------------------------
+    def _open_capture(self, model: nn.Module, **kwargs: Any) -> LayerCapture:
+        """A :class:`LayerCapture` on ``model``, attached now and removed by :meth:`release`."""
+        kwargs.setdefault("owner", self._owner())
+        capture = LayerCapture(model, **kwargs)
+        self._captures.append(capture)
+        capture.attach()
+        return capture
+
+    def release(self) -> None:
+        """Remove every hook and wrapper this callback put on the model (idempotent)."""
+        captures, self._captures = self._captures, []
+        for capture in captures:
+            capture.remove()
+        self._uninstall()
+
+    @property
+    def hooks_attached(self) -> bool:
+        """True while any of this callback's hooks is on a module."""
+        return any(c.attached for c in self._captures)
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage not in self.stages:
+            return
+        self.release()  # hooks left by an earlier fit that ended without teardown
+        if stage == "fit":
+            self._reset()
+            self._fail.reset()
+        self._install(trainer, pl_module, stage)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.release()

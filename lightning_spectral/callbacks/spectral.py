@@ -1,8 +1,9 @@
 """``SpectralMonitor``: per-layer spectra of activations and weights, every N optimizer steps.
 
-The callback is thin: *is it due?* → :class:`~lightning_spectral.capture.LayerCapture` →
-:mod:`lightning_spectral.functional` → :mod:`lightning_spectral.report`. See ``docs/monitor.md``
-for usage and costs and ``docs/metrics.md`` for every tag.
+The callback is thin: *is it due?* (:class:`~lightning_spectral.callbacks._base.StepSchedule`)
+→ :class:`~lightning_spectral.capture.LayerCapture` → :mod:`lightning_spectral.functional` →
+:mod:`lightning_spectral.report`. See ``docs/monitor.md`` for usage and costs and
+``docs/metrics.md`` for every tag.
 
 Schedule (``x``-axis = ``trainer.global_step``, the number of optimizer steps taken): an
 *activation event* is due at step ``g`` when ``g`` reaches the next multiple of
@@ -11,23 +12,39 @@ micro-batch that leads to optimizer step ``g + 1`` (all micro-batches of the acc
 under gradient accumulation), and the event is logged at step ``g`` once that optimizer step
 has happened. A *weight event* reads the weights used by that same forward (at the start of the
 window), so activations and weights logged at step ``g`` belong together.
+
+Short batches: a spectrum from fewer rows is a different statistic (its rank is bounded by the
+row count). When a layer's window holds fewer than half the rows of that layer's largest window
+so far (the last, short batch of an epoch), the activation event is postponed to the next step
+— at most :data:`MAX_POSTPONE` times in a row — and ``rows/<layer>`` records how many rows stand
+behind every logged value.
+
+Lifecycle: a new fit starts a fresh schedule (only a ``ckpt_path`` resume continues one);
+``teardown`` and ``on_exception`` remove every hook.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from lightning_spectral import report
-from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft, FigureClock
-from lightning_spectral.capture import LayerCapture
-from lightning_spectral.errors import SpectralConfigError, SpectralWarning
+from lightning_spectral.callbacks._base import (
+    SpectralCallback,
+    StepSchedule,
+    check_bool,
+    check_choice,
+    check_int,
+    check_layers,
+    warn_rank_zero,
+)
+from lightning_spectral.capture import LayerCapture, weight_matrices
+from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum, resolve_dtype
 from lightning_spectral.functional.spectrum import (
     autocorrelation_eigvals,
@@ -37,10 +54,20 @@ from lightning_spectral.functional.spectrum import (
 )
 from lightning_spectral.functional.weights import singular_values_many, truncation_rank
 
-__all__ = ["SpectralMonitor", "WEIGHTS_EVERY_FACTOR", "ACTIVATION_QUANTITIES", "WEIGHT_QUANTITIES"]
+__all__ = [
+    "SpectralMonitor",
+    "WEIGHTS_EVERY_FACTOR",
+    "ACTIVATION_QUANTITIES",
+    "WEIGHT_QUANTITIES",
+    "MAX_POSTPONE",
+]
 
 #: ``weights_every_n_steps=None`` means ``WEIGHTS_EVERY_FACTOR × every_n_steps`` (docs/monitor.md)
 WEIGHTS_EVERY_FACTOR = 20
+#: an activation event is postponed at most this many steps in a row for short windows
+MAX_POSTPONE = 8
+#: a window is short when a layer holds fewer than this fraction of its largest window's rows
+SHORT_FRACTION = 0.5
 
 ACTIVATION_QUANTITIES = ("vne", "erank", "eig_max", "condition")
 WEIGHT_QUANTITIES = (
@@ -51,19 +78,13 @@ WEIGHT_QUANTITIES = (
     "weight_rank99",
 )
 _MAX_HISTORY = 512  # heatmap rows kept per layer (thinned by 2 when full)
-#: the per-event spectra figure is skipped while figure rendering has used more than this
-#: fraction of the fit's wall time (the first event always gets one); see docs/monitor.md
+#: default of ``figure_budget``: the per-event spectra figure is skipped while figure rendering
+#: has used more than this fraction of the fit's wall time (the first event always gets one)
 FIGURE_BUDGET = 0.01
 
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpectralConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _stable_rank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
-    """``Σσ_i² / σ_1²`` (SPEC.md §1.4) from singular values already computed; NaN for ``W = 0``.
+    """``Σσ_i² / σ_1²`` from singular values already computed; NaN for ``W = 0``.
 
     The same formula as :func:`lightning_spectral.functional.stable_rank`, which would run the
     SVD a second time.
@@ -74,39 +95,40 @@ def _stable_rank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, ratio, torch.full_like(ratio, float("nan")))
 
 
-class SpectralMonitor(Callback):
+class SpectralMonitor(SpectralCallback):
     """Log per-layer eigen-spectra of activations and weights every ``every_n_steps`` steps.
 
     Args:
         every_n_steps: optimizer steps between activation events (first event at step 0).
-        layers: ``"auto"`` (every ``nn.Linear`` and ``nn.Conv1d/2d/3d``), or module names /
-            glob patterns (``"encoder.*"``); a pattern that matches nothing fails at ``setup``
-            listing the available module names.
-        weights: also log the weight matrices' singular spectra (SPEC.md §1.3, §1.4, §5).
+        layers: ``"auto"`` (every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.MultiheadAttention``
+            and ``nn.LSTM``/``nn.GRU``/``nn.RNN``), or module names / glob patterns
+            (``"encoder.*"``); a pattern that matches nothing fails at ``setup`` listing the
+            available module names. How each module type's output becomes rows is tabulated
+            in docs/metrics.md.
+        weights: also log the weight matrices' singular spectra (attention: the input and
+            output projections; recurrent layers: every ``weight_ih``/``weight_hh`` matrix).
         weights_every_n_steps: optimizer steps between weight events; ``None`` means
             ``20 × every_n_steps`` (all weight SVDs of a 784-512-512-10 MLP cost ~17 training
             steps, the activation spectra ~0.35, so the total stays under 2 % of training time;
             see docs/monitor.md). The final weights are also logged when training ends.
         max_samples: at most this many rows per layer and rank are captured per event
             (a deterministic subsample that leaves the global RNG alone).
-        conv_reduce: ``"mean"`` (spatial mean, SPEC.md §0.1) or ``"flatten"`` for convolutions.
+        conv_reduce: ``"mean"`` (spatial mean) or ``"flatten"`` for channel-first outputs.
         histograms: write ``eigvals/<layer>`` and ``weight_svals/<layer>`` histograms.
         figures: write the all-layer spectra figure each event and a heatmap per layer at the
             end of fit.
         dtype: working precision of the spectra, ``"float32"`` or ``"float64"``.
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` on non-finite
             activations or weights instead of logging NaN with one warning.
+        figure_budget: the per-event spectra figure is skipped while figure rendering has used
+            more than this fraction of the fit's wall time (one figure costs more than a
+            hundred steps of a small MLP); the first event always gets one.
 
-    Logged tags (SPEC.md sections in ``docs/metrics.md``): ``vne/``, ``erank/``, ``eig_max/``,
-    ``condition/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
-    ``weight_sv_max/``, ``weight_rank90/``, ``weight_rank99/`` per layer (weights).
-
-    ``figure_budget`` (class attribute, default 0.01): the per-event spectra figure is skipped
-    while figure rendering has used more than this fraction of the fit's wall time (one figure
-    costs more than a hundred steps of a small MLP); set it on an instance to draw more often.
+    Logged tags (docs/metrics.md): ``vne/``, ``erank/``, ``eig_max/``, ``condition/`` and
+    ``rows/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
+    ``weight_sv_max/``, ``weight_rank90/``, ``weight_rank99/`` per weight matrix (the layer
+    name, or ``<layer>.<parameter>`` for attention and recurrent layers).
     """
-
-    figure_budget: float = FIGURE_BUDGET
 
     def __init__(
         self,
@@ -115,56 +137,52 @@ class SpectralMonitor(Callback):
         weights: bool = True,
         weights_every_n_steps: int | None = None,
         max_samples: int = 1024,
-        conv_reduce: str = "mean",
+        conv_reduce: Literal["mean", "flatten"] = "mean",
         histograms: bool = True,
         figures: bool = True,
-        dtype: str = "float32",
+        dtype: Literal["float32", "float64"] = "float32",
         strict: bool = False,
+        figure_budget: float = FIGURE_BUDGET,
     ) -> None:
-        super().__init__()
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps)
-        if weights_every_n_steps is not None:
-            _check_int("weights_every_n_steps", weights_every_n_steps)
+        super().__init__(strict=strict, figure_budget=figure_budget)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        check_int("weights_every_n_steps", weights_every_n_steps, optional=True)
         self.weights_every_n_steps = (
             weights_every_n_steps
             if weights_every_n_steps is not None
             else WEIGHTS_EVERY_FACTOR * self.every_n_steps
         )
-        if not (isinstance(layers, str) or (
-            isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers)
-        )):
-            raise SpectralConfigError(
-                f"layers must be 'auto', a module name/pattern or a list of them, got {layers!r}"
-            )
-        self.layers: str | list[str] = layers if isinstance(layers, str) else list(layers)
-        self.weights = bool(weights)
-        self.max_samples = _check_int("max_samples", max_samples)
-        if conv_reduce not in ("mean", "flatten"):
-            raise SpectralConfigError(
-                f"conv_reduce must be 'mean' or 'flatten', got {conv_reduce!r}"
-            )
-        self.conv_reduce = conv_reduce
-        self.histograms = bool(histograms)
-        self.figures = bool(figures)
+        self.layers: str | list[str] = check_layers("layers", layers)
+        self.weights = check_bool("weights", weights)
+        self.max_samples = check_int("max_samples", max_samples)
+        self.conv_reduce = check_choice("conv_reduce", conv_reduce, ("mean", "flatten"))
+        self.histograms = check_bool("histograms", histograms)
+        self.figures = check_bool("figures", figures)
+        check_choice("dtype", dtype, ("float32", "float64"))
         try:
             self._dtype = resolve_dtype(dtype)
         except ValueError as exc:
             raise SpectralConfigError(str(exc)) from None
         self.dtype = dtype
-        self.strict = bool(strict)
-        self._fail = FailSoft(self.strict, "SpectralMonitor")
         self._capture: LayerCapture | None = None
-        self._weight_layers: dict[str, torch.nn.Parameter] = {}
-        # schedule and history (state_dict)
-        self._next_step = 0
-        self._next_weight_step = 0
+        #: weight tag -> (owner module, parameter name), read when due
+        self._weight_layers: dict[str, tuple[nn.Module, str]] = {}
+        #: layer -> its weight tags
+        self._weights_of: dict[str, list[str]] = {}
+        self._act_schedule = StepSchedule(self.every_n_steps)
+        self._weight_schedule = StepSchedule(self.weights_every_n_steps)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._act_schedule.reset()
+        self._weight_schedule.reset()
         self._last_weight_step: int | None = None
-        self._history: dict[str, dict[str, list]] = {}
-        # per-window state
+        self._history: dict[str, dict[str, list[Any]]] = {}
+        self._full_rows: dict[str, int] = {}
+        self._postponed = 0
         self._capturing_for: int | None = None
         self._pending_weights: tuple[int, dict[str, torch.Tensor]] | None = None
         self._layout_done = False
-        self._figures = FigureClock()
         self._warned_empty: set[str] = set()
         #: ``{"step": g, "rows": {layer: rows used}}`` of the last activation event (all ranks)
         self.last_event: dict[str, Any] = {}
@@ -181,9 +199,10 @@ class SpectralMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Schedule and heatmap history (tensors and plain values only: safe ``weights_only``)."""
         return {
-            "next_step": self._next_step,
-            "next_weight_step": self._next_weight_step,
+            "next_step": self._act_schedule.next,
+            "next_weight_step": self._weight_schedule.next,
             "last_weight_step": self._last_weight_step,
+            "full_rows": dict(self._full_rows),
             "history": {
                 layer: {"steps": list(h["steps"]), "spectra": list(h["spectra"])}
                 for layer, h in self._history.items()
@@ -191,10 +210,11 @@ class SpectralMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._next_step = int(state_dict.get("next_step", 0))
-        self._next_weight_step = int(state_dict.get("next_weight_step", 0))
+        self._act_schedule.load_state_dict(state_dict.get("next_step"))
+        self._weight_schedule.load_state_dict(state_dict.get("next_weight_step"))
         last = state_dict.get("last_weight_step")
         self._last_weight_step = None if last is None else int(last)
+        self._full_rows = {str(k): int(v) for k, v in state_dict.get("full_rows", {}).items()}
         self._history = {
             layer: {"steps": [int(s) for s in h["steps"]],
                     "spectra": [torch.as_tensor(v, dtype=torch.float32) for v in h["spectra"]]}
@@ -202,50 +222,41 @@ class SpectralMonitor(Callback):
         }
 
     # -- lifetime --------------------------------------------------------------------------------
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or (self._capture is not None and self._capture.attached):
-            return
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if getattr(pl_module, "_compiler_ctx", None):
-            warnings.warn(
+            warn_rank_zero(
                 "SpectralMonitor: the LightningModule was torch.compile'd before the monitor's "
-                "hooks were registered; the compiled graph may not call them.",
-                SpectralWarning,
-                stacklevel=2,
+                "hooks were registered; the compiled graph may not call them."
             )
-        self._capture = LayerCapture(
+        self._capture = self._open_capture(
             pl_module,
             layers=self.layers,
             max_samples=self.max_samples,
             conv_reduce=self.conv_reduce,
-            owner="SpectralMonitor",
         )
-        names = self._capture.attach()
         self._weight_layers = {}
-        for name in names:
-            weight = getattr(self._capture.modules[name], "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
-                self._weight_layers[name] = weight
+        self._weights_of = {}
+        for name in self._capture.names:
+            matrices = weight_matrices(name, self._capture.modules[name])
+            self._weight_layers.update(matrices)
+            self._weights_of[name] = list(matrices)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._capture is not None:
-            self._capture.remove()
+    def _uninstall(self) -> None:
+        self._capture = None
         self._capturing_for = None
         self._pending_weights = None
 
     # -- schedule --------------------------------------------------------------------------------
-    def _after(self, step: int, every: int) -> int:
-        return (step // every + 1) * every
-
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._capture is None or self._capturing_for is not None:
             return  # not set up, or inside an accumulation window already being captured
         g = int(trainer.global_step)
-        act_due = g >= self._next_step
-        weight_due = self.weights and bool(self._weight_layers) and g >= self._next_weight_step
+        act_due = self._act_schedule.due(g)
+        weight_due = self.weights and bool(self._weight_layers) and self._weight_schedule.due(g)
         if weight_due:
-            self._next_weight_step = self._after(g, self.weights_every_n_steps)
+            self._weight_schedule.done(g)
             self._pending_weights = (g, self._weight_spectra(trainer))
         if act_due:
             self._capturing_for = g
@@ -261,8 +272,21 @@ class SpectralMonitor(Callback):
             return  # no window open, or its optimizer step has not happened yet
         self._capture.stop()
         self._capturing_for = None
-        self._next_step = self._after(g, self.every_n_steps)
-        self._emit(trainer, g, self._capture.take())
+        rows: dict[str, torch.Tensor] | None = self._capture.take()
+        if rows is not None and int(getattr(trainer, "world_size", 1)) > 1:
+            rows = self._gather(trainer, rows)  # every rank, same order
+        if rows and self._short_window(rows):
+            # the last, short batch of an epoch: take the spectrum at the next step instead
+            self._postponed += 1
+            self._act_schedule.postpone(g)
+            rows = None
+        else:
+            self._postponed = 0
+            self._act_schedule.done(g)
+            for n, r in (rows or {}).items():
+                self._full_rows[n] = max(self._full_rows.get(n, 0), int(r.shape[0]))
+        if rows is not None or self._pending_weights is not None:
+            self._emit(trainer, g, rows)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._figures.start()
@@ -296,13 +320,36 @@ class SpectralMonitor(Callback):
 
     # -- computing -------------------------------------------------------------------------------
     def _weight_spectra(self, trainer: Any) -> dict[str, torch.Tensor]:
-        """Singular values of every watched weight, one batched SVD per shape (rank zero only)."""
+        """Singular values of every watched weight, one batched SVD per shape (rank zero only).
+
+        The parameters are read now (a lazy module's weight once it exists; a weight that is
+        still uninitialised is left out of this event)."""
         if not trainer.is_global_zero:
             return {}
-        names = list(self._weight_layers)
+        tags: list[str] = []
+        mats: list[torch.Tensor] = []
+        for tag, (owner, pname) in self._weight_layers.items():
+            w = getattr(owner, pname, None)
+            if not isinstance(w, torch.Tensor) or isinstance(
+                w, nn.parameter.UninitializedParameter
+            ) or w.ndim < 2:
+                continue
+            tags.append(tag)
+            mats.append(w.detach())
+        if not mats:
+            return {}
         with torch.no_grad():
-            svals = singular_values_many([self._weight_layers[n] for n in names], dtype=self._dtype)
-        return dict(zip(names, svals, strict=True))
+            svals = singular_values_many(mats, dtype=self._dtype)
+        return dict(zip(tags, svals, strict=True))
+
+    def _short_window(self, rows: dict[str, torch.Tensor]) -> bool:
+        """True when the window should be postponed: a layer holds fewer than half the rows of
+        its largest window so far (host integers from shapes: no synchronisation)."""
+        if self._postponed >= MAX_POSTPONE:
+            return False
+        return any(
+            r.shape[0] < SHORT_FRACTION * self._full_rows.get(n, 0) for n, r in rows.items()
+        )
 
     def _gather(self, trainer: Any, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The union of every rank's rows per layer (rank order); two collectives on all ranks."""
@@ -341,9 +388,8 @@ class SpectralMonitor(Callback):
         return out
 
     def _emit(self, trainer: Any, step: int, rows: dict[str, torch.Tensor] | None) -> None:
-        """Compute, move to the host once, and log one event at ``step``."""
-        if rows is not None and int(getattr(trainer, "world_size", 1)) > 1:
-            rows = self._gather(trainer, rows)  # every rank, same order
+        """Compute, move to the host once, and log one event at ``step`` (rows already gathered
+        across ranks)."""
         if rows is not None:
             self.last_event = {"step": step, "rows": {n: int(r.shape[0]) for n, r in rows.items()}}
             self._warn_empty(rows)
@@ -364,6 +410,8 @@ class SpectralMonitor(Callback):
             return
         _, host = report.to_host({}, packed)  # the event's one device-to-host copy
         host_s, host_v = self._unpack(host, unpack)
+        for n, r in (rows or {}).items():
+            host_s[f"rows/{n}"] = float(r.shape[0])
         self._check_finite(host_s, list(rows or {}), weight_names)
         report.log_scalars(trainer, host_s, step)
         tb = bool(report.tensorboard_writers(trainer))
@@ -381,8 +429,7 @@ class SpectralMonitor(Callback):
             from lightning_spectral.plots.spectral import spectra_figure
 
             with self._figures.timed():
-                panels = {"activations: λ_i / Σλ (SPEC §1.6)": act,
-                          "weights: σ_i² / Σσ² (SPEC §1.6)": wts}
+                panels = {"activations: λ_i / Σλ": act, "weights: σ_i² / Σσ²": wts}
                 fig = spectra_figure(panels, step=step)
                 report.log_figure(trainer, "spectra/all_layers", fig, step)
 
@@ -477,11 +524,9 @@ class SpectralMonitor(Callback):
             if name in rows or name in self._capture.skipped or name in self._warned_empty:
                 continue
             self._warned_empty.add(name)
-            warnings.warn(
+            warn_rank_zero(
                 f"SpectralMonitor: layer {name!r} produced no output in the training step; "
-                "nothing is logged for it (is it used in training_step?)",
-                SpectralWarning,
-                stacklevel=3,
+                "nothing is logged for it (is it used in training_step?)"
             )
 
     def _remember(self, layer: str, step: int, values: np.ndarray) -> None:
@@ -498,18 +543,21 @@ class SpectralMonitor(Callback):
 
     def _register_layout(self, trainer: Any) -> None:
         names = self._capture.names if self._capture is not None else []
-        quantities = list(ACTIVATION_QUANTITIES)
-        if self.weights and self._weight_layers:
+        quantities = list(ACTIVATION_QUANTITIES) + ["rows"]
+        with_weights = self.weights and bool(self._weight_layers)
+        if with_weights:
             quantities += list(WEIGHT_QUANTITIES)
         by_quantity = report.multiline_layout({q: [f"^{q}/"] for q in quantities})
-        rank_like = "vne|erank"
-        if self.weights and self._weight_layers:
-            rank_like += "|weight_erank|weight_stable_rank"
-        by_layer = report.multiline_layout(
-            {n: [f"^({rank_like})/{re.escape(n)}$"] for n in names}
-        )
+        charts: dict[str, list[str]] = {}
+        for n in names:
+            patterns = [f"^(vne|erank)/{re.escape(n)}$"]
+            weight_tags = self._weights_of.get(n, []) if with_weights else []
+            if weight_tags:
+                alternatives = "|".join(re.escape(t) for t in weight_tags)
+                patterns.append(f"^(weight_erank|weight_stable_rank)/({alternatives})$")
+            charts[n] = patterns
+        by_layer = report.multiline_layout(charts)
         report.register_layout(
             trainer, {"spectral: by quantity": by_quantity, "spectral: by layer": by_layer}
         )
         self._layout_done = True
-

@@ -48,7 +48,7 @@ class Net(nn.Module):
 
 def test_auto_selection_and_unmatched_names_list_available():
     net = Net()
-    assert resolve_layers(net, "auto") == ["encoder.0", "seq", "fc"]
+    assert resolve_layers(net, "auto") == ["encoder.0", "seq", "fc", "lstm"]
     assert resolve_layers(net, "encoder.*") == ["encoder.0", "encoder.1"]
     assert resolve_layers(net, ["fc", "encoder.0", "fc"]) == ["encoder.0", "fc"]
     with pytest.raises(SpectralConfigError) as info:

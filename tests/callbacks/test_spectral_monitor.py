@@ -411,7 +411,7 @@ def test_layout_groups_quantities_and_layers():
     monitor._register_layout(FakeTrainer())
     monitor.teardown(None, None, "fit")
     by_q = captured["spectral: by quantity"]
-    assert set(by_q) == set(ACT + WTS)
+    assert set(by_q) == set(ACT + WTS) | {"rows"}
     assert by_q["vne"] == ["Multiline", ["^vne/"]]
     by_layer = captured["spectral: by layer"]
     assert set(by_layer) == {"features.1", "features.3", "classifier"}
