@@ -389,8 +389,10 @@ class LayerCapture:
         sink: when given, ``sink(name, rows)`` receives the rows of every call instead of the
             bounded buffer.
         on_skip: called once per layer as ``on_skip(name, reason)`` when an output cannot be
-            captured (not a floating tensor); default: one :class:`SpectralWarning` per layer.
+            captured (not a floating tensor); default: one warning per layer through ``warn``.
         owner: name used in warnings.
+        warn: how warnings are issued (``warn(message)``); default: a :class:`SpectralWarning`.
+            Callbacks pass a rank-zero-only warner.
 
     Use :meth:`attach` once, then :meth:`start` / :meth:`stop` around the forward passes of
     one window, :meth:`take` to get ``{layer: rows}`` (the buffers are emptied), and
@@ -407,6 +409,7 @@ class LayerCapture:
     sink: Sink | None = None
     on_skip: Callable[[str, str], None] | None = None
     owner: str = "LayerCapture"
+    warn: Callable[[str], None] | None = None
     names: list[str] = field(default_factory=list, init=False)
     skipped: dict[str, str] = field(default_factory=dict, init=False)
     active: bool = field(default=False, init=False)
@@ -446,12 +449,10 @@ class LayerCapture:
             return self.names
         self.names = resolve_layers(self.model, self.layers)
         if is_compiled(self.model):
-            warnings.warn(
+            self._warn(
                 f"{self.owner}: the model was torch.compile'd before the capture hooks were "
                 "registered; the compiled graph may not call them. Compile after the Trainer's "
-                "setup (or compile submodules only after attaching the callback).",
-                SpectralWarning,
-                stacklevel=2,
+                "setup (or compile submodules only after attaching the callback)."
             )
         lookup = dict(self.model.named_modules())
         self.skipped = {}
@@ -540,9 +541,13 @@ class LayerCapture:
         if self.on_skip is not None:
             self.on_skip(name, reason)
         else:
-            warnings.warn(
-                f"{self.owner}: layer {name!r} skipped: {reason}", SpectralWarning, stacklevel=3
-            )
+            self._warn(f"{self.owner}: layer {name!r} skipped: {reason}")
+
+    def _warn(self, message: str) -> None:
+        if self.warn is not None:
+            self.warn(message)
+        else:
+            warnings.warn(message, SpectralWarning, stacklevel=4)
 
     def _capture(self, name: str, reduction: Reduction | None, output: object) -> None:
         out = first_tensor(output)

@@ -258,6 +258,7 @@ class SpectralCallback(Callback):
     def _open_capture(self, model: nn.Module, **kwargs: Any) -> LayerCapture:
         """A :class:`LayerCapture` on ``model``, attached now and removed by :meth:`release`."""
         kwargs.setdefault("owner", self._owner())
+        kwargs.setdefault("warn", warn_rank_zero)
         capture = LayerCapture(model, **kwargs)
         self._captures.append(capture)
         capture.attach()

@@ -12,28 +12,39 @@ evaluations triggers ``action``: ``"stop"`` sets ``trainer.should_stop`` (like
 :class:`SpectralAlarmError`, ``"warn"`` emits one
 :class:`~lightning_spectral.errors.SpectralWarning` per failing streak. The rule grammar and the
 quantities' definitions are in docs/gate.md and SPEC.md; the alarm computes no mathematics.
+
+Every fit starts from an empty history (an alarm reused with a new ``Trainer`` counts its
+strikes from zero again); only a ``ckpt_path`` resume, which restores the alarm's state,
+continues the history and the strikes of the interrupted run. The alarm's warnings and log
+messages go out on global rank zero only (only rank zero receives the monitors' values).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from lightning_spectral._compat import Callback
-from lightning_spectral.errors import SpectralConfigError, SpectralError, SpectralWarning
+from lightning_spectral._compat import rank_zero_only
+from lightning_spectral.callbacks._base import (
+    SpectralCallback,
+    check_bool,
+    check_choice,
+    check_int,
+    warn_rank_zero,
+)
+from lightning_spectral.errors import SpectralConfigError, SpectralError
 from lightning_spectral.gate import GateInputError, Rule, parse_rule
 
 __all__ = ["SpectralAlarm", "SpectralAlarmError"]
 
 log = logging.getLogger(__name__)
 
-_ACTIONS = ("stop", "raise", "warn")
+_ACTIONS: tuple[Literal["stop", "raise", "warn"], ...] = ("stop", "raise", "warn")
 
 
 class SpectralAlarmError(SpectralError, RuntimeError):
@@ -116,7 +127,7 @@ class _History:
         return h
 
 
-class SpectralAlarm(Callback):
+class SpectralAlarm(SpectralCallback):
     """Stop, raise or warn during training when a gate rule fails ``patience`` times in a row.
 
     Args:
@@ -135,7 +146,7 @@ class SpectralAlarm(Callback):
         self,
         rules: list[str],
         patience: int = 1,
-        action: str = "stop",
+        action: Literal["stop", "raise", "warn"] = "stop",
         watch_callback_metrics: bool = True,
     ) -> None:
         super().__init__()
@@ -148,24 +159,22 @@ class SpectralAlarm(Callback):
             self.rules: list[Rule] = [parse_rule(r) for r in rules]
         except GateInputError as exc:
             raise SpectralConfigError(f"SpectralAlarm: {exc}") from exc
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise SpectralConfigError(f"SpectralAlarm: patience must be an integer >= 1, "
-                                      f"got {patience!r}")
-        if action not in _ACTIONS:
-            raise SpectralConfigError(f"SpectralAlarm: action must be one of {_ACTIONS}, "
-                                      f"got {action!r}")
-        self.patience = patience
-        self.action = action
-        self.watch_callback_metrics = bool(watch_callback_metrics)
+        self.patience = check_int("patience", patience)
+        self.action: Literal["stop", "raise", "warn"] = check_choice("action", action, _ACTIONS)
+        self.watch_callback_metrics = check_bool("watch_callback_metrics",
+                                                 watch_callback_metrics)
         self._window = max([r.window or 1 for r in self.rules])
+        self._tag_rules: dict[str, frozenset[int]] = {}  # rule matching, fixed by the rules
+        self._reset()
+
+    def _reset(self) -> None:
+        """An empty history: what a fresh fit starts from."""
         self._history: dict[str, _History] = {}
         self._seen: dict[tuple[int, str], int] = {}  # (rule index, tag) -> version evaluated
         self._strikes: dict[tuple[int, str], int] = {}
         self._cm_cache: dict[str, float] = {}
         self._cm_names: set[str] = set()  # every callback-metric tag seen (for messages)
-        self._tag_rules: dict[str, frozenset[int]] = {}
         self._dirty: set[str] = set()  # tags with values not yet evaluated
-        self._matched: set[int] = set()
         self.triggered: list[str] = []  # messages of the checks that fired
         self.stopped_step: int | None = None
 
@@ -274,7 +283,6 @@ class SpectralAlarm(Callback):
                 if i not in self._rules_of(tag):
                     continue
                 hist = self._history[tag]
-                self._matched.add(i)
                 key = (i, tag)
                 if self._seen.get(key) == hist.version:
                     continue
@@ -309,11 +317,12 @@ class SpectralAlarm(Callback):
         if self.action == "raise":
             raise SpectralAlarmError(message)
         if self.action == "warn":
-            warnings.warn(message, SpectralWarning, stacklevel=2)
+            warn_rank_zero(message)
             return
         if not trainer.should_stop:
             self.stopped_step = int(getattr(trainer, "global_step", 0))
-            log.warning("%s; stopping the fit at step %d", message, self.stopped_step)
+            if getattr(rank_zero_only, "rank", 0) == 0:
+                log.warning("%s; stopping the fit at step %d", message, self.stopped_step)
         trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
@@ -327,9 +336,29 @@ class SpectralAlarm(Callback):
         self._check(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        missing = [r.text for i, r in enumerate(self.rules) if i not in self._matched]
+        """Name the rules that never applied to anything (rank zero: only it has every tag)."""
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return  # other ranks never receive the monitors' values
         tags = sorted(set(self._history) | self._cm_names)
-        if missing and tags:
+        unwatched: set[str] = set()
+        if not self.watch_callback_metrics:
+            unwatched = set(getattr(trainer, "callback_metrics", {}) or {})
+        if not tags and not unwatched:
+            return  # nothing was logged at all (e.g. a fit that ended before any event)
+        no_tag: list[str] = []
+        only_logged: list[str] = []
+        for i, rule in enumerate(self.rules):
+            if any(i in self._rules_of(t) for t in tags):
+                continue
+            if any(i in self._rules_of(t) for t in unwatched):
+                only_logged.append(rule.text)
+            else:
+                no_tag.append(rule.text)
+        if only_logged:
+            warn_rank_zero(f"SpectralAlarm: rule(s) {only_logged} match only self.log values, "
+                           "which this alarm does not follow (watch_callback_metrics=False); "
+                           "they were never evaluated")
+        if no_tag and tags:
             shown = ", ".join(tags[:10]) + (" ..." if len(tags) > 10 else "")
-            warnings.warn(f"SpectralAlarm: rule(s) {missing} matched no logged tag "
-                          f"(logged: {shown})", SpectralWarning, stacklevel=2)
+            warn_rank_zero(f"SpectralAlarm: rule(s) {no_tag} matched no logged tag, so they "
+                           f"were never evaluated (logged: {shown})")

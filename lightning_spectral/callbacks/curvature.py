@@ -30,7 +30,19 @@ keeps the training-mode loss and restores every buffer afterwards. Either way ev
 ``training`` flag, the global RNG state and all ``.grad`` tensors are exactly as before (gradients
 are taken with :func:`torch.autograd.grad`), and no graph outlives the event, so training is
 bit-identical with and without the callback. Only global rank zero computes and logs (the module
-is called directly, outside any DDP wrapper, so no collective is issued).
+is called directly, outside any DDP wrapper, so no collective is issued). The callback registers
+no hooks; the modes, buffers and ``log`` methods it changes for an event are restored in a
+``finally`` clause, so an exception (or ``KeyboardInterrupt``) in the middle of an event leaves
+the model as it found it. ``loss="training_step"`` calls the module's own ``training_step``,
+beneath the wrapper of ``VNEPenalty(inject=True)``: the penalty is neither added to the
+curvature's loss nor recorded for an event's forward passes.
+
+Lifecycle
+---------
+Every fit starts a fresh schedule and keeps fresh batches (a callback reused with a new
+``Trainer`` logs again at step ``every_n_steps``); only a ``ckpt_path`` resume, which restores
+the callback's state, continues the schedule of the interrupted run. The kept batches are
+dropped at ``teardown`` and in ``on_exception``.
 
 Tags (``i = 1 … k``, ``λ_1`` the largest)
 -----------------------------------------
@@ -43,15 +55,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from lightning_spectral import report
-from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft
-from lightning_spectral.errors import SpectralConfigError
+from lightning_spectral.callbacks._base import (
+    SpectralCallback,
+    StepSchedule,
+    check_choice,
+    check_float,
+    check_int,
+)
+from lightning_spectral.callbacks.penalty import unwrapped_training_step
+from lightning_spectral.errors import SpectralComputeError, SpectralConfigError
 from lightning_spectral.functional.curvature import (
     flat_gradients,
     hessian_eigenpairs,
@@ -125,11 +143,19 @@ class _Silenced:
 
 
 class _Preserve:
-    """Snapshot and restore: training flags, buffers (train mode), global RNG state."""
+    """Snapshot and restore: training flags, buffers (train mode), global RNG state.
+
+    Whatever happens inside (an exception, ``KeyboardInterrupt``), ``__exit__`` puts back every
+    module's ``training`` flag, the buffers and the RNG state; a failure while entering undoes
+    what was already changed.
+    """
 
     def __init__(self, module: torch.nn.Module, mode: str) -> None:
         self.module = module
         self.mode = mode
+        self.flags: list[tuple[torch.nn.Module, bool]] = []
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rng: Any = None
 
     def __enter__(self) -> None:
         self.flags = [(m, m.training) for m in self.module.modules()]
@@ -138,30 +164,42 @@ class _Preserve:
         )
         devices = sorted({p.device.index or 0 for p in self.module.parameters()
                           if p.device.type == "cuda"})
-        self.rng = torch.random.fork_rng(devices=devices)
-        self.rng.__enter__()
-        if self.mode == "eval":
-            self.module.eval()
+        rng = torch.random.fork_rng(devices=devices)
+        rng.__enter__()
+        self.rng = rng
+        try:
+            if self.mode == "eval":
+                self.module.eval()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc: object) -> None:
         try:
             with torch.no_grad():
                 for b, saved in self.buffers:
                     b.copy_(saved)
-            for m, flag in self.flags:
-                m.training = flag
         finally:
-            self.rng.__exit__(None, None, None)
-            self.buffers = []
+            try:
+                for m, flag in self.flags:
+                    m.training = flag
+            finally:
+                rng, self.rng = self.rng, None
+                if rng is not None:
+                    rng.__exit__(None, None, None)
+                self.buffers = []
+                self.flags = []
 
 
-class CurvatureMonitor(Callback):
+class CurvatureMonitor(SpectralCallback):
     """Log the Hessian's top-``k`` eigenvalues, its trace and the objective noise (SPEC.md §6.4).
 
     Args:
-        every_n_steps: run at optimizer steps that are multiples of this.
+        every_n_steps: run at optimizer steps that are multiples of this (the first event is at
+            step ``every_n_steps``, never at step 0).
         k: number of top (algebraically largest) eigenpairs, by Lanczos.
-        batches: number of training batches kept (the first ones seen) and used at every event.
+        batches: number of training batches kept (the first ones seen in the fit) and used at
+            every event.
         loss: ``"training_step"``, ``"cross_entropy"``, ``"mse"`` or a LightningModule method
             name (module docstring).
         trace_probes: Rademacher probes of the Hutchinson trace (0 disables the trace).
@@ -180,50 +218,32 @@ class CurvatureMonitor(Callback):
         every_n_steps: int = 500,
         k: int = 5,
         batches: int = 1,
-        loss: str = "training_step",
+        loss: Literal["training_step", "cross_entropy", "mse"] | str = "training_step",
         trace_probes: int = 16,
         noise_samples: int = 32,
         max_iter: int | None = None,
         tol: float = 1e-3,
-        mode: str = "eval",
+        mode: Literal["eval", "train"] = "eval",
         seed: int = 0,
         strict: bool = False,
     ) -> None:
-        super().__init__()
-        for name, value, low in (("every_n_steps", every_n_steps, 1), ("k", k, 1),
-                                 ("batches", batches, 1), ("trace_probes", trace_probes, 0),
-                                 ("noise_samples", noise_samples, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise SpectralConfigError(
-                    f"CurvatureMonitor: {name} must be an integer >= {low}, got {value!r}"
-                )
-        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
-            raise SpectralConfigError(
-                f"CurvatureMonitor: max_iter must be None or an integer >= k={k}, got {max_iter!r}"
-            )
+        super().__init__(strict=strict)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        self.k = check_int("k", k)
+        self.batches = check_int("batches", batches)
+        self.trace_probes = check_int("trace_probes", trace_probes, 0)
+        self.noise_samples = check_int("noise_samples", noise_samples, 0)
+        self.max_iter = check_int("max_iter", max_iter, self.k, optional=True)
         if not isinstance(loss, str) or not loss:
-            raise SpectralConfigError(f"CurvatureMonitor: loss must be a string, got {loss!r}")
-        if mode not in ("eval", "train"):
-            raise SpectralConfigError(f"CurvatureMonitor: mode must be 'eval' or 'train', got "
-                                      f"{mode!r}")
-        if not tol > 0:
-            raise SpectralConfigError(f"CurvatureMonitor: tol must be positive, got {tol!r}")
-        self.every_n_steps = every_n_steps
-        self.k = k
-        self.batches = batches
+            raise SpectralConfigError(
+                f"loss must be one of {list(_BUILTIN_LOSSES)} or a method name, got {loss!r}"
+            )
         self.loss = loss
-        self.trace_probes = trace_probes
-        self.noise_samples = noise_samples
-        self.max_iter = max_iter
-        self.tol = float(tol)
-        self.mode = mode
+        self.tol = check_float("tol", tol, 0.0, low_open=True)
+        self.mode: Literal["eval", "train"] = check_choice("mode", mode, ("eval", "train"))
         self.seed = int(seed)
-        self.strict = bool(strict)
-        self._fail = FailSoft(strict, "CurvatureMonitor")
-        self._kept: list[Any] = []
-        self._last_step = -1
-        self._events = 0
-        self._layout_done = False
+        self._schedule = StepSchedule(self.every_n_steps, first=self.every_n_steps)
+        self._reset()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -237,8 +257,19 @@ class CurvatureMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         self._events = int(state_dict.get("events", 0))
+        # the schedule continues after the last event of the interrupted run
+        self._schedule.load_state_dict(
+            self._schedule.after(self._last_step) if self._last_step >= 0 else None
+        )
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def _reset(self) -> None:
+        self._schedule.reset()
+        self._kept: list[Any] = []
+        self._last_step = -1
+        self._events = 0
+        self._layout_done = False
+
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.loss in _BUILTIN_LOSSES:
             return
         if not callable(getattr(pl_module, self.loss, None)):
@@ -250,7 +281,7 @@ class CurvatureMonitor(Callback):
                 + (f" (methods with 'loss' in the name: {names})" if names else "")
             )
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def _uninstall(self) -> None:
         self._kept = []
 
     def on_train_batch_end(
@@ -259,8 +290,9 @@ class CurvatureMonitor(Callback):
         if len(self._kept) < self.batches and _batch_len(batch) > 0:
             self._kept.append(_map_tensors(batch, lambda t: t.detach().clone()))
         step = int(trainer.global_step)
-        if step <= 0 or step % self.every_n_steps or step == self._last_step or not self._kept:
+        if not self._kept or not self._schedule.due(step):
             return
+        self._schedule.done(step)
         self._last_step = step
         self._events += 1
         if not getattr(trainer, "is_global_zero", True):
@@ -285,8 +317,9 @@ class CurvatureMonitor(Callback):
     # ------------------------------------------------------------------ computation
     def _loss_of(self, pl_module: Any, batch: Any) -> torch.Tensor:
         if self.loss == "training_step":
+            step_fn = unwrapped_training_step(pl_module)
             with _Silenced(pl_module):
-                out = pl_module.training_step(batch, 0)
+                out = step_fn(batch, 0)
             if isinstance(out, dict):
                 out = out.get("loss")
             if not isinstance(out, torch.Tensor):
@@ -319,16 +352,19 @@ class CurvatureMonitor(Callback):
         """All tags of one event as 0-d tensors on the model's device (NaN where undefined).
 
         Uses ``batches`` (default: the kept training batches). The module's modes, buffers,
-        ``.grad`` and the global RNG are unchanged afterwards.
+        ``.grad``, ``log`` methods and the global RNG are unchanged afterwards, also when the
+        computation is interrupted by an exception.
         """
         batches = self._kept if batches is None else batches
         out = self._nan_scalars()
         if not batches:
-            self._fail.problem("no-data", "no training batch kept yet")
+            self._fail.problem("no-data", "no training batch kept yet",
+                               consequence="every hessian/ tag is logged as NaN")
             return out
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if not params:
-            self._fail.problem("no-params", "the module has no parameter that requires grad")
+            self._fail.problem("no-params", "the module has no parameter that requires grad",
+                               consequence="every hessian/ tag is logged as NaN")
             return out
         gen = torch.Generator().manual_seed(self.seed + int(step))
 
@@ -343,7 +379,8 @@ class CurvatureMonitor(Callback):
                 # Lanczos synchronises every iteration anyway; one more check is free
                 if not math.isfinite(float(vals[0])):
                     self._fail.problem("non-finite", "non-finite Hessian-vector products (is the "
-                                       f"loss NaN/Inf at step {step}?)")
+                                       f"loss NaN/Inf at step {step}?)",
+                                       consequence="every hessian/ tag is logged as NaN")
                     return out
                 with torch.no_grad():
                     loss_value = closure().detach()
@@ -358,10 +395,17 @@ class CurvatureMonitor(Callback):
                     try:
                         self._noise(pl_module, batches, params, vals, vecs, lr, out)
                     except Exception as exc:  # e.g. BatchNorm in train mode on one sample
-                        self._fail.problem("noise-" + type(exc).__name__,
-                                           f"objective-noise computation failed: {exc}")
+                        self._fail.problem(
+                            "noise-" + type(exc).__name__,
+                            f"objective-noise computation failed: {exc}",
+                            consequence="the noise tags (noise_s2, beta, sigma) are logged as "
+                            "NaN; the eigenvalues, trace and loss as computed",
+                        )
         except Exception as exc:  # fail soft: NaN + one warning (strict re-raises)
-            self._fail.problem(type(exc).__name__, f"curvature computation failed: {exc}")
+            if self.strict and isinstance(exc, SpectralComputeError):
+                raise  # already reported by a fail-soft check above
+            self._fail.problem(type(exc).__name__, f"curvature computation failed: {exc}",
+                               consequence="every hessian/ tag is logged as NaN")
             return self._nan_scalars()
         return out
 
@@ -377,7 +421,9 @@ class CurvatureMonitor(Callback):
                 sample = _slice(b, i, n)
                 closures.append(lambda s=sample: self._loss_of(pl_module, s))
         if len(closures) < 2:
-            self._fail.problem("noise-samples", "need at least two samples for the noise")
+            self._fail.problem("noise-samples", "need at least two samples for the noise",
+                               consequence="the noise tags (noise_s2, beta, sigma) are logged "
+                               "as NaN; the eigenvalues, trace and loss as computed")
             return
         grads = flat_gradients(closures, params)
         batch_size = max(1, _batch_len(batches[0]))

@@ -4,6 +4,11 @@ SPEC.md §7: a :class:`~lightning_spectral.functional.mirrors.MirrorNet` trained
 the §7.2/§7.4 objective has a global minimum equal to a convex Lasso over reflection features.
 The callback solves that Lasso once per data set and logs, every ``every_n_steps`` optimizer
 steps, the network's objective, the optimum and the relative gap (never below ``−tol``).
+
+The callback registers no hooks and changes no module mode: the network is evaluated under
+``torch.no_grad()`` from its parameters. Every fit starts a fresh schedule (a callback reused
+with a new ``Trainer`` logs again at step ``every_n_steps``); only a ``ckpt_path`` resume,
+which restores the callback's state, continues the schedule of the interrupted run.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import numpy as np
 import torch
 
 from lightning_spectral import report
-from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft, FigureClock
+from lightning_spectral.callbacks._base import (
+    SpectralCallback,
+    StepSchedule,
+    check_float,
+    check_int,
+)
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
     MirrorFit,
@@ -32,11 +41,13 @@ TAGS = ("mirror/gap", "mirror/objective", "mirror/optimum")
 FIGURE_TAG = "mirror/overlay"
 
 
-class MirrorCertificate(Callback):
+class MirrorCertificate(SpectralCallback):
     """Log the convex-optimality gap of a :class:`MirrorNet` during training (SPEC.md §7).
 
     Args:
-        every_n_steps: log every this many optimizer steps (``trainer.global_step``).
+        every_n_steps: log every this many optimizer steps (``trainer.global_step``), first at
+            step ``every_n_steps`` (never at step 0, also not during the micro-batches of an
+            accumulated first step), and at the end of training.
         beta: (required) the regularisation ``β`` of the objective the network is trained on
             (§7.2: ``½‖f − y‖² + β/2 Σ(w² + α²)``; §7.4: ``½‖f − y‖² + β/3 Σ(|w|³+|v|³+|α|³)``).
         module: ``"auto"`` finds the one ``MirrorNet`` inside the LightningModule; otherwise the
@@ -47,12 +58,12 @@ class MirrorCertificate(Callback):
         tol: relative duality-gap tolerance of the Lasso solve.
         figure_every_n_steps: log the overlay figure (network, Lasso solution, breakpoints)
             at most every this many steps, and at the end of training; 0 disables figures.
-            A scheduled figure is skipped while drawing has used more than ``figure_budget``
-            (class attribute, default 0.01) of the fit's wall time: one figure costs ≈ 0.3 s
-            on a CPU, a hundred steps of a small network; set it on an instance to draw every
-            scheduled figure (``1.0``).
         seed: seed of the subset drawn when the data set is larger than ``max_samples``.
         strict: raise instead of logging NaN with one warning when a value cannot be computed.
+        figure_budget: a scheduled figure is skipped while drawing has used more than this
+            fraction of the fit's wall time (default 0.01; the first and the last figure are
+            always drawn). One figure costs ≈ 0.3 s on a CPU, a hundred steps of a small
+            network; ``1.0`` draws every scheduled figure.
 
     Logged: ``mirror/gap`` = (J − J*)/J*, ``mirror/objective`` = J (network, float64),
     ``mirror/optimum`` = J* (Lasso), and the figure ``mirror/overlay`` (TensorBoard).
@@ -60,8 +71,6 @@ class MirrorCertificate(Callback):
     or dicts with keys ``"x"`` and ``"y"``), never through the shuffling sampler, so training
     is bit-identical with and without the callback.
     """
-
-    figure_budget: float = 0.01
 
     def __init__(
         self,
@@ -73,48 +82,33 @@ class MirrorCertificate(Callback):
         figure_every_n_steps: int = 500,
         seed: int = 0,
         strict: bool = False,
+        figure_budget: float = 0.01,
     ) -> None:
-        super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or (
-                every_n_steps < 1):
-            raise SpectralConfigError(f"every_n_steps must be an integer >= 1, got "
-                                      f"{every_n_steps!r}")
+        super().__init__(strict=strict, figure_budget=figure_budget)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
         if beta is None:
             raise SpectralConfigError(
                 "MirrorCertificate needs beta: the β of the objective the network is trained on "
                 "(network_objective(model, x, y, beta)); the certificate is about that objective"
             )
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-            raise SpectralConfigError(f"beta must be a number > 0, got {beta!r}")
+        self.beta = check_float("beta", beta, 0.0, low_open=True)
         if not isinstance(module, str):
             raise SpectralConfigError(f"module must be 'auto' or a module name, got {module!r}")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
-            raise SpectralConfigError(f"max_samples must be an integer >= 2, got {max_samples!r}")
-        if not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise SpectralConfigError(f"tol must be in (0, 1), got {tol!r}")
-        if isinstance(figure_every_n_steps, bool) or not isinstance(figure_every_n_steps, int) or (
-                figure_every_n_steps < 0):
-            raise SpectralConfigError(f"figure_every_n_steps must be an integer >= 0, got "
-                                      f"{figure_every_n_steps!r}")
-        self.every_n_steps = every_n_steps
-        self.beta = float(beta)
         self.module = module
-        self.max_samples = max_samples
-        self.tol = float(tol)
-        self.figure_every_n_steps = figure_every_n_steps
+        self.max_samples = check_int("max_samples", max_samples, 2)
+        self.tol = check_float("tol", tol, 0.0, 1.0, low_open=True)
+        self.figure_every_n_steps = check_int("figure_every_n_steps", figure_every_n_steps, 0)
         self.seed = int(seed)
-        self.strict = bool(strict)
-        self._fail = FailSoft(strict, "MirrorCertificate")
+        self._schedule = StepSchedule(self.every_n_steps, first=self.every_n_steps)
         self._net: MirrorNet | None = None
         self._net_name: str = ""
+        # the Lasso of a data set, cached across fits by its fingerprint (data and depth)
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._fingerprint: str | None = None
         self._fit: MirrorFit | None = None
-        self._last_step = -1
-        self._last_figure_step = -1
-        self._figures = FigureClock()
         self.solves = 0  # how many Lasso problems were solved (once per data set)
+        self._reset()
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -130,9 +124,21 @@ class MirrorCertificate(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         self._last_figure_step = int(state_dict.get("last_figure_step", -1))
+        # the schedule continues after the last event of the interrupted run
+        self._schedule.load_state_dict(
+            self._schedule.after(self._last_step) if self._last_step >= 0 else None
+        )
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def _reset(self) -> None:
+        self._schedule.reset()
+        self._last_step = -1
+        self._last_figure_step = -1
+
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._net, self._net_name = _find_mirror_net(pl_module, self.module)
+
+    def _uninstall(self) -> None:
+        self._net = None  # hold no reference to the model after the fit
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._figures.start()
@@ -153,8 +159,9 @@ class MirrorCertificate(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = int(trainer.global_step)
-        if step == self._last_step or step % self.every_n_steps != 0:
+        if not self._schedule.due(step):
             return
+        self._schedule.done(step)  # never twice for one step (accumulated micro-batches)
         self._last_step = step
         if not getattr(trainer, "is_global_zero", True):
             return
@@ -183,12 +190,13 @@ class MirrorCertificate(Callback):
     def _load_data(self, trainer: Any, pl_module: Any) -> None:
         if not getattr(trainer, "is_global_zero", True):
             return
+        assert self._net is not None
         x, y = _training_points(trainer, pl_module, self.max_samples, self.seed)
-        digest = hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+        digest = hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()
+                              + f"depth={self._net.depth}".encode()).hexdigest()
         if digest == self._fingerprint and self._fit is not None:
             return
         self._x, self._y, self._fingerprint = x, y, digest
-        assert self._net is not None
         try:
             self._fit = lasso_mirror_fit(x, y, self.beta, self._net.depth, tol=self.tol,
                                          keep_dictionary=False)
@@ -196,7 +204,7 @@ class MirrorCertificate(Callback):
         except ValueError as exc:
             self._fit = None
             self._fail.problem("lasso", f"the Lasso could not be solved on the training data: "
-                                        f"{exc}")
+                                        f"{exc}", consequence="every mirror/ tag is logged as NaN")
 
     def _log_event(self, trainer: Any, step: int) -> None:
         net, fit = self._net, self._fit
@@ -211,13 +219,18 @@ class MirrorCertificate(Callback):
                 host, _ = report.to_host({"J": J})
                 obj, opt = host["J"], fit.objective
                 if not np.isfinite(obj):
-                    self._fail.problem("nonfinite", "the network objective is not finite")
+                    self._fail.problem(
+                        "nonfinite", f"the network objective is not finite ({obj}) at step "
+                        f"{step}", consequence="mirror/objective and mirror/gap are logged as "
+                        "computed (not finite); mirror/optimum is finite",
+                    )
                 gap = (obj - opt) / opt if opt > 0 else (0.0 if obj <= 0 else float("inf"))
                 values = {"mirror/gap": gap, "mirror/objective": obj, "mirror/optimum": opt}
             except Exception as exc:  # noqa: BLE001 - fail soft by design
                 if isinstance(exc, SpectralConfigError) or self.strict:
                     raise
-                self._fail.problem("event", f"could not evaluate the network: {exc}")
+                self._fail.problem("event", f"could not evaluate the network: {exc}",
+                                   consequence="every mirror/ tag is logged as NaN")
                 values = dict.fromkeys(TAGS, float("nan"))
         report.log_scalars(trainer, values, step)
 
@@ -250,7 +263,8 @@ class MirrorCertificate(Callback):
         except Exception as exc:  # noqa: BLE001 - fail soft by design
             if self.strict:
                 raise
-            self._fail.problem("figure", f"could not draw the overlay figure: {exc}")
+            self._fail.problem("figure", f"could not draw the overlay figure: {exc}",
+                               consequence="the figure is skipped; the scalars are logged")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -19,15 +19,26 @@ Two ways to use it, side by side::
         loss = loss + penalty.term(self)
         ...
 
-How it works: at ``setup("fit")`` a forward hook is registered on the layer. It keeps the layer's
-output *with its graph* only while a due training step runs (SPEC.md §0.1 reduction: a
-convolution output ``(n, c, *spatial)`` is averaged over its spatial positions to ``(n, c)``;
-any other output ``(…, d)`` becomes the rows ``(n·…, d)``). With ``inject=True`` the
-LightningModule's ``training_step`` is wrapped (an instance attribute, so Lightning's strategy
-and DDP forward redirection call it) and the penalty is added to the returned loss (a tensor or
-the ``"loss"`` of a dict) *before* Lightning divides it for gradient accumulation, scales it for
-AMP and calls backward once. Hook and wrapper are removed at ``teardown`` and in
-``on_exception``, leaving the module exactly as it was.
+How it works: at ``setup("fit")`` the layer is resolved (its exact name, or a glob pattern that
+matches exactly one module) and the package's one capture path
+(:class:`~lightning_spectral.capture.LayerCapture` with ``detach=False``) is opened on it. While
+a due training step runs, the capture hands every call's output to the penalty as rows, *with
+its graph*, reduced by the module-type table of :mod:`lightning_spectral.capture` (a
+convolution or normalisation feature map ``(n, c, *spatial)`` is averaged over its spatial
+positions to ``(n, c)``; a packed sequence gives its real tokens; any other output ``(…, d)``
+becomes the rows ``(n·…, d)``). Forward passes that autograd re-runs during the backward pass
+(gradient checkpointing) are not captured again. With ``inject=True`` the LightningModule's
+``training_step`` is wrapped (an instance attribute, so Lightning's strategy and DDP forward
+redirection call it) and the penalty is added to the returned loss (a tensor or the ``"loss"``
+of a dict) *before* Lightning divides it for gradient accumulation, scales it for AMP and calls
+backward once.
+
+Lifecycle: every fit starts a fresh schedule (a callback reused with a new ``Trainer`` penalises
+the fit's first step again); only a ``ckpt_path`` resume, which restores the callback's state,
+continues the schedule of the interrupted run. The capture and the wrapper are removed at
+``teardown`` and in ``on_exception`` (an error in ``training_step``, ``KeyboardInterrupt``),
+leaving the module exactly as it was; values of completed steps are still written on an
+exception.
 
 If the layer runs several times in one step (several augmented views), the VNE of each call's
 batch is computed and the values are averaged (SPEC.md §2.5).
@@ -58,37 +69,48 @@ import torch
 from torch import nn
 
 from lightning_spectral import report
-from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft
-from lightning_spectral.capture import (
-    first_tensor,
-    reduction_for,
-    rows_channel_first,
-    rows_channel_last,
+from lightning_spectral.callbacks._base import (
+    SpectralCallback,
+    StepSchedule,
+    check_bool,
+    check_float,
+    check_int,
 )
+from lightning_spectral.capture import LayerCapture, module_rows, reduction_for, resolve_one
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError
 from lightning_spectral.functional.spectrum import vne
 
-__all__ = ["VNEPenalty", "vne_penalty_term", "reduce_rows"]
+__all__ = ["VNEPenalty", "vne_penalty_term", "reduce_rows", "unwrapped_training_step"]
+
+#: set on the ``training_step`` wrapper of ``VNEPenalty(inject=True)``
+_WRAPPER_MARK = "__lightning_spectral_wrapper__"
 
 
 def reduce_rows(module: nn.Module | None, output: Any) -> torch.Tensor | None:
     """A layer output as a representation batch ``(rows, features)`` (SPEC.md §0.1).
 
-    Uses the module-type table of :mod:`lightning_spectral.capture` (the same reduction as
-    ``SpectralMonitor``): a tuple/list output contributes its first tensor; convolution outputs
-    are channel-first, ``(n, c, *spatial) → (n, c)`` by the spatial mean; every other output is
-    channel-last, ``(…, d) → (∏…, d)`` (a token output ``(n, t, d)`` gives ``n·t`` rows; ``(n,)``
-    gives ``n`` rows of one feature). The graph is kept. ``None`` for outputs that hold no
-    floating tensor.
+    A thin wrapper over the capture's table:
+    ``capture.module_rows(capture.reduction_for(module), output)`` — the rows the penalty (and
+    ``SpectralMonitor``) take from ``module``'s output. A tuple/list output contributes its
+    first tensor, a packed sequence its real tokens; channel-first outputs (convolutions,
+    batch/group/instance norms, pooling) give ``(n, c, *spatial) → (n, c)`` by the spatial mean;
+    channel-last outputs give ``(…, d) → (∏…, d)``. With ``module=None`` the output's shape
+    decides (4-D and 5-D outputs are channel-first). The graph is kept. ``None`` for outputs
+    that hold no floating tensor.
     """
-    tensor = first_tensor(output)
-    if tensor is None or not tensor.is_floating_point() or tensor.ndim == 0:
-        return None
-    red = reduction_for(module) if module is not None else None
-    if red is not None and red.layout == "channel_first":
-        return rows_channel_first(tensor, "mean", red.spatial_dims)
-    return rows_channel_last(tensor, "flatten")
+    return module_rows(reduction_for(module) if module is not None else None, output)
+
+
+def unwrapped_training_step(pl_module: Any) -> Callable[..., Any]:
+    """``pl_module.training_step`` without the wrapper of ``VNEPenalty(inject=True)``.
+
+    For callbacks that evaluate the training loss themselves (``CurvatureMonitor``): calling
+    through the wrapper would add the penalty to their loss and record it as a training step.
+    """
+    fn = pl_module.training_step
+    while getattr(fn, _WRAPPER_MARK, False):
+        fn = fn.__wrapped__
+    return fn
 
 
 @contextlib.contextmanager
@@ -148,16 +170,18 @@ def _mask_gradient(ok: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return hook
 
 
-class VNEPenalty(Callback):
+class VNEPenalty(SpectralCallback):
     """Von Neumann entropy regularizer ``L_total = L_task − α · VNE(H)`` (SPEC.md §2.5).
 
     Args:
-        layer: name of the module (as in ``named_modules()``) whose output ``H`` is penalised.
+        layer: name of the module (as in ``named_modules()``) whose output ``H`` is penalised,
+            or a glob pattern matching exactly one module.
         alpha: ``α``; ``> 0`` raises the entropy (VNE⁺), ``< 0`` lowers it (VNE⁻), ``0`` only
             logs (training is then bit-identical to training without the callback). The paper
             recommends ``|α| ≪ 0.5`` with batches of at least 32 samples.
-        every_n_steps: apply (and log) the penalty when ``trainer.global_step % every_n_steps
-            == 0`` — optimizer steps, so every micro-batch of an accumulated step is penalised.
+        every_n_steps: apply (and log) the penalty at the optimizer steps
+            (``trainer.global_step``) that are multiples of ``every_n_steps``, step 0 included
+            — every micro-batch of an accumulated step is penalised.
         normalize: normalise the rows of ``H`` before the autocorrelation (SPEC.md §2.1).
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` on a non-finite
             VNE instead of skipping the penalty for that step with one warning.
@@ -175,54 +199,55 @@ class VNEPenalty(Callback):
         strict: bool = False,
         inject: bool = True,
     ) -> None:
-        super().__init__()
-        if not isinstance(layer, str):
-            raise SpectralConfigError(f"layer must be a module name (str), got {layer!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(
-            float(alpha)
-        ):
-            raise SpectralConfigError(f"alpha must be a finite float, got {alpha!r}")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or (
-            every_n_steps < 1
-        ):
+        if not isinstance(layer, str) or not layer:
             raise SpectralConfigError(
-                f"every_n_steps must be a positive integer, got {every_n_steps!r}"
+                f"layer must be a module name or glob pattern (str), got {layer!r}"
             )
         self.layer = layer
-        self.alpha = float(alpha)
-        self.every_n_steps = every_n_steps
-        self.normalize = bool(normalize)
-        self.strict = bool(strict)
-        self.inject = bool(inject)
-        self._fail = FailSoft(strict, f"VNEPenalty({layer!r})")
-        # installed state (set in setup, cleared by _uninstall)
-        self._hook_handle: torch.utils.hooks.RemovableHandle | None = None
-        self._module_ref: weakref.ReferenceType[nn.Module] | None = None
+        super().__init__(strict=strict)
+        self.alpha = check_float("alpha", alpha)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        self.normalize = check_bool("normalize", normalize)
+        self.inject = check_bool("inject", inject)
+        self._schedule = StepSchedule(self.every_n_steps)
+        # installed state (set by _install, cleared by _uninstall)
+        self._layer_capture: LayerCapture | None = None
+        self._name: str | None = None  # the resolved module name
         self._patched: tuple[weakref.ReferenceType[Any], bool, Any] | None = None
         self._trainer_ref: weakref.ReferenceType[Any] | None = None
-        # capture state
-        self._armed = False
-        self._armed_step = 0
-        self._views: list[torch.Tensor] = []
-        # logging state: the open optimizer step and the closed steps waiting for a host copy
-        self._acc: list[Any] | None = None  # [step, sum vne, sum penalty, count]
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._reset()
+
+    def _owner(self) -> str:
+        return f"VNEPenalty({self.layer!r})"
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(layer=self.layer, alpha=self.alpha)
 
-    # ------------------------------------------------------------------ setup / teardown
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        modules = dict(pl_module.named_modules())
-        if self.layer not in modules:
-            names = [name for name in modules if name]
-            raise SpectralConfigError(
-                f"VNEPenalty: layer {self.layer!r} not found in {type(pl_module).__name__}; "
-                f"available modules: {', '.join(names) or '(none)'}"
-            )
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self._schedule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._schedule.load_state_dict(state_dict.get("schedule"))
+
+    # ------------------------------------------------------------------ lifecycle
+    def _reset(self) -> None:
+        self._schedule.reset()
+        self._due_step: int | None = None  # the optimizer step found due (all its micro-batches)
+        # capture state of the step in progress
+        self._armed = False
+        self._armed_step = 0
+        self._term_called = False
+        self._views: list[torch.Tensor] = []
+        # logging state: the open optimizer step and the closed steps waiting for a host copy
+        self._acc: list[Any] | None = None  # [step, sum vne, sum penalty, count]
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        try:
+            self._name = resolve_one(pl_module, self.layer)
+        except SpectralConfigError as exc:
+            raise SpectralConfigError(f"{self._owner()}: {exc}") from None
         if self.inject and not getattr(pl_module, "automatic_optimization", True):
             raise SpectralConfigError(
                 "VNEPenalty: the LightningModule uses manual optimization, so the penalty cannot "
@@ -230,32 +255,19 @@ class VNEPenalty(Callback):
                 "`loss = loss + penalty.term(self)` in training_step before "
                 "`self.manual_backward(loss)`"
             )
-        self._uninstall()  # a second fit with the same callback starts clean
-        module = modules[self.layer]
-        self._module_ref = weakref.ref(module)
-        self._trainer_ref = weakref.ref(trainer)
-        self._hook_handle = module.register_forward_hook(self._capture)
+        self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+        self._layer_capture = self._open_capture(
+            pl_module, layers=[self._name], detach=False, sink=self._capture, on_skip=self._on_skip
+        )
         if self.inject:
             had_own = "training_step" in pl_module.__dict__
             previous = pl_module.__dict__.get("training_step")
             original = pl_module.training_step
-            pl_module.training_step = self._wrap(original, pl_module)
+            pl_module.training_step = self._wrap(original)
             self._patched = (weakref.ref(pl_module), had_own, previous)
-        self._acc = None
-        self._pending = []
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            self._uninstall()
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._uninstall()
 
     def _uninstall(self) -> None:
-        """Remove the hook and the wrapper; restore ``training_step`` exactly as it was."""
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+        """Restore ``training_step`` exactly as it was and drop the captured outputs."""
         if self._patched is not None:
             ref, had_own, previous = self._patched
             module = ref()
@@ -265,70 +277,104 @@ class VNEPenalty(Callback):
                 else:
                     module.__dict__.pop("training_step", None)
             self._patched = None
+        self._layer_capture = None
+        self._trainer_ref = None
         self._armed = False
+        self._term_called = False
         self._views = []
         self._acc = None
         self._pending = []
-        self._module_ref = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        try:  # write what completed steps computed; the step in progress is dropped
+            self._flush(trainer)
+        except Exception:  # noqa: BLE001 - never mask the exception being handled
+            pass
+        finally:
+            super().on_exception(trainer, pl_module, exception)
 
     # ------------------------------------------------------------------ capture
-    def _due(self, trainer: Any) -> bool:
-        return int(trainer.global_step) % self.every_n_steps == 0
+    @property
+    def _tag_layer(self) -> str:
+        return self._name or self.layer
 
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._armed:
-            return
-        rows = reduce_rows(module, output)
-        if rows is None:
-            self._fail.problem(
-                "output", f"output of layer {self.layer!r} holds no floating tensor "
-                f"({type(output).__name__}); no penalty"
-            )
-            return
+    def _due(self, step: int) -> bool:
+        if step == self._due_step:  # another micro-batch of a due optimizer step
+            return True
+        if self._schedule.due(step):
+            self._schedule.done(step)
+            self._due_step = step
+            return True
+        return False
+
+    def _capture(self, name: str, rows: torch.Tensor) -> None:
+        """The capture's sink: the rows of one call of the layer (one view), with their graph."""
         self._views.append(rows)
+
+    def _on_skip(self, name: str, reason: str) -> None:
+        self._fail.problem(
+            "output", f"the output of layer {name!r} cannot be penalised: {reason}",
+            consequence="no penalty is added for it",
+        )
 
     def _arm(self, trainer: Any) -> None:
         self._views = []
-        self._armed = self._due(trainer)
+        self._term_called = False
         self._armed_step = int(trainer.global_step)
+        self._armed = self._layer_capture is not None and self._due(self._armed_step)
+        if self._armed and self._layer_capture is not None:
+            self._layer_capture.start(self._armed_step)
 
     def _disarm(self) -> None:
+        if self._layer_capture is not None:
+            self._layer_capture.stop()
         self._armed = False
         self._views = []
 
-    def _wrap(self, original: Callable[..., Any], pl_module: Any) -> Callable[..., Any]:
-        module_ref = weakref.ref(pl_module)
-
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def training_step(*args: Any, **kwargs: Any) -> Any:
             trainer = self._trainer_ref() if self._trainer_ref is not None else None
-            if trainer is None:
+            if trainer is None or self._layer_capture is None:
                 return original(*args, **kwargs)
             self._arm(trainer)
             try:
                 output = original(*args, **kwargs)
                 if not self._armed:
                     return output
-                return self._add_to_output(output, module_ref())
+                return self._add_to_output(output)
             finally:
                 self._disarm()
 
         training_step.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(training_step, _WRAPPER_MARK, True)
         return training_step
 
     # ------------------------------------------------------------------ the penalty
-    def _consume(self, pl_module: Any) -> torch.Tensor | None:
-        """The term for the views captured so far (None when nothing is due); clears them."""
+    def _consume(self) -> torch.Tensor | None:
+        """The term for the views captured so far (None when there are none); clears them."""
         views, self._views = self._views, []
+        name, step = self._tag_layer, self._armed_step
         if not views:
-            self._fail.problem(
-                "not_called", f"layer {self.layer!r} did not run during training_step at step "
-                f"{self._armed_step}; no penalty"
-            )
+            if self._layer_capture is not None and name in self._layer_capture.skipped:
+                return None  # its output cannot be penalised: reported once with the reason
+            if self.inject:
+                self._fail.problem(
+                    "not_run", f"layer {name!r} did not run during training_step at step {step}",
+                    consequence="no penalty was added and nothing was logged for that step",
+                )
+            else:
+                self._fail.problem(
+                    "not_run", f"term() at step {step} found no output of layer {name!r} "
+                    "captured in this training_step (since it began or since the previous "
+                    "term() call); call term() after the forward pass through the layer",
+                    consequence="term() returned 0 for that call",
+                )
             return None
         if self.alpha != 0 and torch.is_grad_enabled() and not any(v.requires_grad for v in views):
             self._fail.problem(
-                "no_grad", f"the output of layer {self.layer!r} does not require grad, so the "
-                "penalty cannot change the model"
+                "no_grad", f"the output of layer {name!r} does not require grad, so the "
+                "penalty cannot change the model",
+                consequence="the VNE and the term are logged as computed",
             )
         if self.alpha == 0:
             with torch.no_grad():
@@ -337,13 +383,12 @@ class VNEPenalty(Callback):
             term, value, ok = vne_penalty_term(views, self.alpha, self.normalize)
         if self.strict and not bool(ok):
             raise SpectralComputeError(
-                f"VNEPenalty({self.layer!r}): the VNE of layer {self.layer!r} is not finite at "
-                f"step {self._armed_step}"
+                f"{self._owner()}: the VNE of layer {name!r} is not finite at step {step}"
             )
-        self._record(self._armed_step, value, term.detach() + 0.0)
+        self._record(step, value, term.detach() + 0.0)
         return term
 
-    def _add_to_output(self, output: Any, pl_module: Any) -> Any:
+    def _add_to_output(self, output: Any) -> Any:
         if output is None:
             self._views = []
             return output
@@ -352,7 +397,7 @@ class VNEPenalty(Callback):
         if not isinstance(loss, torch.Tensor):
             self._views = []
             return output  # Lightning reports the malformed output itself
-        term = self._consume(pl_module)
+        term = self._consume()
         if term is None or self.alpha == 0:
             return output
         new_loss = loss + term
@@ -368,22 +413,25 @@ class VNEPenalty(Callback):
         For ``inject=False``: write ``loss = loss + penalty.term(self)`` in ``training_step``
         after the forward pass (with manual optimization, before ``self.manual_backward``).
         Returns a 0-d tensor with its graph, or a zero tensor on steps that are not due (see
-        ``every_n_steps``) and where the VNE is not finite. The captured outputs are released.
+        ``every_n_steps``) and where the VNE is not finite. The captured outputs are released;
+        outputs of the layer captured after the last ``term()`` of a step (e.g. a second
+        forward pass for metrics) are not penalised.
         """
         if self.inject:
             raise SpectralConfigError(
                 "VNEPenalty.term() is for VNEPenalty(..., inject=False); with inject=True the "
                 "penalty is already added to the loss training_step returns"
             )
-        if self._hook_handle is None:
+        if self._layer_capture is None:
             raise SpectralConfigError(
                 "VNEPenalty.term() called before the callback was set up: pass the callback to "
                 "Trainer(callbacks=[...]) and call term() inside training_step"
             )
+        self._term_called = True
         device = getattr(pl_module, "device", None)
         if not self._armed:
             return torch.zeros((), device=device)
-        term = self._consume(pl_module)
+        term = self._consume()
         if term is None:
             return torch.zeros((), device=device)
         return term
@@ -392,34 +440,37 @@ class VNEPenalty(Callback):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.inject and self._hook_handle is not None:
+        if not self.inject and self._layer_capture is not None:
             self._arm(trainer)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self.inject:
-            if self._armed and self._views:
+            if self._armed and self._views and not self._term_called:
                 self._fail.problem(
-                    "term_not_called", f"layer {self.layer!r} ran during training_step but "
-                    "term() was not called; with inject=False add `loss = loss + "
-                    "penalty.term(self)` to training_step"
+                    "term_not_called", f"layer {self._tag_layer!r} ran during training_step at "
+                    f"step {self._armed_step} but term() was not called; with inject=False add "
+                    "`loss = loss + penalty.term(self)` to training_step",
+                    consequence="no penalty was added for that step",
                 )
             self._disarm()
+            self._term_called = False
         if self._acc is not None and int(trainer.global_step) != self._acc[0]:
             self._close_step()
         if len(self._pending) >= max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)):
             self._flush(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        name = re.escape(self.layer)
+        layer = self._tag_layer
+        name = re.escape(layer)
         report.register_layout(
             trainer,
             {
-                f"VNE penalty: {self.layer}": report.multiline_layout(
+                f"VNE penalty: {layer}": report.multiline_layout(
                     {
-                        f"vne/{self.layer}": [f"^vne/{name}$"],
-                        f"vne_penalty/{self.layer} (−α·VNE)": [f"^vne_penalty/{name}$"],
+                        f"vne/{layer}": [f"^vne/{name}$"],
+                        f"vne_penalty/{layer} (−α·VNE)": [f"^vne_penalty/{name}$"],
                     }
                 )
             },
@@ -457,12 +508,13 @@ class VNEPenalty(Callback):
         )
         _, vectors = report.to_host({}, {"values": flat})
         host = vectors["values"]
-        vne_tag, pen_tag = f"vne/{self.layer}", f"vne_penalty/{self.layer}"
+        layer = self._tag_layer
+        vne_tag, pen_tag = f"vne/{layer}", f"vne_penalty/{layer}"
         for i, (step, _, _) in enumerate(pending):
             value, term = float(host[2 * i]), float(host[2 * i + 1])
             if not math.isfinite(value):
                 self._fail.problem(
-                    "nonfinite", f"the VNE of layer {self.layer!r} is not finite at step {step}; "
-                    "the penalty was skipped for that step"
+                    "nonfinite", f"the VNE of layer {layer!r} is not finite at step {step}",
+                    consequence=f"no penalty was added for that step; {vne_tag} is logged as NaN",
                 )
             report.log_scalars(trainer, {vne_tag: value, pen_tag: term}, step=step)

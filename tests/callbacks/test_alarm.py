@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import signal
 import warnings
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callbacks.alarm import SpectralAlarm, SpectralAlarmError
 from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
@@ -199,3 +202,111 @@ def test_fit_raises_and_passing_rules_do_not_interfere(tmp_path):
     calm = SpectralAlarm(["train_loss < 100", "train_acc >= 0"], action="raise")
     trainer = _fit(calm, tmp_path, max_steps=5)
     assert trainer.global_step == 5 and not calm.triggered
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+class _Logs(pl.LightningModule):
+    """A tiny regression that logs ``train_loss`` every step (and may fail at ``fail_at``)."""
+
+    def __init__(self, fail_at: int | None = None,
+                 error: type[BaseException] = RuntimeError) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 1)
+        self.fail_at, self.error = fail_at, error
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step >= self.fail_at:
+            raise self.error("boom")
+        loss = torch.nn.functional.mse_loss(self.body(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _tiny_fit(alarm: SpectralAlarm, model: pl.LightningModule, tmp_path, steps: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=gen), torch.randn(32, 1, generator=gen))
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, limit_val_batches=0,
+                      default_root_dir=str(tmp_path), callbacks=[alarm])
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    return trainer
+
+
+def test_reused_alarm_counts_from_zero_in_a_new_trainer(tmp_path):
+    alarm = SpectralAlarm(["train_loss < 0"], action="warn")
+    for _ in range(2):  # the same alarm, a new Trainer and a new model each time
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _tiny_fit(alarm, _Logs(), tmp_path)
+        ours = [w for w in caught if issubclass(w.category, SpectralWarning)]
+        assert len(ours) == 1 and "train_loss" in str(ours[0].message)
+        assert len(alarm.triggered) == 1
+        assert alarm._history["train_loss"].count == 3  # this fit's values only
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_exception_mid_fit_leaves_no_hooks(error, tmp_path):
+    model = _Logs(fail_at=2, error=error)
+    alarm = SpectralAlarm(["train_loss < 100"], action="raise")
+    before = signal.getsignal(signal.SIGINT)
+    expected = SystemExit if error is KeyboardInterrupt else RuntimeError
+    try:
+        with pytest.raises(expected):
+            _tiny_fit(alarm, model, tmp_path, steps=5)
+    finally:  # Lightning ignores SIGINT after a KeyboardInterrupt
+        signal.signal(signal.SIGINT, before)
+    for name, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, name or "<root>"
+    assert "training_step" not in model.__dict__
+    assert not alarm.triggered
+
+
+def test_unmatched_rule_warning_only_on_rank_zero_and_only_when_true(monkeypatch):
+    from lightning_spectral._compat import rank_zero_only
+
+    def end_of_fit(alarm: SpectralAlarm, trainer) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            alarm.on_fit_end(trainer, None)
+        return [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
+
+    # rank 1 never receives the monitors' vne/* values: no warning there
+    trainer = fake_trainer(callback_metrics={"train_loss": torch.tensor(0.5)})
+    alarm = SpectralAlarm(["vne/* > 0", "train_loss < 1"])
+    alarm.on_train_batch_end(trainer, None, None, None, 0)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert end_of_fit(alarm, trainer) == []
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    [message] = end_of_fit(alarm, trainer)
+    assert "['vne/* > 0'] matched no logged tag" in message and "train_loss" in message
+
+    # a tag logged after the last evaluation (e.g. flushed at the end of training) did match
+    alarm = SpectralAlarm(["vne/* > 0"], watch_callback_metrics=False)
+    alarm.record({"erank/fc": 3.0}, step=0)
+    alarm.on_train_batch_end(trainer, None, None, None, 0)
+    alarm.record({"vne/fc": 1.0}, step=5)
+    assert end_of_fit(alarm, trainer) == []
+
+    # a rule on a self.log value that the alarm does not follow says so
+    alarm = SpectralAlarm(["train_loss < 1"], watch_callback_metrics=False)
+    alarm.record({"vne/fc": 1.0}, step=0)
+    [message] = end_of_fit(alarm, trainer)
+    assert "watch_callback_metrics=False" in message and "matched no logged tag" not in message
+
+
+def test_warn_action_only_on_rank_zero(monkeypatch):
+    from lightning_spectral._compat import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    alarm = SpectralAlarm(["x > 0"], action="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feed(alarm, fake_trainer(), "x", [-1.0])
+    assert alarm.triggered and not [w for w in caught
+                                    if issubclass(w.category, SpectralWarning)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import warnings
 
 import lightning.pytorch as pl
@@ -180,3 +182,177 @@ def test_fail_soft_and_strict():
     with pytest.raises(SpectralComputeError):
         strict.compute(broken, batches=[(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))])
     del model
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def _assert_no_hooks(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, name or "<root>"
+
+
+@contextlib.contextmanager
+def _sigint_restored():
+    """Lightning ignores SIGINT after a KeyboardInterrupt; put the test process's handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _small_fit(callbacks: list, model: DigitsClassifier | None = None, max_steps: int = 4,
+               seed: int = 0, logger=None) -> MemoryLogger:
+    logger = logger or MemoryLogger()
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=logger,
+                         callbacks=callbacks, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model if model is not None else _model(seed), train_dataloaders=_data(seed=seed))
+    return logger
+
+
+def _hessian_rows(log: MemoryLogger) -> list[tuple[int, float]]:
+    return [(step, m["hessian/eig_1"]) for step, m in log.records if "hessian/eig_1" in m]
+
+
+def _cheap(**kw) -> CurvatureMonitor:
+    return CurvatureMonitor(every_n_steps=2, k=1, trace_probes=0, noise_samples=0, **kw)
+
+
+def test_reused_monitor_starts_fresh_in_a_new_trainer():
+    """Schedule, event count and kept batches all start again: the second fit logs exactly what
+    a new monitor logs on it."""
+    reused = _cheap()
+    first = _hessian_rows(_small_fit([reused], seed=0))
+    assert [s for s, _ in first] == [2, 4]
+    again = _hessian_rows(_small_fit([reused], seed=1))
+    fresh = _hessian_rows(_small_fit([_cheap()], seed=1))
+    assert again == fresh and [s for s, _ in again] == [2, 4]
+    assert reused.state_dict() == {"last_step": 4, "events": 2}
+
+
+def test_reused_after_an_exception_keeps_no_batches_of_the_failed_fit():
+    class Failing(DigitsClassifier):
+        fail_at: int | None = None
+
+        def training_step(self, batch, batch_idx):
+            if self.fail_at is not None and self.global_step >= self.fail_at:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    failing = Failing(arch="mlp", hidden=(12, 8), lr=0.05)
+    failing.fail_at = 3
+    reused = _cheap()
+    with pytest.raises(RuntimeError, match="boom"):
+        _small_fit([reused], model=failing, seed=0)
+    assert reused._kept == []
+    again = _hessian_rows(_small_fit([reused], seed=1))
+    assert again == _hessian_rows(_small_fit([_cheap()], seed=1))
+
+
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
+    monitor = _cheap()
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(_model(), train_dataloaders=_data())
+    ckpt = str(tmp_path / "mid.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed, log = _cheap(), MemoryLogger()
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=log, callbacks=[resumed],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "resuming mid-epoch with a non-resumable loader"
+        trainer.fit(_model(), train_dataloaders=_data(), ckpt_path=ckpt)
+    assert [s for s, _ in _hessian_rows(log)] == [4, 6]
+    assert resumed.state_dict() == {"last_step": 6, "events": 3}
+
+
+class _InterruptingLoss(DigitsClassifier):
+    """A custom loss that raises ``error`` on its ``fail_on``-th call (inside an event)."""
+
+    error: type[BaseException] = KeyboardInterrupt
+    fail_on = 3
+
+    def probe_loss(self, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.fail_on:
+            raise self.error("interrupted mid-event")
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_exception_mid_event_leaves_the_model_as_found(error):
+    torch.manual_seed(0)
+    model = _InterruptingLoss(arch="mlp", hidden=(12, 8), lr=0.05)
+    model.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.BatchNorm1d(12),
+                                   nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 8), nn.ReLU())
+    model.error = error
+    # strict: the RuntimeError is not swallowed by the fail-soft path
+    monitor = _cheap(loss="probe_loss", mode="eval", strict=error is RuntimeError)
+    expected = SystemExit if error is KeyboardInterrupt else SpectralComputeError
+    with _sigint_restored(), pytest.raises(expected):
+        _small_fit([monitor], model=model)
+    assert model.calls == model.fail_on  # it did stop in the middle of an event
+    assert all(m.training for m in model.modules())  # eval mode of the event undone
+    assert "log" not in model.__dict__ and "log_dict" not in model.__dict__
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    _assert_no_hooks(model)
+    assert monitor._kept == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_exception_in_training_step_leaves_no_hooks(error):
+    class Failing(DigitsClassifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step >= 3:
+                raise error("boom")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = Failing(arch="mlp", hidden=(12, 8), lr=0.05)
+    monitor = _cheap()
+    expected = SystemExit if error is KeyboardInterrupt else RuntimeError
+    with _sigint_restored(), pytest.raises(expected):
+        _small_fit([monitor], model=model, max_steps=6)
+    _assert_no_hooks(model)
+    assert "training_step" not in model.__dict__
+    assert all(m.training for m in model.modules())
+    assert monitor._kept == []
+
+
+def test_training_step_loss_bypasses_the_penalty_wrapper():
+    """With VNEPenalty(inject=True) on the model, the monitor's loss is the module's own
+    training_step: the penalty logs the same values with and without the monitor."""
+    from lightning_spectral.callbacks.penalty import VNEPenalty
+
+    def run(with_monitor: bool) -> MemoryLogger:
+        torch.manual_seed(0)
+        model = _model()
+        callbacks = [VNEPenalty("features", alpha=0.1)]
+        if with_monitor:
+            callbacks.append(_cheap())
+        log = _small_fit(callbacks, model=model, logger=MemoryLogger())
+        assert "training_step" not in model.__dict__
+        return log
+
+    alone, watched = run(False), run(True)
+    assert watched.series("vne/features") == alone.series("vne/features")
+    assert sorted(alone.series("vne/features")) == [0, 1, 2, 3]
+    assert [s for s, _ in _hessian_rows(watched)] == [2, 4]
+
+
+def test_noise_failure_warning_says_what_is_logged():
+    model = _bn_dropout_module().train()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.rand(16, 64, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+    monitor = CurvatureMonitor(k=1, trace_probes=0, noise_samples=4, mode="train")
+    with pytest.warns(SpectralWarning, match="objective-noise") as caught:
+        out = monitor.compute(model, lr=0.1, batches=[batch])
+    message = next(str(w.message) for w in caught if issubclass(w.category, SpectralWarning))
+    assert "eigenvalues, trace and loss as computed" in message
+    assert math.isfinite(float(out["hessian/eig_1"]))

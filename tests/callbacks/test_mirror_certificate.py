@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import warnings
 
 import lightning.pytorch as pl
@@ -194,8 +196,8 @@ def test_figure_budget_skips_scheduled_figures_but_draws_the_last(tmp_path, monk
     # a figure costs far more than 1 % of a few tiny steps: first and last only
     budgeted = run(MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=2))
     assert budgeted[0] == 2 and budgeted[-1] == 20 and len(budgeted) < 10
-    every = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=2)
-    every.figure_budget = 1.0
+    every = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=2,
+                              figure_budget=1.0)
     assert run(every) == list(range(2, 21, 2))
 
 
@@ -242,3 +244,110 @@ def test_non_finite_network_fails_soft_or_strict():
     cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0, strict=True)
     with pytest.raises(SpectralComputeError):
         _trainer([cb], MemoryLogger(), steps=3).fit(model, _loader(x, y))
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def _gap_steps(rec: MemoryLogger) -> list[int]:
+    return [s for s, m in rec.records if "mirror/gap" in m]
+
+
+@contextlib.contextmanager
+def _sigint_restored():
+    """Lightning ignores SIGINT after a KeyboardInterrupt; put the test process's handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_reused_certificate_starts_a_fresh_schedule_and_keys_the_lasso_by_depth():
+    x, y = _data()
+    cb = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=0)
+    for _ in range(2):  # the same callback, a new Trainer and a new model each time
+        rec = MemoryLogger()
+        _trainer([cb], rec, steps=2).fit(_Regressor(depth=2), _loader(x, y))
+        assert _gap_steps(rec) == [2]
+    assert cb.solves == 1  # same data, same depth: the Lasso is reused
+    rec = MemoryLogger()
+    _trainer([cb], rec, steps=2).fit(_Regressor(depth=3), _loader(x, y))
+    assert cb.solves == 2  # a deeper network has another optimum
+    assert rec.records[-1][1]["mirror/optimum"] == pytest.approx(
+        lasso_mirror_fit(x, y, BETA, 3).objective, rel=1e-9)
+
+
+def test_gradient_accumulation_logs_each_step_once_and_never_step_zero():
+    x, y = _data()
+    rec = MemoryLogger()
+    cb = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=0)
+    trainer = pl.Trainer(max_steps=5, logger=rec, callbacks=[cb], accumulate_grad_batches=2,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(_Regressor(), _loader(x, y, batch_size=8))
+    assert _gap_steps(rec) == [2, 4, 5]  # the events, then the end of training
+
+
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
+    x, y = _data()
+    cb = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=0)
+    trainer = _trainer([cb], MemoryLogger(), steps=3)
+    trainer.fit(_Regressor(), _loader(x, y, batch_size=8))
+    ckpt = str(tmp_path / "mid.ckpt")
+    trainer.save_checkpoint(ckpt)
+    rec = MemoryLogger()
+    resumed = MirrorCertificate(every_n_steps=2, beta=BETA, figure_every_n_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "resuming mid-epoch with a non-resumable loader"
+        _trainer([resumed], rec, steps=6).fit(_Regressor(), _loader(x, y, batch_size=8),
+                                               ckpt_path=ckpt)
+    assert _gap_steps(rec) == [4, 6]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_exception_mid_fit_leaves_the_model_as_found(error):
+    class Failing(_Regressor):
+        def training_step(self, batch, batch_idx):
+            if self.global_step >= 3:
+                raise error("boom")
+            return super().training_step(batch, batch_idx)
+
+    x, y = _data()
+    model = Failing()
+    cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0)
+    expected = SystemExit if error is KeyboardInterrupt else RuntimeError
+    with _sigint_restored(), pytest.raises(expected):
+        _trainer([cb], MemoryLogger(), steps=6).fit(model, _loader(x, y))
+    for name, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, name or "<root>"
+        assert m.training, name or "<root>"
+    assert "training_step" not in model.__dict__
+    assert cb._net is None  # no reference to the model is kept
+
+
+def test_infinite_objective_warning_does_not_claim_nan():
+    from lightning_spectral.errors import SpectralWarning
+
+    class Idle(_Regressor):  # a loss with zero gradients: the network stays as it is
+        def training_step(self, batch, batch_idx):
+            return (self.net.w * 0.0).sum()
+
+    x, y = _data()
+    model = Idle()
+    with torch.no_grad():
+        model.net.xi.fill_(float("inf"))
+    rec = MemoryLogger()
+    cb = MirrorCertificate(every_n_steps=1, beta=BETA, figure_every_n_steps=0)
+    with pytest.warns(SpectralWarning, match="not finite") as caught:
+        _trainer([cb], rec, steps=2).fit(model, _loader(x, y))
+    message = next(str(w.message) for w in caught if issubclass(w.category, SpectralWarning))
+    assert "logged as NaN" not in message and "logged as computed" in message
+    objectives = [m["mirror/objective"] for _, m in rec.records if "mirror/objective" in m]
+    assert objectives and all(o == float("inf") for o in objectives)
+
+
+def test_figure_budget_is_a_checked_constructor_argument():
+    assert MirrorCertificate(beta=BETA, figure_budget=0.5).figure_budget == 0.5
+    with pytest.raises(SpectralConfigError, match="figure_budget"):
+        MirrorCertificate(beta=BETA, figure_budget=2.0)

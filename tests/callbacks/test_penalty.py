@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -395,8 +398,12 @@ def test_nonfinite_strict_raises_and_restores() -> None:
 
 def test_missing_layer_lists_module_names() -> None:
     model = TinyNet()
-    with pytest.raises(SpectralConfigError, match=r"'encoder' not found.*features\.0.*head"):
+    with pytest.raises(SpectralConfigError,
+                       match=r"'encoder' matches no module.*features\.0.*head"):
         make_trainer([VNEPenalty("encoder")]).fit(model, make_data())
+    # a glob must name exactly one module
+    with pytest.raises(SpectralConfigError, match=r"'features\.\*' matches 2 modules"):
+        make_trainer([VNEPenalty("features.*")]).fit(model, make_data())
 
 
 def test_constructor_validation() -> None:
@@ -504,3 +511,154 @@ def test_composes_with_spectral_monitor() -> None:
     values = [m["vne/features"] for step, m in log.records if "vne/features" in m and step == 0]
     assert len(values) == 2 and values[0] == pytest.approx(values[1], rel=1e-5)
     assert hooks_and_keys(model) == (keys, hooks)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def assert_no_hooks(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, name or "<root>"
+
+
+@contextlib.contextmanager
+def sigint_restored() -> Iterator[None]:
+    """Lightning ignores SIGINT after a KeyboardInterrupt; put the test process's handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("inject", [True, False])
+def test_reused_callback_starts_a_fresh_schedule_and_resume_continues_it(
+    inject: bool, tmp_path: Any
+) -> None:
+    penalty = VNEPenalty("features", alpha=0.1, every_n_steps=2, inject=inject)
+    logs = []
+    for _ in range(2):  # the same callback, a new Trainer and a new model each time
+        model, log = TinyNet(), MemoryLogger()
+        if not inject:
+            model.explicit = penalty
+        trainer = make_trainer([penalty], max_steps=3, logger=log, log_every_n_steps=1)
+        trainer.fit(model, make_data(n=160))
+        logs.append(sorted(log.series("vne/features")))
+    assert logs == [[0, 2], [0, 2]]
+    # only a ckpt_path resume continues the schedule: step 3 is not due, step 4 is
+    ckpt = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed, model, log = VNEPenalty("features", alpha=0.1, every_n_steps=2, inject=inject), \
+        TinyNet(), MemoryLogger()
+    if not inject:
+        model.explicit = resumed
+    make_trainer([resumed], max_steps=6, logger=log, log_every_n_steps=1).fit(
+        model, make_data(n=160), ckpt_path=ckpt)
+    assert sorted(log.series("vne/features")) == [4]
+
+
+class Interrupted(TinyNet):
+    """Raises ``error`` in training_step once ``global_step`` reaches ``fail_at``."""
+
+    def __init__(self, error: type[BaseException], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.error = error
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.fail_at is not None and self.global_step >= self.fail_at:
+            raise self.error("interrupted")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("inject", [True, False])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_exception_mid_fit_removes_hooks_and_wrapper_and_writes_completed_steps(
+    inject: bool, error: type[BaseException]
+) -> None:
+    model, log = Interrupted(error), MemoryLogger()
+    model.fail_at = 2
+    penalty = VNEPenalty("features", alpha=0.1, inject=inject)
+    if not inject:
+        model.explicit = penalty
+    trainer = make_trainer([penalty], max_steps=5, logger=log, log_every_n_steps=50)
+    expected = SystemExit if error is KeyboardInterrupt else RuntimeError
+    with sigint_restored(), pytest.raises(expected):  # Lightning: KeyboardInterrupt -> exit(1)
+        trainer.fit(model, make_data(n=160))
+    assert_no_hooks(model)
+    assert "training_step" not in model.__dict__
+    assert not penalty.hooks_attached
+    # the two completed steps are written although log_every_n_steps was not reached
+    assert sorted(log.series("vne/features")) == [0, 1]
+
+
+class MetricsForward(TinyNet):
+    """``training_step`` calls ``term()`` and then runs the layer again for a metric."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = self.task_loss(x, y) + self.explicit.term(self)
+        with torch.no_grad():
+            acc = (self.head(self.features(x)).argmax(1) == y).float().mean()
+        self.seen_acc = float(acc)
+        return loss
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_term_called_then_layer_runs_again_does_not_warn(accumulate: int) -> None:
+    alpha = 0.3
+    model = MetricsForward(dtype=torch.float64)
+    loader = make_data(torch.float64)
+    want = hand_grads(model, batches(loader, accumulate), alpha, accumulate=accumulate)
+    penalty, grab, log = VNEPenalty("features", alpha=alpha, inject=False), GradGrab(), \
+        MemoryLogger()
+    model.explicit = penalty
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([penalty, grab], logger=log, accumulate_grad_batches=accumulate).fit(
+            model, loader)
+    ours = [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
+    assert ours == []
+    # the penalty covers the forward before term() only
+    for name in want:
+        torch.testing.assert_close(grab.grads[0][name], want[name], rtol=1e-9, atol=1e-12)
+    assert list(log.series("vne/features")) == [0]
+
+
+class FrozenSide(TinyNet):
+    """``side`` is frozen and sees only data: its output does not require grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side = nn.Linear(8, 16).requires_grad_(False)
+
+    def task_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.side(x)
+        return super().task_loss(x, y)
+
+
+def test_warnings_state_the_true_consequence() -> None:
+    # a finite VNE of an output without grad: logged as computed, not "as NaN"
+    log = MemoryLogger()
+    with pytest.warns(SpectralWarning, match="does not require grad") as caught:
+        make_trainer([VNEPenalty("side", alpha=0.2)], max_steps=2, logger=log,
+                     log_every_n_steps=1).fit(FrozenSide(), make_data())
+    messages = [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
+    assert len(messages) == 1
+    assert "logged as NaN" not in messages[0] and "logged as computed" in messages[0]
+    assert all(math.isfinite(v) and v > 0 for v in log.series("vne/side").values())
+
+
+def test_layer_that_does_not_run_is_reported_without_claiming_nan() -> None:
+    class Unused(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(8, 4)
+
+    log = MemoryLogger()
+    with pytest.warns(SpectralWarning, match="did not run") as caught:
+        make_trainer([VNEPenalty("unused", alpha=0.2)], max_steps=2, logger=log).fit(
+            Unused(), make_data())
+    messages = [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
+    assert len(messages) == 1 and "logged as NaN" not in messages[0]
+    assert "nothing was logged" in messages[0]
+    assert "vne/unused" not in log.tags()
