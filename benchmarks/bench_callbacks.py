@@ -15,7 +15,7 @@ then ``--repeats`` timed pairs). Two figures per callback:
 2. **Hook share.** On this shared machine two identical fits differ by ±15–25 %, so a 2 % cost
    cannot be resolved by wall ratios. During the "with" fits every Lightning hook the callback
    overrides (its class attributes that differ from ``Callback``'s), plus the module hooks it
-   registers as bound methods (``CollapseMonitor._pre_hook``, ``VNEPenalty._capture``) and the
+   registers as bound methods (``CollapseMonitor._on_rows``, ``VNEPenalty._capture``) and the
    library's ``on_spectral_scalars``, is wrapped in a ``perf_counter`` timer (synchronised on
    CUDA) that counts only inside the window. Reported: hook time / plain window time of the same
    pair, median (min–max), and the part of it spent building and writing figures. The method
@@ -186,14 +186,14 @@ def cases(steps_per_epoch: int) -> dict[str, Case]:
             f"features every training batch; NC1–NC4, MIR, HDR every epoch ({e} steps); figure "
             "budgeted to 1 % of fit time",
             lambda: ls.CollapseMonitor(), "compute", start=e, window=5 * e, quick=e, warm=e,
-            extra_hooks=("_pre_hook",)),
+            extra_hooks=("_on_rows",)),
         "CollapseMonitor-long-epoch": Case(
             "CollapseMonitor-long-epoch",
             f"as above, on the digits set repeated {LONG_EPOCH}× per epoch "
             f"({LONG_EPOCH * e} steps)",
             lambda: ls.CollapseMonitor(), "compute", start=LONG_EPOCH * e,
             window=3 * LONG_EPOCH * e, quick=LONG_EPOCH * e, warm=LONG_EPOCH * e,
-            loader=digits_loader_long, extra_hooks=("_pre_hook",)),
+            loader=digits_loader_long, extra_hooks=("_on_rows",)),
         "VNEPenalty": Case(
             "VNEPenalty",
             "−0.1·VNE(features) added to the loss every step; logged every 50 steps",

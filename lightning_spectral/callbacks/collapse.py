@@ -1,12 +1,14 @@
 """``CollapseMonitor``: neural collapse (NC1–NC4) and the MIR/HDR interplay, once per epoch.
 
-The features are the *input* of the classifier head (an ``nn.Linear``), read by a forward
-pre-hook registered once at ``setup``, gated so that it only records during the monitored
-passes, and removed at ``teardown``. Per batch, the rows go into streaming statistics
+The features are the *input* of the classifier head (an ``nn.Linear``), read through a
+:class:`~lightning_spectral.capture.LayerCapture` with ``pre=True`` and a sink: its hook is
+registered once at ``setup``, only records during the monitored passes, and is removed at
+``teardown`` and on an exception. Per batch, the rows go into streaming statistics
 (:mod:`lightning_spectral.stats`: per-class counts and sums and ``Q = Σ h hᵀ``, float64, on the
-model's device) and into a bounded deterministic reservoir of at most ``max_samples`` rows. At the
-end of a due epoch the statistics are all-reduced across DDP ranks, the metrics are computed by
-:mod:`lightning_spectral.functional.collapse` (SPEC.md §4) and
+model's device) and into a bounded deterministic reservoir of at most ``max_samples`` rows; both
+are created from the width of the first rows, so a lazy head (``nn.LazyLinear``) needs nothing
+at setup. At the end of a due epoch the statistics are all-reduced across DDP ranks, the metrics
+are computed by :mod:`lightning_spectral.functional.collapse` (SPEC.md §4) and
 :mod:`lightning_spectral.functional.interplay` (SPEC.md §3.3), and logged through
 :mod:`lightning_spectral.report` as ``collapse/<key>`` with a figure and a custom-scalars
 category.
@@ -14,22 +16,31 @@ category.
 
 from __future__ import annotations
 
+import fnmatch
 import math
-import warnings
-from typing import Any
+from importlib import import_module
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_spectral import report
-from lightning_spectral._compat import Callback
-from lightning_spectral.callbacks._base import FailSoft, FigureClock
-from lightning_spectral.errors import SpectralConfigError, SpectralWarning
+from lightning_spectral._compat import FLAVOUR
+from lightning_spectral.callbacks._base import (
+    SpectralCallback,
+    check_choice,
+    check_int,
+    warn_rank_zero,
+)
+from lightning_spectral.capture import LayerCapture, resolve_layers, resolve_one
+from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.collapse import _collapse_compute, collapse_keys
 from lightning_spectral.functional.interplay import information_interplay
-from lightning_spectral.stats import ClassStatsAccumulator, RowReservoir
+from lightning_spectral.stats import ClassStatsAccumulator, RowReservoir, distributed_world_size
 
 __all__ = ["CollapseMonitor"]
+
+rank_zero_info = import_module(f"{FLAVOUR}.utilities").rank_zero_info
 
 # problem counters, summed across ranks with the statistics
 _BAD_RANGE, _NOT_INTEGER, _NO_LABELS, _SHAPE, _NOT_CALLED = range(5)
@@ -45,6 +56,24 @@ def _owns_storage(t: torch.Tensor) -> bool:
         and t.storage_offset() == 0
         and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     )
+
+
+def _keep(h: torch.Tensor) -> torch.Tensor:
+    """The rows to hold until the next bulk update: a reference or a copy.
+
+    A CPU tensor that owns exactly its storage is kept as is (autograd saves the head input, so
+    it is not modified in place); a view is copied so that no larger buffer stays alive, and
+    accelerator tensors are always copied (CUDA graphs reuse static buffers).
+    """
+    if h.device.type != "cpu" or not _owns_storage(h):
+        return h.clone()
+    return h
+
+
+def _describe(module: nn.Linear) -> str:
+    """``"Linear 64→10"`` (``"LazyLinear ?→10"`` before a lazy module's first forward)."""
+    width_in = module.in_features or "?"
+    return f"{type(module).__name__} {width_in}→{module.out_features}"
 
 
 LAYOUT = {
@@ -66,217 +95,392 @@ LAYOUT = {
 }
 
 
-class CollapseMonitor(Callback):
+class CollapseMonitor(SpectralCallback):
     """Log NC1–NC4 (SPEC.md §4) and MIR/HDR (SPEC.md §3.3) of the classifier head's input.
 
     Args:
-        head: name of the classifier ``nn.Linear`` in ``named_modules()``; ``"auto"`` takes the
-            last ``nn.Linear``. Its input are the features, its rows the class heads.
+        head: name (or glob pattern matching exactly one module) of the classifier
+            ``nn.Linear`` in ``named_modules()``; its input are the features, its rows the class
+            heads. ``"auto"``: the last ``nn.Linear`` *called* in the monitored forward whose
+            width fits the classes (see docs/collapse.md, "Which Linear is the head").
         labels: where the labels are in a batch: an index (tuple/list batches) or a key (dict
             batches).
         every_n_epochs: log at the end of every n-th epoch (``(epoch + 1) % n == 0``).
         source: ``"train"`` reuses the training forward passes of the epoch (no extra compute);
-            ``"val"`` uses the validation passes (sanity checking excluded).
+            ``"val"`` uses the validation passes (sanity checking excluded; ``trainer.validate``
+            included).
         max_samples: bound on the deterministic sample of rows used for NC4, MIR and HDR.
         num_classes: size of the label space ``K`` (default: the head's ``out_features``);
-            labels must lie in ``[0, K)``.
+            labels must lie in ``[0, K)``. With ``head="auto"`` the head is the last ``nn.Linear``
+            called whose width equals ``K``.
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` instead of logging
             NaN with one warning when a metric cannot be computed.
+        figure_budget: the geometry figure (≈ 0.3–1 s to draw on a CPU) is skipped at an epoch
+            end while figures have used more than this fraction of the fit's wall time; the last
+            skipped one is drawn when training ends (``1.0``: every epoch).
 
     After each logging event ``last_metrics`` holds the logged values (tag → float) and
-    ``history`` the ``(epoch, nc1)`` pairs so far (restored on resume).
+    ``history`` the ``(epoch, nc1)`` pairs of this fit (continued on a ``ckpt_path`` resume);
+    ``head_name`` is the chosen head.
 
     Logged tags (step = ``trainer.global_step``): ``collapse/<key>`` for every key of SPEC.md
     §4's table, ``collapse/mir`` and ``collapse/hdr``; with TensorBoard also the figure
     ``collapse/geometry`` and a ``collapse`` custom-scalars category.
-
-    ``figure_budget`` (class attribute, default 0.01): the geometry figure (≈ 0.3–1 s to draw on a
-    CPU) is skipped at an epoch end while figures have used more than this fraction of the fit's
-    wall time; the last skipped one is drawn when training ends. Set it on an instance to draw
-    more often (``1.0``: every epoch).
     """
-
-    figure_budget: float = 0.01
 
     def __init__(
         self,
         head: str = "auto",
         labels: int | str = 1,
         every_n_epochs: int = 1,
-        source: str = "train",
+        source: Literal["train", "val"] = "train",
         max_samples: int = 4096,
         num_classes: int | None = None,
         strict: bool = False,
+        figure_budget: float = 0.01,
     ) -> None:
-        super().__init__()
+        super().__init__(strict=strict, figure_budget=figure_budget)
         if not isinstance(head, str) or not head:
-            raise SpectralConfigError(f"head must be a module name or 'auto', got {head!r}")
+            raise SpectralConfigError(
+                f"head must be a module name (or glob pattern) or 'auto', got {head!r}"
+            )
         if isinstance(labels, bool) or not isinstance(labels, int | str):
             raise SpectralConfigError(
                 f"labels must be a batch index (int) or key (str), got {labels!r}"
             )
-        if (
-            isinstance(every_n_epochs, bool)
-            or not isinstance(every_n_epochs, int)
-            or (every_n_epochs < 1)
-        ):
-            raise SpectralConfigError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
-        if source not in ("train", "val"):
-            raise SpectralConfigError(f"source must be 'train' or 'val', got {source!r}")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-            raise SpectralConfigError(f"max_samples must be an int >= 1, got {max_samples!r}")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
-        ):
-            raise SpectralConfigError(
-                f"num_classes must be None or an int >= 2, got {num_classes!r}"
-            )
         self.head = head
         self.labels = labels
-        self.every_n_epochs = every_n_epochs
-        self.source = source
-        self.max_samples = max_samples
-        self.num_classes = num_classes
-        self.strict = bool(strict)
-        self._fail = FailSoft(self.strict, "CollapseMonitor")
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1)
+        self.source: Literal["train", "val"] = check_choice("source", source, ("train", "val"))
+        self.max_samples = check_int("max_samples", max_samples, 1)
+        self.num_classes = check_int("num_classes", num_classes, 2, optional=True)
+        # the validation passes of ``trainer.validate`` are monitored too
+        self.stages = ("fit", "validate") if source == "val" else ("fit",)
+        self._flush_rows = max(1024, self.max_samples)
         self._head_name: str | None = None
         self._head_module: nn.Linear | None = None
-        self._handle: Any = None
         self._num_labels = 0
-        self._dim = 0
-        self._acc: ClassStatsAccumulator | None = None
-        self._reservoir: RowReservoir | None = None
-        self._gate = False
-        self._pending_labels: torch.Tensor | None = None
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._buffered = 0
-        self._flush_rows = max(1024, max_samples)
-        self._collecting_epoch: int | None = None
-        self._problem_text: dict[int, str] = {}
-        self._warned_absent = False
-        self._layout_done = False
-        self._figures = FigureClock()
-        self._pending_figure: tuple | None = None
-        self.history: list[tuple[int, float]] = []
-        self.last_metrics: dict[str, float] = {}
-        self._restored: dict[str, Any] | None = None
+        self._capture: LayerCapture | None = None
+        self._probe: LayerCapture | None = None
+        self._candidates: dict[str, nn.Linear] = {}
+        self._probe_order: list[str] = []
+        self._probe_rows: dict[int, tuple[str, torch.Tensor]] = {}
+        self._reset()
 
     # ------------------------------------------------------------------ identity and state
     @property
     def state_key(self) -> str:
         return self._generate_state_key(head=self.head, labels=self.labels, source=self.source)
 
+    @property
+    def head_name(self) -> str | None:
+        """The module name of the head (``None`` while ``head="auto"`` is still undecided)."""
+        return self._head_name
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": list(self.history), "epoch": self._collecting_epoch}
-        if self._acc is not None and self._collecting_epoch is not None:
-            self._flush()
-            state["accumulator"] = self._acc.state_dict()
-            if self._reservoir is not None:
-                state["reservoir"] = self._reservoir.state_dict()
+        if self._restored is not None:  # loaded and not used yet: it is still the state
+            return {**self._restored, "history": list(self.history)}
+        state: dict[str, Any] = {
+            "history": list(self.history),
+            "epoch": self._collecting_epoch,
+            "head": self._head_name,
+        }
+        if self._collecting_epoch is not None:
+            state["problem_text"] = dict(self._problem_text)
+            state["host_problems"] = list(self._host_problems)
+            if self._acc is not None:
+                self._flush()
+                state["accumulator"] = self._acc.state_dict()
+                if self._reservoir is not None:
+                    state["reservoir"] = self._reservoir.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a ckpt_path resume: Lightning calls this after ``setup``, so it survives the reset
         self.history = [(int(e), float(v)) for e, v in state_dict.get("history", [])]
         self._restored = dict(state_dict)
 
-    # ------------------------------------------------------------------ setup / teardown
-    # ------------------------------------------------------------------ figures
-    def _render(self, trainer: Any, figure: tuple) -> None:
-        from lightning_spectral.plots.collapse import collapse_figure
+    # ------------------------------------------------------------------ lifecycle
+    def _reset(self) -> None:
+        """A fresh fit: no history, no statistics, nothing restored."""
+        self.history: list[tuple[int, float]] = []
+        self.last_metrics: dict[str, float] = {}
+        self._restored: dict[str, Any] | None = None
+        self._collecting_epoch: int | None = None
+        self._started_epoch: int | None = None
+        self._acc: ClassStatsAccumulator | None = None
+        self._reservoir: RowReservoir | None = None
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffered = 0
+        self._pending_labels: torch.Tensor | None = None
+        self._problem_text: dict[int, str] = {}
+        self._host_problems = [0.0] * len(_PROBLEM_KEYS)
+        self._warned_absent = False
+        self._layout_done = False
+        self._pending_figure: tuple | None = None
 
-        cosine, classes, history, epoch, step = figure
-        with self._figures.timed():
-            fig = collapse_figure(
-                cosine, classes, history,
-                title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
-            )
-            report.log_figure(trainer, "collapse/geometry", fig, step)
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._figures.start()
-        self._pending_figure = None
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        figure, self._pending_figure = self._pending_figure, None
-        if figure is not None and report.tensorboard_writers(trainer):
-            try:
-                self._render(trainer, figure)
-            except Exception as exc:  # a figure never breaks the run
-                self._fail.problem("figure", f"collapse figure: {type(exc).__name__}: {exc}")
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._handle is not None:
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Resolve the head (or prepare to observe it) and open the capture."""
+        self._acc, self._reservoir = None, None  # the head (and its width) may differ
+        self._buffer, self._buffered = [], 0
+        self._head_name, self._head_module, self._num_labels = None, None, 0
+        modules = dict(pl_module.named_modules())
+        linears = [n for n, m in modules.items() if n and isinstance(m, nn.Linear)]
+        if self.head != "auto":
+            self._choose(pl_module, self._named_head(pl_module, modules, linears), None)
             return
-        name, module = self._resolve_head(pl_module)
+        self._candidates = self._auto_candidates(pl_module, modules)
+        chosen = self._static_choice()
+        if chosen is not None:
+            self._choose(pl_module, *chosen)
+            return
+        # several candidates: the first monitored batch shows which is called last, and how wide
+        # the labels need it to be
+        self._probe = self._open_capture(
+            pl_module, layers=list(self._candidates), pre=True, sink=self._on_probe
+        )
+
+    def _uninstall(self) -> None:
+        """Forget the (now removed) captures and the batch in flight."""
+        self._capture, self._probe = None, None
+        self._pending_labels = None
+        self._probe_order, self._probe_rows = [], {}
+
+    # ------------------------------------------------------------------ the head
+    def _named_head(
+        self, model: nn.Module, modules: dict[str, nn.Module], linears: list[str]
+    ) -> str:
+        pattern = self.head
+        if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in modules if n):
+            raise SpectralConfigError(
+                f"CollapseMonitor: no module named {pattern!r}; nn.Linear modules available: "
+                f"{linears or 'none'}"
+            )
+        name = resolve_one(model, pattern, what="head")
+        module = modules[name]
+        if not isinstance(module, nn.Linear):
+            raise SpectralConfigError(
+                f"CollapseMonitor: head {name!r} is a {type(module).__name__}, not an "
+                f"nn.Linear; nn.Linear modules available: {linears or 'none'}"
+            )
+        return name
+
+    @staticmethod
+    def _auto_candidates(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Linear]:
+        """The model's ``nn.Linear`` modules (lazy ones included), without those owned by an
+        ``nn.MultiheadAttention`` (called functionally, never as modules)."""
+        try:
+            names = resolve_layers(model, "auto")
+        except SpectralConfigError:
+            names = []
+        found = {n: modules[n] for n in names if isinstance(modules[n], nn.Linear)}
+        if not found:
+            kinds = sorted({type(m).__name__ for m in modules.values()})
+            raise SpectralConfigError(
+                "CollapseMonitor(head='auto'): the model has no nn.Linear to use as the "
+                f"classifier head; module types found: {kinds}"
+            )
+        return found  # type: ignore[return-value]
+
+    def _static_choice(self) -> tuple[str, str] | None:
+        """``(name, reason)`` when the head follows from the model alone, else ``None``."""
+        cands = self._candidates
+        k = self.num_classes
+        if k is not None:
+            if all(m.out_features < k for m in cands.values()):
+                widths = ", ".join(f"{n}: {m.out_features}" for n, m in cands.items())
+                raise SpectralConfigError(
+                    f"CollapseMonitor: num_classes={k} exceeds the out_features of every "
+                    f"nn.Linear ({widths}); every class needs a head row"
+                )
+            equal = [n for n, m in cands.items() if m.out_features == k]
+            if len(equal) == 1:
+                return equal[0], f"the only Linear whose width equals the {k} classes"
+            wide = [n for n, m in cands.items() if m.out_features >= k]
+            if not equal and len(wide) == 1:
+                return wide[0], f"the only Linear at least as wide as the {k} classes"
+        if len(cands) == 1:
+            return next(iter(cands)), "the model's only Linear"
+        return None
+
+    def _choose(self, model: nn.Module, name: str, reason: str | None) -> None:
+        """Make ``name`` the head and open its capture; ``reason`` goes to one info line."""
+        module = dict(model.named_modules())[name]
+        assert isinstance(module, nn.Linear)
         k = self.num_classes if self.num_classes is not None else module.out_features
         if k > module.out_features:
             raise SpectralConfigError(
                 f"CollapseMonitor: num_classes={k} exceeds the head {name!r}'s out_features="
                 f"{module.out_features}; every class needs a head row"
             )
-        self._head_name, self._head_module = name, module
-        self._num_labels, self._dim = k, module.in_features
-        self._handle = module.register_forward_pre_hook(self._pre_hook)
+        self._head_name, self._head_module, self._num_labels = name, module, k
+        self._capture = self._open_capture(model, layers=[name], pre=True, sink=self._on_rows)
+        if reason is not None:
+            rank_zero_info(f"CollapseMonitor: head {name!r} ({_describe(module)}) chosen: {reason}")
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._gate = False
-        self._pending_labels = None
-        self._buffer, self._buffered = [], 0
+    def _on_probe(self, name: str, rows: torch.Tensor) -> None:
+        """Sink of the first monitored batch's capture on every candidate: the call order, and
+        the rows of the one module per width that could still become the head."""
+        if self._pending_labels is None:
+            return
+        self._probe_order.append(name)
+        width = self._candidates[name].out_features
+        held = self._probe_rows.get(width)
+        if held is None or held[0] != name:
+            self._probe_rows[width] = (name, _keep(rows))
 
-    def _resolve_head(self, pl_module: nn.Module) -> tuple[str, nn.Linear]:
-        modules = dict(pl_module.named_modules())
-        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        if self.head == "auto":
-            if not linears:
-                kinds = sorted({type(m).__name__ for m in modules.values()})
-                raise SpectralConfigError(
-                    "CollapseMonitor(head='auto'): the model has no nn.Linear to use as the "
-                    f"classifier head; module types found: {kinds}"
+    def _decide(self, model: nn.Module) -> None:
+        """Choose the head from the first monitored batch (``head="auto"``, several candidates)."""
+        labels = self._pending_labels
+        assert labels is not None and self._probe is not None
+        if not self._probe_order:
+            self._note(_NOT_CALLED, "no nn.Linear was called during a monitored batch")
+            return
+        last = {n: i for i, n in enumerate(self._probe_order)}
+        called = sorted(last, key=last.__getitem__)  # by the position of their last call
+        width = {n: self._candidates[n].out_features for n in called}
+        listing = ", ".join(f"{n!r} ({_describe(self._candidates[n])})" for n in called)
+        k = self.num_classes
+        if k is not None:
+            fit = [n for n in called if width[n] == k]
+            reason = f"last Linear called whose width equals the {k} classes"
+            if not fit:
+                fit = [n for n in called if width[n] >= k]
+                reason = f"last Linear called at least as wide as the {k} classes"
+        else:
+            top = labels.max() if labels.numel() else labels.new_full((), -1)
+            if distributed_world_size() > 1:  # every rank must choose the same head
+                top = top.clone()
+                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+            largest = int(top)  # once per fit: the only host read of a batch
+            if largest < 0:
+                return  # no labels in this batch: decide on the next one
+            fit = [n for n in called if width[n] > largest]
+            reason = (
+                f"last Linear called that is wide enough for the labels (0..{largest} in the "
+                "first monitored batch)"
+            )
+        if not fit:
+            need = f"{k} classes" if k is not None else f"labels up to {largest}"
+            raise SpectralConfigError(
+                f"CollapseMonitor(head='auto'): no nn.Linear called in the forward is wide "
+                f"enough for the {need}; called: {listing}. Pass head='<name>' (or check the "
+                "labels)"
+            )
+        chosen = fit[-1]
+        twins = [n for n in fit if n != chosen and width[n] == width[chosen]]
+        if twins:
+            raise SpectralConfigError(
+                f"CollapseMonitor(head='auto'): {chosen!r} and {twins[-1]!r} are both called "
+                f"with {width[chosen]} outputs and either could be the classifier; pass "
+                f"head='{chosen}' or head='{twins[-1]}'"
+            )
+        rows = self._probe_rows[width[chosen]][1]
+        self._probe.remove()
+        self._probe, self._probe_order, self._probe_rows = None, [], {}
+        self._choose(model, chosen, reason)
+        if self._collecting_epoch is not None and self._acc is None:
+            self._create(rows.shape[1], rows.device)
+        self._add_rows(rows, labels, kept=True)  # the first batch counts too
+
+    def _adopt_restored_head(self, model: nn.Module, restored: dict[str, Any]) -> None:
+        """On resume, keep the head the checkpointed run chose instead of observing again."""
+        name = restored.get("head")
+        if self._probe is None or not isinstance(name, str) or name not in self._candidates:
+            return
+        self._probe.remove()
+        self._probe = None
+        self._choose(model, name, "restored from the checkpoint")
+
+    # ------------------------------------------------------------------ statistics
+    def _create(self, dim: int, device: torch.device) -> None:
+        """The accumulators for ``dim`` features (problems noted so far carried over)."""
+        self._acc = ClassStatsAccumulator(
+            self._num_labels, dim, device=device, num_problems=len(_PROBLEM_KEYS)
+        )
+        self._reservoir = RowReservoir(self.max_samples, dim, device=device)
+        for index, amount in enumerate(self._host_problems):
+            if amount:
+                self._acc.flag(index, amount)
+        self._host_problems = [0.0] * len(_PROBLEM_KEYS)
+
+    def _restore_statistics(self, restored: dict[str, Any], device: torch.device) -> None:
+        """Continue the checkpointed epoch's statistics (a resume inside that epoch)."""
+        self._problem_text.update(
+            {int(k): str(v) for k, v in restored.get("problem_text", {}).items()}
+        )
+        host = restored.get("host_problems")
+        if isinstance(host, list) and len(host) == len(_PROBLEM_KEYS):
+            self._host_problems = [float(v) for v in host]
+        state = restored.get("accumulator")
+        if state is None:
+            return
+        try:
+            if int(state["num_classes"]) != self._num_labels:
+                raise ValueError(
+                    f"{state['num_classes']} classes in the checkpoint, {self._num_labels} now"
                 )
-            return linears[-1], modules[linears[-1]]  # type: ignore[return-value]
-        if self.head not in modules:
-            raise SpectralConfigError(
-                f"CollapseMonitor: no module named {self.head!r}; nn.Linear modules available: "
-                f"{linears or 'none'}"
+            self._create(int(state["dim"]), device)
+            assert self._acc is not None and self._reservoir is not None
+            self._acc.load_state_dict(state)
+            if "reservoir" in restored:
+                self._reservoir.load_state_dict(restored["reservoir"])
+        except (ValueError, KeyError) as exc:
+            self._acc, self._reservoir = None, None
+            self._fail.problem(
+                "restore",
+                f"the checkpoint's statistics of epoch {restored.get('epoch')} do not fit: {exc}",
+                consequence="that epoch's statistics restart at the resumed batch",
             )
-        module = modules[self.head]
-        if not isinstance(module, nn.Linear):
-            raise SpectralConfigError(
-                f"CollapseMonitor: head {self.head!r} is a {type(module).__name__}, not an "
-                f"nn.Linear; nn.Linear modules available: {linears or 'none'}"
-            )
-        return self.head, module
 
-    # ------------------------------------------------------------------ schedule
     def _due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every_n_epochs == 0
 
     def _start_epoch(self, trainer: Any, pl_module: Any) -> None:
         epoch = int(trainer.current_epoch)
-        if not self._due(epoch) or self._handle is None:
+        self._started_epoch = epoch
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            self._adopt_restored_head(pl_module, restored)
+        installed = self._capture is not None or self._probe is not None
+        if restored is not None and installed:
+            done = restored.get("epoch")
+            if isinstance(done, int) and done < epoch:
+                # the checkpoint was taken after the last batch of epoch ``done`` but before its
+                # end; Lightning resumes in the next epoch without ending it, so end it here
+                self._collect(done, pl_module, restored)
+                self._finish_epoch(trainer, pl_module)
+            if done != epoch:
+                restored = None
+        if not self._due(epoch) or not installed:
             self._collecting_epoch = None
             return
-        device = pl_module.device
-        if self._acc is None or self._acc.device != torch.device(device):
-            self._acc = ClassStatsAccumulator(
-                self._num_labels, self._dim, device=device, num_problems=len(_PROBLEM_KEYS)
-            )
-            self._reservoir = RowReservoir(self.max_samples, self._dim, device=device)
-        self._acc.reset()
-        assert self._reservoir is not None
-        self._reservoir.reset()
+        self._collect(epoch, pl_module, restored)
+
+    def _collect(self, epoch: int, pl_module: Any, restored: dict[str, Any] | None) -> None:
+        """Start collecting ``epoch``: empty statistics, or the checkpoint's (``restored``)."""
+        device = torch.device(pl_module.device)
         self._buffer, self._buffered = [], 0
         self._problem_text = {}
-        restored, self._restored = self._restored, None
-        if restored is not None and restored.get("epoch") == epoch and "accumulator" in restored:
-            # resuming inside this epoch: continue its accumulators
-            self._acc.load_state_dict(restored["accumulator"])
-            if "reservoir" in restored:
-                self._reservoir.load_state_dict(restored["reservoir"])
+        self._host_problems = [0.0] * len(_PROBLEM_KEYS)
+        head = self._head_module
+        if head is not None and head.in_features > 0:
+            dim = head.in_features
+            if self._acc is None or self._acc.device != device or self._acc.dim != dim:
+                self._create(dim, device)
+        else:  # undecided or lazy head: created from the first rows
+            self._acc, self._reservoir = None, None
+        if self._acc is not None and self._reservoir is not None:
+            self._acc.reset()
+            self._reservoir.reset()
+        if restored is not None:  # resuming inside this epoch: continue its statistics
+            self._restore_statistics(restored, device)
         self._collecting_epoch = epoch
+
+    def _ensure_epoch(self, trainer: Any, pl_module: Any) -> None:
+        """Start the epoch if ``on_train_epoch_start`` did not (a resume inside it skips it)."""
+        if self._started_epoch != int(trainer.current_epoch):
+            self._start_epoch(trainer, pl_module)
 
     # ------------------------------------------------------------------ capture
     def _extract_labels(self, batch: Any) -> torch.Tensor | None:
@@ -315,43 +519,55 @@ class CollapseMonitor(Callback):
     def _note(self, index: int, text: str) -> None:
         if self._acc is not None:
             self._acc.flag(index)
+        else:
+            self._host_problems[index] += 1.0
         self._problem_text.setdefault(index, text)
 
     def _begin_batch(self, batch: Any) -> None:
         if self._collecting_epoch is None:
             return
         self._pending_labels = self._extract_labels(batch)
-        self._gate = self._pending_labels is not None
-
-    def _end_batch(self) -> None:
-        if self._gate and self._pending_labels is not None:
-            self._note(_NOT_CALLED, f"the head {self._head_name!r} was not called on a batch")
-        self._gate = False
-        self._pending_labels = None
-
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self._gate or self._pending_labels is None or not args:
+        if self._pending_labels is None:
             return
-        y = self._pending_labels
-        self._pending_labels = None  # first call of the head in this batch only
-        self._gate = False
-        features = args[0]
-        if not isinstance(features, torch.Tensor):
-            return
-        h = features.detach()
-        if h.ndim != 2:
-            h = h.reshape(-1, h.shape[-1])
+        capture = self._capture if self._capture is not None else self._probe
+        if capture is not None:
+            capture.start()
+
+    def _end_batch(self, pl_module: Any) -> None:
+        if self._capture is not None:
+            self._capture.stop()
+        try:
+            if self._probe is not None and self._probe.active:
+                self._probe.stop()
+                if self._pending_labels is not None:
+                    self._decide(pl_module)
+            elif self._pending_labels is not None and self._collecting_epoch is not None:
+                self._note(_NOT_CALLED, f"the head {self._head_name!r} was not called on a batch")
+        finally:
+            self._pending_labels = None
+            self._probe_order, self._probe_rows = [], {}
+
+    def _on_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Sink of the head's capture: pair the first call of each batch with its labels."""
+        labels, self._pending_labels = self._pending_labels, None
+        if labels is None:
+            return  # a further call of the head in this batch
+        if self._acc is None and self._collecting_epoch is not None:
+            self._create(rows.shape[1], rows.device)  # a lazy head: its width is known now
+        self._add_rows(rows, labels)
+
+    def _add_rows(self, h: torch.Tensor, y: torch.Tensor, kept: bool = False) -> None:
+        """Buffer one batch's rows with their labels; the statistics are updated in bulk."""
         y = y.detach().reshape(-1)
         if y.shape[0] != h.shape[0]:
             self._note(_SHAPE, f"{y.shape[0]} labels for {h.shape[0]} feature rows")
             return
-        # per batch only a reference or a copy; the statistics are updated in bulk (``_flush``).
-        # A CPU tensor that owns exactly its storage is kept as is (autograd saves the head
-        # input, so it is not modified in place); a view is copied so that no larger buffer stays
-        # alive, and accelerator tensors are always copied (CUDA graphs reuse static buffers).
-        if h.device.type != "cpu" or not _owns_storage(h):
-            h = h.clone()
-        self._buffer.append((h, y))
+        if self._acc is not None and h.shape[1] != self._acc.dim:
+            self._note(
+                _SHAPE, f"the head's input has {h.shape[1]} features, {self._acc.dim} before"
+            )
+            return
+        self._buffer.append((h if kept else _keep(h), y))
         self._buffered += h.shape[0]
         if self._buffered >= self._flush_rows:
             self._flush()
@@ -373,7 +589,38 @@ class CollapseMonitor(Callback):
             acc.update(h64, clamped)
             res.update(h, clamped, copy=False, rows64=h64)
 
-    # training passes
+    # ------------------------------------------------------------------ figures
+    def _render(self, trainer: Any, figure: tuple) -> None:
+        from lightning_spectral.plots.collapse import collapse_figure
+
+        cosine, classes, history, epoch, step = figure
+        with self._figures.timed():
+            fig = collapse_figure(
+                cosine, classes, history,
+                title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
+            )
+            report.log_figure(trainer, "collapse/geometry", fig, step)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._figures.start()
+        self._pending_figure = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        figure, self._pending_figure = self._pending_figure, None
+        if figure is not None and report.tensorboard_writers(trainer):
+            self._draw(trainer, figure)
+
+    def _draw(self, trainer: Any, figure: tuple) -> None:
+        try:
+            self._render(trainer, figure)
+        except Exception as exc:  # a figure never breaks the run
+            self._fail.problem(
+                "figure",
+                f"collapse figure: {type(exc).__name__}: {exc}",
+                consequence="the figure was not drawn; the scalars were logged",
+            )
+
+    # ------------------------------------------------------------------ training passes
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.source == "train":
             self._start_epoch(trainer, pl_module)
@@ -382,19 +629,21 @@ class CollapseMonitor(Callback):
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.source == "train":
+            self._ensure_epoch(trainer, pl_module)
             self._begin_batch(batch)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.source == "train":
-            self._end_batch()
+            self._end_batch(pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.source == "train":
+            self._ensure_epoch(trainer, pl_module)
             self._finish_epoch(trainer, pl_module)
 
-    # validation passes
+    # ------------------------------------------------------------------ validation passes
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.source == "val" and not trainer.sanity_checking:
             self._start_epoch(trainer, pl_module)
@@ -415,7 +664,7 @@ class CollapseMonitor(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.source == "val" and not trainer.sanity_checking:
-            self._end_batch()
+            self._end_batch(pl_module)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.source == "val" and not trainer.sanity_checking:
@@ -446,8 +695,8 @@ class CollapseMonitor(Callback):
             geometry=True,
         )
         if rows.shape[0] > 0:
-            # spectra in float32, the project's working precision (DESIGN.md); ~4× cheaper than
-            # float64 for the (d·r)-sized eigenproblem and accurate to ~1e-4 in MIR/HDR
+            # spectra in float32, the working precision; ~4× cheaper than float64 for the
+            # (d·r)-sized eigenproblem and accurate to ~1e-4 in MIR/HDR
             inter = information_interplay(
                 rows, weight.to(rows.device), row_labels, dtype=torch.float32
             )
@@ -462,13 +711,39 @@ class CollapseMonitor(Callback):
         out["_finite"] = finite.to(torch.float64)
         return out
 
+    def _log_nan(self, trainer: Any, epoch: int) -> None:
+        keys = (*collapse_keys(True), "mir", "hdr")
+        host_s = {f"collapse/{k}": math.nan for k in keys}
+        self.history.append((epoch, math.nan))
+        self.last_metrics = dict(host_s)
+        report.log_scalars(trainer, host_s, int(trainer.global_step))
+
+    def _report_problems(self, epoch: int, counts: Any) -> bool:
+        """One warning per kind of problem seen (counts per kind); True if there was any."""
+        seen = False
+        for idx, key in enumerate(_PROBLEM_KEYS):
+            if counts[idx] > 0:
+                seen = True
+                text = self._problem_text.get(idx, key.replace("_", " "))
+                self._fail.problem(
+                    key, f"epoch {epoch}: {text} ({int(counts[idx])} occurrences across ranks)"
+                )
+        return seen
+
     def _finish_epoch(self, trainer: Any, pl_module: Any) -> None:
         epoch = self._collecting_epoch
-        self._gate = False
         self._pending_labels = None
-        if epoch is None or self._acc is None:
+        if epoch is None:
             return
         self._collecting_epoch = None
+        if self._acc is None:
+            # no rows at all: the labels were never usable, or the head never ran
+            if not self._report_problems(epoch, self._host_problems):
+                what = "the head" if self._head_name is None else f"the head {self._head_name!r}"
+                self._fail.problem(_PROBLEM_KEYS[_NOT_CALLED], f"epoch {epoch}: {what} was "
+                                   "never called on a monitored batch")
+            self._log_nan(trainer, epoch)
+            return
         keys = (*collapse_keys(True), "mir", "hdr")
         try:
             out = self.compute()
@@ -477,10 +752,7 @@ class CollapseMonitor(Callback):
             if self._reservoir is not None:
                 self._reservoir.reset()
             self._fail.problem("compute", f"epoch {epoch}: {type(exc).__name__}: {exc}")
-            host_s = {f"collapse/{k}": math.nan for k in keys}
-            self.history.append((epoch, math.nan))
-            self.last_metrics = dict(host_s)
-            report.log_scalars(trainer, host_s, int(trainer.global_step))
+            self._log_nan(trainer, epoch)
             return
         scalars = {f"collapse/{k}": out[k] for k in keys}
         vectors = {
@@ -495,21 +767,13 @@ class CollapseMonitor(Callback):
         assert self._reservoir is not None
         self._reservoir.reset()
 
-        problems = host_v["problems"]
         if not host_v["finite"][0]:
             self._fail.problem(
                 "nonfinite",
                 f"epoch {epoch}: the head {self._head_name!r} or its input features hold NaN/Inf",
             )
             host_s = {k: math.nan for k in host_s}
-        elif (problems > 0).any():
-            for idx in range(len(_PROBLEM_KEYS)):
-                if problems[idx] > 0:
-                    text = self._problem_text.get(idx, _PROBLEM_KEYS[idx].replace("_", " "))
-                    self._fail.problem(
-                        _PROBLEM_KEYS[idx],
-                        f"epoch {epoch}: {text} ({int(problems[idx])} occurrences across ranks)",
-                    )
+        elif self._report_problems(epoch, host_v["problems"]):
             host_s = {k: math.nan for k in host_s}
         else:
             counts = host_v["counts"]
@@ -525,10 +789,9 @@ class CollapseMonitor(Callback):
             elif present < self._num_labels and not self._warned_absent:
                 self._warned_absent = True
                 absent = [i for i in range(self._num_labels) if counts[i] == 0]
-                warnings.warn(
+                warn_rank_zero(
                     f"CollapseMonitor: epoch {epoch}: classes {absent} absent; metrics use the "
                     f"{present} classes present (SPEC.md §4); further warnings suppressed",
-                    SpectralWarning,
                     stacklevel=2,
                 )
         self.history.append((epoch, host_s["collapse/nc1"]))
@@ -545,6 +808,6 @@ class CollapseMonitor(Callback):
                           list(self.history), epoch, step)
                 if self._figures.allowed(self.figure_budget):
                     self._pending_figure = None
-                    self._render(trainer, figure)
+                    self._draw(trainer, figure)
                 else:  # drawn at the end of the fit if no later epoch is drawn
                     self._pending_figure = figure

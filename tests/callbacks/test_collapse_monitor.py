@@ -1,4 +1,4 @@
-"""CollapseMonitor end to end (issue 5): logging, correctness, bad input, resume, DDP."""
+"""CollapseMonitor end to end: logging, correctness, bad input, resume, DDP."""
 
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ def head_of(model: Tiny) -> tuple[torch.Tensor, torch.Tensor]:
 def test_constructor_validation_and_state_key():
     for bad in (
         {"head": ""}, {"labels": 1.5}, {"labels": True}, {"every_n_epochs": 0},
-        {"source": "test"}, {"max_samples": 0}, {"num_classes": 1},
+        {"source": "test"}, {"max_samples": 0}, {"num_classes": 1}, {"figure_budget": -0.1},
+        {"figure_budget": 2.0}, {"strict": "yes"},
     ):  # fmt: skip
         with pytest.raises(SpectralConfigError):
             CollapseMonitor(**bad)
@@ -163,7 +164,7 @@ def test_logged_metrics_equal_functional_on_the_epoch_features():
     x, y = make_data(n=80)
     model = Tiny(lr=0.0)
     logger = MemoryLogger()
-    mon = CollapseMonitor()  # head="auto" → the last Linear, "head"
+    mon = CollapseMonitor()  # head="auto" → the last Linear called, "head"
     trainer([mon], logger=logger, epochs=2).fit(model, loader(x, y, batch_size=16))
     logged = logger.collapse()
     assert [s for s, _ in logged] == [5, 10]  # global_step at each epoch end
@@ -272,9 +273,7 @@ def test_figure_budget_skips_epochs_but_draws_the_last(tmp_path):
     # them back until the end of training, which draws the last epoch's
     assert budgeted[0] == steps[0] and budgeted[-1] == steps[-1]
     assert len(budgeted) < 6
-    every = CollapseMonitor()
-    every.figure_budget = 1.0
-    assert len(images(every, "every")) == 6
+    assert len(images(CollapseMonitor(figure_budget=1.0), "every")) == 6
 
 
 # ----------------------------------------------------------------------------- bad input
