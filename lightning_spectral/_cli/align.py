@@ -3,9 +3,13 @@
 Rebuilding a model without its code
 -----------------------------------
 A checkpoint is a Lightning ``.ckpt`` (its ``"state_dict"`` is used) or a file holding a plain
-``state_dict`` (``torch.save(model.state_dict(), path)``); it is loaded with
-``torch.load(weights_only=True)``. Its entries are read in order (the order modules were
-registered, which is forward order for a ``Sequential`` chain) and rebuilt as
+``state_dict`` (``torch.save(model.state_dict(), path)``). Checkpoints and ``--data`` files are
+read under the loading policy of ``analyze`` (``lightning_spectral.analysis.load_state_dict``):
+regular files only, ``torch.load(weights_only=True)`` alone (custom classes refused, exit 2),
+zip files memory-mapped, every tensor within ``--max-bytes``; ``--unsafe-load`` unpickles with
+``weights_only=False`` (runs the files' code) and prints a warning. Its entries are read in
+order (the order modules were registered, which is forward order for a ``Sequential`` chain)
+and rebuilt as
 ``Flatten → Linear → act → Linear → act → … → Linear``:
 
 - every ``<prefix>.weight`` of 2 dimensions with a matching ``<prefix>.bias`` (optional) is a
@@ -35,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from lightning_spectral._cli.analyze import _one_line, add_loading_arguments, loading_options
 
 _ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "silu", "leaky_relu", "elu", "identity")
 
@@ -67,25 +74,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-barrier", type=float, default=None,
                    help="exit 1 when the barrier after alignment exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_loading_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
-def _load_state(path: str) -> dict[str, Any]:
-    import torch
+def _load_state(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    import warnings
 
-    if not Path(path).is_file():
-        raise _BadInput(f"{path}: no such file")
+    from lightning_spectral.analysis import CheckpointError, UnsafeLoadWarning, load_state_dict
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise _BadInput(f"{path}: cannot load as a torch checkpoint "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise _BadInput(f"{path}: neither a Lightning checkpoint nor a state_dict of tensors")
-    return obj
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsafeLoadWarning)  # printed once by loading_options
+            return load_state_dict(path, unsafe=args.unsafe_load, max_bytes=args.budget)
+    except CheckpointError as exc:
+        raise _BadInput(str(exc)) from None
+
+
+def _first(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, cut to 200 characters."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def _activation(name: str) -> Any:
@@ -166,13 +176,23 @@ def _data(args: argparse.Namespace, model_a: Any, model_b: Any) -> tuple[Any, An
         x = torch.randn(args.samples, first.in_features, generator=gen)
         return x, None, "output-space barrier on Gaussian inputs"
     path = Path(args.data)
-    if not path.is_file():
+    try:
+        missing = not os.path.lexists(path)
+    except ValueError:  # an embedded NUL byte
+        missing = False
+    if missing:
         raise _BadInput(f"{args.data}: no such data file (expected 'digits', 'random' or a .pt "
                         "file)")
+    import warnings
+
+    from lightning_spectral.analysis import CheckpointError, UnsafeLoadWarning, load_torch_file
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise _BadInput(f"{args.data}: cannot load ({type(exc).__name__})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsafeLoadWarning)
+            obj = load_torch_file(path, unsafe=args.unsafe_load, max_bytes=args.budget)
+    except CheckpointError as exc:
+        raise _BadInput(str(exc)) from None
     if (not isinstance(obj, (tuple, list)) or len(obj) != 2
             or not all(isinstance(t, torch.Tensor) for t in obj) or len(obj[0]) != len(obj[1])):
         raise _BadInput(f"{args.data}: expected an (inputs, targets) pair of tensors of equal "
@@ -210,19 +230,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except _BadInput as exc:
-        print(f"lightning-spectral align: {exc}", file=sys.stderr)
+        print(f"lightning-spectral align: {_one_line(str(exc))}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.points < 2:
         raise _BadInput(f"--points must be at least 2, got {args.points}")
-    state_a, state_b = _load_state(args.ckpt_a), _load_state(args.ckpt_b)
+    try:
+        args.budget = loading_options(args, "align")
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from None
+    state_a, state_b = _load_state(args.ckpt_a, args), _load_state(args.ckpt_b, args)
     try:
         model_a = rebuild_mlp(state_a, args.activation, args.ckpt_a)
         model_b = rebuild_mlp(state_b, args.activation, args.ckpt_b)
-    except ValueError as exc:
+    except ValueError as exc:  # names the checkpoint
         raise _BadInput(str(exc)) from None
+    except (RuntimeError, MemoryError) as exc:
+        raise _BadInput(f"{args.ckpt_a}, {args.ckpt_b}: cannot rebuild the models "
+                        f"({_first(exc)})") from None
     shapes_a = [tuple(v.shape) for v in model_a.state_dict().values()]
     shapes_b = [tuple(v.shape) for v in model_b.state_dict().values()]
     if shapes_a != shapes_b:
@@ -238,13 +265,18 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     data, loss_fn, what = _data(args, model_a, model_b)
-    aligned = align(model_a, model_b)
-    if loss_fn is None:
-        ts, before = _output_barrier(model_a, model_b, data, args.points)
-        _, after = _output_barrier(model_a, aligned, data, args.points)
-    else:
-        ts, before = interpolation_losses(model_a, model_b, loss_fn, data, args.points)
-        _, after = interpolation_losses(model_a, aligned, loss_fn, data, args.points)
+    try:
+        aligned = align(model_a, model_b)
+        if loss_fn is None:
+            ts, before = _output_barrier(model_a, model_b, data, args.points)
+            _, after = _output_barrier(model_a, aligned, data, args.points)
+        else:
+            ts, before = interpolation_losses(model_a, model_b, loss_fn, data, args.points)
+            _, after = interpolation_losses(model_a, aligned, loss_fn, data, args.points)
+    except (RuntimeError, ValueError, ArithmeticError, MemoryError) as exc:
+        # e.g. a linear assignment on NaN weights, targets out of range for the outputs
+        raise _BadInput(f"{args.ckpt_a}, {args.ckpt_b}: alignment failed ({_first(exc)})"
+                        ) from None
 
     def barrier(losses: torch.Tensor) -> float:
         chord = (1 - ts) * losses[0] + ts * losses[-1]

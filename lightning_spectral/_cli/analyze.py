@@ -4,6 +4,11 @@ Reads a Lightning ``.ckpt`` or a plain ``state_dict`` file without the model's c
 one row per weight matrix (SPEC.md §1.3, §1.4, §5). torch is imported only inside the command
 function and Lightning never, so ``lightning-spectral analyze --help`` starts fast.
 
+Loading policy (see ``lightning_spectral.analysis.load_state_dict``): only regular files, unpickled
+by ``torch.load(weights_only=True)`` alone (zip checkpoints memory-mapped), every tensor checked
+against ``--max-bytes`` before anything is computed. ``--unsafe-load`` unpickles with
+``weights_only=False`` (runs the file's code) and prints a warning.
+
 Exit codes: 0 success; 2 bad input (one line on stderr naming the file or option and the
 problem).
 """
@@ -42,13 +47,53 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="compute singular values in float64 (default float32)")
     p.add_argument("--progress", default="auto", choices=("auto", "always", "never"),
                    help="progress bar on stderr (auto: a terminal and >= 16 matrices)")
+    add_loading_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
+def add_loading_arguments(p: argparse.ArgumentParser) -> None:
+    """``--max-bytes`` and ``--unsafe-load`` (shared with ``align``)."""
+    p.add_argument("--max-bytes", default=None, metavar="SIZE",
+                   help="memory budget: refuse (exit 2) a tensor whose storage, dense copy or "
+                   "SVD would need more; bytes or K/M/G/T (powers of 1024), e.g. 512M, 4G "
+                   "(default: a quarter of the machine's memory)")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle with torch.load(weights_only=False), which RUNS ANY CODE in the "
+                   "file: only for files you trust (default: weights-only loading, which refuses "
+                   "custom classes)")
+
+
+def loading_options(args: argparse.Namespace, command: str) -> int:
+    """The memory budget from ``--max-bytes``; prints the ``--unsafe-load`` warning.
+
+    Raises ``ValueError`` (one line naming the option) for a malformed size.
+    """
+    from lightning_spectral.analysis import default_max_bytes, parse_bytes
+
+    if args.max_bytes is None:
+        budget = default_max_bytes()
+    else:
+        try:
+            budget = parse_bytes(args.max_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--max-bytes {args.max_bytes!r}: {exc}") from None
+    if args.unsafe_load:
+        print(f"lightning-spectral {command}: warning: --unsafe-load: checkpoints are unpickled "
+              "with weights_only=False, which runs any code they contain; use it only for files "
+              "you trust", file=sys.stderr)
+    return budget
+
+
 def _fail(message: str) -> int:
-    print(f"lightning-spectral analyze: error: {message}", file=sys.stderr)
+    print(f"lightning-spectral analyze: error: {_one_line(message)}", file=sys.stderr)
     return 2
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped (one line, no terminal escapes)."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in str(text))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -159,43 +204,64 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--energy {args.energy}: out of range (expected tau in (0, 1])")
 
     import json
+    import warnings
     from pathlib import Path
 
     from lightning_spectral.analysis import (
         CheckpointError,
+        UnsafeLoadWarning,
         analyze_spectra,
+        check_svd_budget,
         load_state_dict,
         select_weight_matrices,
         weight_spectra,
     )
 
     plot_dir = Path(args.plot) if args.plot else None
-    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-        return _fail(f"--plot {plot_dir}: exists and is not a directory")
     try:
-        sd = load_state_dict(args.checkpoint)
+        if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+            return _fail(f"--plot {plot_dir}: exists and is not a directory")
+    except OSError as exc:  # a name too long, ...
+        return _fail(f"--plot {plot_dir}: {exc.strerror or exc}")
+    try:
+        budget = loading_options(args, "analyze")
+    except ValueError as exc:
+        return _fail(str(exc))
+    dtype = "float64" if args.float64 else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsafeLoadWarning)  # printed once above
+            sd = load_state_dict(args.checkpoint, unsafe=args.unsafe_load, max_bytes=budget)
+        weights = select_weight_matrices(sd, args.exclude)
+        if weights:
+            check_svd_budget(weights, budget, dtype, path=args.checkpoint)
     except CheckpointError as exc:
         return _fail(str(exc))
-    weights = select_weight_matrices(sd, args.exclude)
     if not weights:
         names = ", ".join(list(sd)[:6]) + (", ..." if len(sd) > 6 else "")
         return _fail(
             f"{args.checkpoint}: no weight matrices (floating tensors with >= 2 dims named "
             f"'*weight'{' not excluded' if args.exclude else ''}); it holds {len(sd)} "
-            f"tensors: {names}"
+            f"tensors: {names[:300]}"
         )
 
     show = args.progress == "always" or (
         args.progress == "auto" and len(weights) >= _PROGRESS_MIN_LAYERS and sys.stderr.isatty()
     )
     bar = _Progress(sys.stderr) if show else None
+    failure = None
     try:
-        spectra = weight_spectra(weights, dtype="float64" if args.float64 else None,
-                                 progress=bar)
+        spectra = weight_spectra(weights, dtype=dtype, progress=bar, max_bytes=budget)
+        rows = analyze_spectra(weights, spectra, energy)
+    except (RuntimeError, ValueError, ArithmeticError, MemoryError) as exc:
+        # e.g. an SVD that does not converge on a corrupt weight
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        failure = f"{args.checkpoint}: analysis failed ({type(exc).__name__}: {first})"
     finally:
         if bar is not None:
             bar.close()
-    rows = analyze_spectra(weights, spectra, energy)
+    if failure is not None:
+        return _fail(failure)
 
     if plot_dir is not None:
         try:

@@ -94,7 +94,11 @@ def test_rebuild_with_batchnorm_and_lightning_prefixes(tmp_path):
     "setup, match",
     [
         ("missing", "no such file"),
-        ("garbage", "cannot load"),
+        ("garbage", "not a PyTorch/Lightning checkpoint"),
+        ("empty", "empty file"),
+        ("directory", "is a directory"),
+        ("bad-data-file", "not a PyTorch/Lightning checkpoint"),
+        ("data-dir", "is a directory"),
         ("conv", "only Linear chains"),
         ("mismatch", "architecture differs"),
         ("digits-shape", "--data digits needs a 64-input, 10-output model"),
@@ -119,6 +123,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, setup, match):
         extra = []
     elif setup == "bad-data":
         extra = ["--data", str(tmp_path / "none.pt")]
+    elif setup == "empty":
+        (tmp_path / "e.ckpt").write_bytes(b"")
+        pb = str(tmp_path / "e.ckpt")
+    elif setup == "directory":
+        pb = str(tmp_path)
+    elif setup == "bad-data-file":
+        (tmp_path / "xy.pt").write_text("not tensors")
+        extra = ["--data", str(tmp_path / "xy.pt")]
+    elif setup == "data-dir":
+        extra = ["--data", str(tmp_path)]
     code, out, err = _run(capsys, pa, pb, *extra)
     assert code == 2
     lines = err.strip().splitlines()

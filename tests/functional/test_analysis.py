@@ -16,6 +16,7 @@ import torch
 from lightning_spectral.analysis import (
     ANALYSIS_KEYS,
     CheckpointError,
+    UnsafeLoadWarning,
     analyze_state_dict,
     is_weight_matrix,
     load_state_dict,
@@ -272,8 +273,17 @@ def test_load_never_runs_pickled_code(tmp_path: Path):
     sd = {"fc.weight": torch.ones(2, 2)}
     hparams = {"x": _Evil(str(marker)), "y": _Custom(), "d": _Dict(a=1), "l": _List([1, 2])}
     torch.save({"state_dict": sd, "hyper_parameters": hparams}, tmp_path / "evil.ckpt")
-    got = load_state_dict(tmp_path / "evil.ckpt")
-    assert list(got) == ["fc.weight"]
+    with pytest.raises(CheckpointError, match="refused to unpickle") as info:
+        load_state_dict(tmp_path / "evil.ckpt")
+    assert str(tmp_path / "evil.ckpt") in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+    # harmless custom classes: refused by default, loaded on request with a warning
+    torch.save({"state_dict": sd, "hyper_parameters": {"y": _Custom(), "d": _Dict(a=1)}},
+               tmp_path / "custom.ckpt")
+    with pytest.raises(CheckpointError, match="_Custom"):
+        load_state_dict(tmp_path / "custom.ckpt")
+    with pytest.warns(UnsafeLoadWarning, match="weights_only=False"):
+        assert list(load_state_dict(tmp_path / "custom.ckpt", unsafe=True)) == ["fc.weight"]
     assert not marker.exists()
 
 
