@@ -22,19 +22,32 @@ on whole arrays with NumPy:
   (``Summary.Value.tensor`` with the ``scalars`` plugin, as TF2 and ``new_style`` writers emit).
 
 No TensorFlow, TensorBoard or torch import is needed.
+
+Hostile input: only regular files are opened (:func:`open_regular` refuses FIFOs, sockets and
+devices before and after opening, without ever blocking), the whole file is read once and a
+record's declared length is never allocated (a length running past the end of the file is an
+incomplete record), and every malformed record raises :class:`EventFileError`. A known field
+with the wrong protobuf wire type is malformed.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 __all__ = [
     "EventFileError",
+    "NotRegularFileError",
     "ScalarRecords",
+    "file_kind",
+    "open_regular",
     "read_scalars",
     "write_scalars",
     "masked_crc32c",
@@ -54,6 +67,54 @@ class EventFileError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class NotRegularFileError(OSError):
+    """A path that is not a regular file (a FIFO, socket, device or directory) was to be read;
+    ``strerror`` says what it is."""
+
+    def __init__(self, path: Path | str, kind: str) -> None:
+        super().__init__(errno.EINVAL, f"not a regular file ({kind})", os.fspath(path))
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    """``'regular file'``, ``'directory'``, ``'FIFO'``, ``'socket'``, ... for an ``st_mode``."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
+
+
+def open_regular(path: Path | str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """Open a *regular* file for reading, never blocking on a FIFO or touching a device.
+
+    The path is checked with ``stat`` first (a FIFO, socket or device is never opened), then
+    opened non-blocking and checked again on the open descriptor (so a file swapped for a FIFO
+    in between is refused too). Raises :class:`NotRegularFileError` or any other
+    :class:`OSError`; ``kwargs`` go to :func:`open` (``encoding``, ``newline``, ...).
+    """
+    mode_bits = os.stat(path).st_mode
+    if not stat.S_ISREG(mode_bits):
+        raise NotRegularFileError(path, file_kind(mode_bits))
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        mode_bits = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode_bits):
+            raise NotRegularFileError(path, file_kind(mode_bits))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return open(fd, mode, closefd=True, **kwargs)  # the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _make_table() -> np.ndarray:
@@ -196,7 +257,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
-            return result, pos
+            return result & 0xFFFFFFFFFFFFFFFF, pos  # protobuf keeps the low 64 bits
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
@@ -234,7 +295,23 @@ def _fields(buf: bytes):
 
 # TensorProto dtype enum -> (struct code, itemsize) for tensor_content
 _DTYPES = {1: ("<f", 4), 2: ("<d", 8), 3: ("<i", 4), 9: ("<q", 8), 19: ("<e", 2),
-           4: ("<B", 1), 5: ("<h", 2), 6: ("<b", 1), 10: ("<?", 1)}
+           4: ("<B", 1), 5: ("<h", 2), 6: ("<b", 1), 10: ("<?", 1), 17: ("<H", 2),
+           22: ("<I", 4), 23: ("<Q", 8), 14: ("bf16", 2)}
+_WIRE_NAMES = {0: "varint", 1: "fixed64", 2: "length-delimited", 5: "fixed32"}
+
+
+def _expect(message: str, field: int, wire: int, *allowed: int) -> None:
+    """A known field must have its wire type (a mismatch is a malformed record)."""
+    if wire not in allowed:
+        raise ValueError(f"{message} field {field} has wire type {wire} "
+                         f"({_WIRE_NAMES.get(wire, '?')}), expected "
+                         + " or ".join(f"{w} ({_WIRE_NAMES[w]})" for w in allowed))
+
+
+def _unpack_numbers(code: str, size: int, value: bytes) -> tuple[float, ...]:
+    if len(value) % size:
+        raise ValueError(f"packed field of {len(value)} bytes is not a multiple of {size}")
+    return struct.unpack(f"<{len(value) // size}{code}", value)
 
 
 def _tensor_scalar(buf: bytes) -> float | None:
@@ -242,24 +319,32 @@ def _tensor_scalar(buf: bytes) -> float | None:
     dtype = 0
     values: list[float] = []
     content = b""
+    scalar_shape = True
     for field, wire, value in _fields(buf):
-        if field == 1 and wire == 0:
+        if field == 1:  # dtype
+            _expect("TensorProto", field, wire, 0)
             dtype = value
-        elif field == 2 and wire == 2:  # shape: any dimension other than size 1 -> not scalar
-            for f2, _w2, dim in _fields(value):
+        elif field == 2:  # shape: any dimension other than size 1 -> not scalar
+            _expect("TensorProto", field, wire, 2)
+            for f2, w2, dim in _fields(value):
                 if f2 == 2:
-                    for f3, _w3, size in _fields(dim):
-                        if f3 == 1 and size != 1:
-                            return None
-        elif field == 4 and wire == 2:
+                    _expect("TensorShapeProto", f2, w2, 2)
+                    for f3, w3, size in _fields(dim):
+                        if f3 == 1:
+                            _expect("TensorShapeProto.Dim", f3, w3, 0)
+                            if size != 1:
+                                scalar_shape = False
+        elif field == 4:  # tensor_content
+            _expect("TensorProto", field, wire, 2)
             content = value
         elif field == 5:  # float_val
-            values += (struct.unpack(f"<{len(value) // 4}f", value) if wire == 2
-                       else struct.unpack("<f", value))
+            _expect("TensorProto", field, wire, 5, 2)
+            values += _unpack_numbers("f", 4, value)
         elif field == 6:  # double_val
-            values += (struct.unpack(f"<{len(value) // 8}d", value) if wire == 2
-                       else struct.unpack("<d", value))
-        elif field in (7, 10, 11, 13):  # int_val, int64_val, bool_val, half_val (varints)
+            _expect("TensorProto", field, wire, 1, 2)
+            values += _unpack_numbers("d", 8, value)
+        elif field in (7, 10, 11, 13, 16, 17):  # int, int64, bool, half, uint32, uint64 (varints)
+            _expect("TensorProto", field, wire, 0, 2)
             if wire == 2:
                 pos, raw = 0, []
                 while pos < len(value):
@@ -272,12 +357,21 @@ def _tensor_scalar(buf: bytes) -> float | None:
                     values.append(struct.unpack("<e", struct.pack("<H", v & 0xFFFF))[0])
                 elif field == 11:
                     values.append(float(bool(v)))
+                elif field in (16, 17):
+                    values.append(float(v & (0xFFFFFFFF if field == 16 else (1 << 64) - 1)))
+                elif field == 7:
+                    v &= 0xFFFFFFFF
+                    values.append(float(v - (1 << 32) if v >= 1 << 31 else v))
                 else:
                     values.append(float(v - (1 << 64) if v >= 1 << 63 else v))
+    if not scalar_shape:
+        return None
     if content:
         code = _DTYPES.get(dtype)
         if code is None or len(content) != code[1]:
             return None
+        if code[0] == "bf16":  # bfloat16: the high half of a float32
+            return float(struct.unpack("<f", b"\x00\x00" + content)[0])
         return float(struct.unpack(code[0], content)[0])
     if len(values) == 1:
         return float(values[0])
@@ -287,36 +381,49 @@ def _tensor_scalar(buf: bytes) -> float | None:
 def _decode_event(
     data: bytes, plugins: dict[bytes, bytes]
 ) -> tuple[int, list[tuple[bytes, float]]]:
-    """``(step, [(tag, value), ...])`` of the scalar values in one serialized Event."""
+    """``(step, [(tag, value), ...])`` of the scalar values in one serialized Event.
+
+    Raises ValueError for a malformed record (truncated field, a known field with the wrong
+    wire type, a ``scalars`` tensor that is not one number).
+    """
     step = 0
     summary = None
     for field, wire, value in _fields(data):
-        if field == 2 and wire == 0:
+        if field == 2:
+            _expect("Event", field, wire, 0)
             step = value - (1 << 64) if value >= 1 << 63 else value
-        elif field == 5 and wire == 2:
+        elif field == 5:
+            _expect("Event", field, wire, 2)
             summary = value
     if summary is None:
         return step, []
     out: list[tuple[bytes, float]] = []
     for field, wire, value in _fields(summary):
-        if field != 1 or wire != 2:
+        if field != 1:
             continue
+        _expect("Summary", field, wire, 2)
         tag = b""
         simple = None
         tensor = None
         plugin = None
         for f, w, v in _fields(value):
-            if f == 1 and w == 2:
+            if f == 1:
+                _expect("Summary.Value", f, w, 2)
                 tag = v
-            elif f == 2 and w == 5:
+            elif f == 2:
+                _expect("Summary.Value", f, w, 5)
                 simple = struct.unpack("<f", v)[0]
-            elif f == 8 and w == 2:
+            elif f == 8:
+                _expect("Summary.Value", f, w, 2)
                 tensor = v
-            elif f == 9 and w == 2:  # SummaryMetadata
+            elif f == 9:  # SummaryMetadata
+                _expect("Summary.Value", f, w, 2)
                 for f2, w2, v2 in _fields(v):
-                    if f2 == 1 and w2 == 2:  # PluginData
+                    if f2 == 1:  # PluginData
+                        _expect("SummaryMetadata", f2, w2, 2)
                         for f3, w3, v3 in _fields(v2):
-                            if f3 == 1 and w3 == 2:
+                            if f3 == 1:
+                                _expect("PluginData", f3, w3, 2)
                                 plugin = v3
         if plugin is not None and tag not in plugins:
             plugins[tag] = plugin  # writers may send the metadata only with a tag's first value
@@ -324,8 +431,10 @@ def _decode_event(
             out.append((tag, float(simple)))
         elif tensor is not None and plugins.get(tag) == b"scalars":
             number = _tensor_scalar(tensor)
-            if number is not None:
-                out.append((tag, number))
+            if number is None:
+                shown = tag.decode("utf-8", "backslashreplace")
+                raise ValueError(f"tag {shown!r}: a 'scalars' tensor that is not one number")
+            out.append((tag, number))
     return step, out
 
 
@@ -341,6 +450,8 @@ class ScalarRecords:
     steps: np.ndarray  # int64
     values: np.ndarray  # float64
     first_wall_time: float
+    truncated_at: int | None = None  # byte offset of an incomplete last record (ignored)
+    file_size: int = 0
 
 
 def _vec_varint(arr: np.ndarray, pos: np.ndarray, max_bytes: int) -> tuple[np.ndarray, ...]:
@@ -506,27 +617,49 @@ def _walk(buf: bytes, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return np.concatenate(parts), np.concatenate(length_parts), off
 
 
-def read_scalars(path: Path | str) -> ScalarRecords:
-    """Every scalar value in the event file at ``path``, checksums verified.
-
-    Raises :class:`EventFileError` (naming the file) for an unreadable, truncated or corrupt
-    file.
-    """
-    path = Path(path)
+def _read_file(path: Path) -> bytes:
     try:
-        buf = path.read_bytes()
+        with open_regular(path) as handle:
+            return handle.read()
     except OSError as exc:
         raise EventFileError(path, f"cannot read ({exc.strerror or exc})") from exc
+
+
+def read_scalars(path: Path | str, *, allow_truncated: bool = False) -> ScalarRecords:
+    """Every scalar value in the event file at ``path``, checksums verified.
+
+    Raises :class:`EventFileError` (naming the file) for an unreadable (or not regular),
+    truncated or corrupt file. With ``allow_truncated=True`` an *incomplete last record* — the
+    file ends inside it, and its length field, when present in full, passes its checksum: a
+    file still being written, or cut short by a crash — is left out and its offset returned
+    in ``truncated_at``; a record failing a checksum is still an error.
+    """
+    path = Path(path)
+    buf = _read_file(path)
     arr = np.frombuffer(buf, dtype=np.uint8)
     n = len(buf)
-    # 1. walk the framing
+    # 1. walk the framing (a declared length is only added to an offset, never allocated)
     heads, lengths, off = _walk(buf, arr)
+    truncated_at = None
     if off != n:
-        bad = int(heads[-1]) if len(heads) else 0
-        raise EventFileError(path, f"truncated or corrupt record at byte {bad} (file is {n} bytes)")
+        if off < n:  # fewer than the 8 bytes of a length field are left
+            tail = off
+        else:  # the last record runs past the end of the file
+            tail = int(heads[-1])
+            heads, lengths = heads[:-1], lengths[:-1]
+            if n - tail >= 12:
+                head_crc = struct.unpack_from("<I", buf, tail + 8)[0]
+                if masked_crc32c(buf[tail : tail + 8]) != head_crc:
+                    declared = struct.unpack_from("<Q", buf, tail)[0]
+                    raise EventFileError(path, f"corrupt record at byte {tail}: its length "
+                                               f"field ({declared}) fails its checksum (file "
+                                               f"is {n} bytes)")
+        if not allow_truncated:
+            raise EventFileError(path, f"truncated record at byte {tail} (file is {n} bytes)")
+        truncated_at = tail
     if len(heads) == 0:
         return ScalarRecords([], np.zeros(0, np.int64), np.zeros(0, np.int64),
-                             np.zeros(0), float("nan"))
+                             np.zeros(0), float("nan"), truncated_at, n)
     # 2. checksums
     def stored(pos: np.ndarray) -> np.ndarray:
         raw = np.ascontiguousarray(arr[pos[:, None] + np.arange(4)])
@@ -562,7 +695,7 @@ def read_scalars(path: Path | str) -> ScalarRecords:
         s = int(starts[i])
         try:
             st, pairs = _decode_event(buf[s : s + int(lengths[i])], plugins)
-        except (ValueError, struct.error) as exc:
+        except (ValueError, TypeError, OverflowError, IndexError, struct.error) as exc:
             raise EventFileError(path, f"record at byte {int(heads[i])} is not a valid "
                                        f"Event ({exc})") from exc
         for tag, value in pairs:
@@ -577,8 +710,8 @@ def read_scalars(path: Path | str) -> ScalarRecords:
     if slow_order:
         perm = np.argsort(order, kind="stable")
         ids, steps, values = ids[perm], steps[perm], values[perm]
-    tags = [t.decode("utf-8", errors="replace") for t in tag_index]
-    return ScalarRecords(tags, ids, steps, values, first_wall)
+    tags = [t.decode("utf-8", errors="backslashreplace") for t in tag_index]
+    return ScalarRecords(tags, ids, steps, values, first_wall, truncated_at, n)
 
 
 def _varint_bytes(value: int) -> bytes:

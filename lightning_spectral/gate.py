@@ -15,19 +15,28 @@ A rule is ``TAG_PATTERN [REDUCER] OP VALUE``::
 
 A NaN reduced value fails every operator (a gate treats a NaN metric as a failure); NaN
 propagates through ``min``, ``max`` and ``mean``. Runs are read by :func:`read_run` with every
-logged value counted (no sampling). The quantities themselves are defined in SPEC.md; this
-module only compares what was logged. Only the standard library and NumPy are imported here,
-so the command line starts fast.
+logged value counted (no sampling). This module only compares what was logged (docs/gate.md).
+Only the standard library and NumPy are imported here, so the command line starts fast.
+
+Hostile input is bad input, never a hang or a crash: only regular files and directories are
+read (FIFOs, sockets and devices inside a run are skipped with a warning in ``Run.warnings``),
+every unreadable, malformed or out-of-range input raises a :class:`GateInputError` naming the
+file, and reports escape control characters (and GitHub workflow-command syntax) in tags.
+Matching, evaluation and reporting cost time linear in the number of rules and tags.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
+import decimal
 import difflib
 import fnmatch
 import json
 import math
+import os
 import re
+import stat
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_spectral._eventfile import file_kind, open_regular
 from lightning_spectral.errors import SpectralConfigError, SpectralError
 
 __all__ = [
@@ -55,6 +65,7 @@ __all__ = [
     "check",
     "REDUCERS",
     "OPS",
+    "printable",
 ]
 
 REDUCERS: tuple[str, ...] = ("last", "first", "min", "max", "mean")
@@ -104,6 +115,45 @@ class RunReadError(GateInputError):
 
 class NoMatchingTagError(GateInputError):
     """A non-optional rule matched no tag; the message lists the nearest existing tags."""
+
+
+# --------------------------------------------------------------------------- safe text
+
+# C0/C1 controls, line/paragraph separators, bidirectional overrides, BOM, surrogates (from
+# undecodable file names) and the XML non-characters: shown escaped, never raw
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                      "\u2066-\u2069\ufeff\ufffe\uffff\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match) -> str:
+    c = match.group(0)
+    code = ord(c)
+    return _NAMED.get(c) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``, ``\\u2028``, ...): one line,
+    safe for a terminal, a CI log and XML 1.0."""
+    text = str(text)
+    return _CONTROL.sub(_escape_char, text) if _CONTROL.search(text) else text
+
+
+def _no_commands(line: str) -> str:
+    """A log line that a CI runner cannot take for a workflow command (``::cmd::`` at the start
+    of a line, ``##[cmd]`` anywhere): the first ':' or the '[' is written escaped."""
+    if "##[" in line:
+        line = line.replace("##[", "##\\x5b")
+    stripped = line.lstrip()
+    if stripped.startswith("::"):
+        at = len(line) - len(stripped)
+        line = line[:at] + "\\x3a" + line[at + 1 :]
+    return line
+
+
+def safe_line(text: object) -> str:
+    """One printable line that is not a workflow command (for stderr and text reports)."""
+    return _no_commands(printable(text))
 
 
 # --------------------------------------------------------------------------- rules
@@ -201,8 +251,9 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
                            f"only 'mean' takes a window, not {reducer!r}")
             pos = w.end()
             k = _INT.match(rule, pos)
-            if not k or int(k.group(0)) < 1:
-                raise fail(pos, "expected a positive integer K in mean(last=K)")
+            if not k or len(k.group(0).lstrip("0")) > 18 or int(k.group(0)) < 1:
+                raise fail(pos, "expected a positive integer K (at most 18 digits) in "
+                                "mean(last=K)")
             window = int(k.group(0))
             c = _CLOSE.match(rule, k.end())
             if not c:
@@ -274,22 +325,153 @@ def _toml_loads(text: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+# A scan of (valid) TOML that finds where each [[rule]] table and its `check` key sit: one
+# regular-expression match per statement; strings are matched whole, so a rule's text repeated
+# in a comment, a name or a multi-line string never looks like a key or a header. Arrays and
+# inline tables are tokenised (they may nest and span lines).
+_TOML_STRING = (r'"{3}(?:[^"\\]|\\.|"(?!""))*"{3}(?:""?)?'  # multi-line basic
+                r"|'{3}(?:[^']|'(?!''))*'{3}(?:''?)?"  # multi-line literal
+                r'|"(?:[^"\\\n]|\\.)*"'  # basic
+                r"|'[^'\n]*'")  # literal
+_TOML_KEY_PART = r"""[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'"""
+_TOML_KEY = rf"(?:{_TOML_KEY_PART})(?:[ \t]*\.[ \t]*(?:{_TOML_KEY_PART}))*"
+# whitespace and comments, matched in exactly one way (a comment runs to the end of its line),
+# so that no input can make the matcher backtrack exponentially
+_TOML_BLANK = r"(?:[ \t\r\n]|#[^\n]*(?![^\n]))*"
+_TOML_SKIP = re.compile(_TOML_BLANK)
+_TOML_STATEMENT = re.compile(
+    rf"\[(?P<array>\[)?[ \t]*(?P<table>{_TOML_KEY})[ \t]*\]\]?"
+    rf"|(?P<key>{_TOML_KEY})[ \t]*=[ \t]*(?:{_TOML_STRING}|(?P<open>[\[{{])|[^\s#\[{{\"'][^\n#]*)",
+    re.DOTALL)
+_TOML_TOKEN = re.compile(  # one token of an array or inline table (after _TOML_SKIP)
+    rf"(?P<string>{_TOML_STRING})|(?P<punct>[\[\]{{}}=,])|(?P<bare>[^ \t\r\n#=,\[\]{{}}\"']+)",
+    re.DOTALL)
+_TOML_PARTS = re.compile(_TOML_KEY_PART)
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))", re.DOTALL)
+_TOML_SIMPLE = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", "e": "\x1b",
+                '"': '"', "\\": "\\"}
+
+
+def _toml_key(text: str) -> list[str]:
+    """The parts of a (dotted, possibly quoted) TOML key."""
+    if _TOML_BARE_KEY.fullmatch(text):
+        return [text]
+    parts = []
+    for part in _TOML_PARTS.findall(text):
+        if part[0] == "'":
+            part = part[1:-1]
+        elif part[0] == '"':
+            part = _TOML_ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16))
+                                    if m.group(3) is None else _TOML_SIMPLE.get(m.group(3), ""),
+                                    part[1:-1])
+        parts.append(part)
+    return parts
+
+
+def _toml_nested(text: str, start: int, line: int, entries: list[list[int]] | None) -> int:
+    """Skip the array or inline table opening at ``start`` (on line ``line``); return the offset
+    after it. With ``entries``, the value is ``rule = [...]``: append ``[line, check line]``
+    for each inline table in it."""
+    depth = 0
+    pos = last = start
+    expect_key = False
+    key: list[str] = []
+    key_line = line
+    while True:
+        at = _TOML_SKIP.match(text, pos).end()
+        m = _TOML_TOKEN.match(text, at)
+        if m is None:
+            raise ValueError(f"unexpected TOML at offset {at}")
+        pos = m.end()
+        line += text.count("\n", last, at)
+        last = at
+        punct = m.group("punct")
+        if punct in ("[", "{"):
+            depth += 1
+            if entries is not None and punct == "{" and depth == 2:
+                entries.append([line, 0])
+                expect_key, key = True, []
+        elif punct in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return m.end()
+        elif entries is not None and depth == 2 and entries:
+            if punct == ",":
+                expect_key, key = True, []
+            elif punct == "=" and expect_key:
+                if key == ["check"] and not entries[-1][1]:
+                    entries[-1][1] = key_line
+                expect_key = False
+            elif expect_key and punct is None:  # a part of the key (bare or quoted)
+                if not key:
+                    key_line = line
+                key += _toml_key(m.group(0))
+
+
+def _rule_lines(text: str) -> list[int]:
+    """For each ``rule`` table, in order, the 1-based line of its ``check`` key (or of the
+    table itself when it has none): ``[[rule]]`` tables and ``rule = [{...}, ...]`` arrays of
+    inline tables. ``text`` must be valid TOML (tomllib gives no positions). Linear in the
+    size of the text."""
+    out: list[list[int]] = []
+    section: list[str] = []  # the current table ([] is the root)
+    entry: list[int] | None = None  # [header line, check line] of the current [[rule]]
+    pos, last, line, n = 0, 0, 1, len(text)
+    while True:
+        pos = _TOML_SKIP.match(text, pos).end()
+        if pos >= n:
+            break
+        m = _TOML_STATEMENT.match(text, pos)
+        if m is None:  # pragma: no cover - valid TOML always matches
+            raise ValueError(f"unexpected TOML at offset {pos}")
+        line += text.count("\n", last, pos)
+        last = pos
+        if m.group("table") is not None:
+            section = _toml_key(m.group("table"))
+            entry = None
+            if m.group("array") and section == ["rule"]:
+                entry = [line, 0]
+                out.append(entry)
+            pos = m.end()
+            continue
+        key = _toml_key(m.group("key"))
+        if entry is not None and key == ["check"] and not entry[1]:
+            entry[1] = line
+        if m.group("open") is None:
+            pos = m.end()
+            continue
+        inline = not section and key == ["rule"] and m.group("open") == "["
+        pos = _toml_nested(text, m.start("open"), line, out if inline else None)
+    return [check or header for header, check in out]
+
+
 def load_rules(path: str | Path) -> list[Rule]:
     """Read a TOML rules file: one ``[[rule]]`` table per rule.
 
     Each table has ``check = "TAG_PATTERN [REDUCER] OP VALUE"`` and optionally
     ``optional = true`` (no error when nothing matches) and ``name = "..."``. Every rule
-    remembers ``file:line`` for error messages and GitHub annotations.
+    remembers ``file:line`` (the line of its ``check`` key) for error messages and GitHub
+    annotations. Only a regular file is read (a FIFO or device is refused, never opened).
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        with open_regular(path) as handle:
+            raw = handle.read()
+        text = raw.decode("utf-8-sig")
+    except OSError as exc:
+        raise GateInputError(f"{path}: cannot read rules file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise GateInputError(f"{path}: cannot read rules file (not UTF-8: {exc.reason} at "
+                             f"byte {exc.start})") from exc
+    except ValueError as exc:  # e.g. an embedded NUL in the path
         raise GateInputError(f"{path}: cannot read rules file ({exc})") from exc
     try:
         data = _toml_loads(text)
     except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise GateInputError(f"{path}: invalid TOML ({exc})") from exc
+    except RecursionError:
+        raise GateInputError(f"{path}: invalid TOML (nested too deeply)") from None
     tables = data.get("rule")
     unknown = sorted(set(data) - {"rule"})
     if unknown:
@@ -297,17 +479,18 @@ def load_rules(path: str | Path) -> list[Rule]:
                              "(expected [[rule]] tables)")
     if not isinstance(tables, list) or not tables:
         raise GateInputError(f"{path}: no [[rule]] tables (each needs check = \"...\")")
-    lines = text.splitlines()
+    try:
+        lines: Sequence[int | None] = _rule_lines(text)
+    except (ValueError, IndexError):  # pragma: no cover - a layout the scan does not know
+        lines = []
+    if len(lines) != len(tables):  # pragma: no cover
+        lines = [None] * len(tables)
     out = []
-    for i, table in enumerate(tables, 1):
-        if not isinstance(table, dict):
-            raise GateInputError(f"{path}: rule {i} is not a [[rule]] table")
-        check_text = table.get("check")
-        line = next((n for n, ln in enumerate(lines, 1)
-                     if isinstance(check_text, str) and check_text in ln
-                     and ln.lstrip().startswith("check")), None)
+    for i, (table, line) in enumerate(zip(tables, lines, strict=True), 1):
         source = f"{path}:{line}" if line else f"{path} rule {i}"
-        out.append(_rule_from_table(table, source, check_text))
+        if not isinstance(table, dict):
+            raise GateInputError(f"{source}: rule {i} is not a [[rule]] table")
+        out.append(_rule_from_table(table, source, table.get("check")))
     return out
 
 
@@ -332,6 +515,7 @@ class Run:
     scalars: dict[str, Series]
     label: str = "run"
     files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what was skipped or ignored, and why
 
     @property
     def tags(self) -> list[str]:
@@ -364,20 +548,129 @@ def _dedupe(steps: np.ndarray, values: np.ndarray) -> Series:
     return Series(steps=s[keep], values=v[keep])
 
 
-def _event_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.name.startswith("events.out.tfevents"))
+_EVENTS_PREFIX = "events.out.tfevents"
 
 
-def _read_event_dir(directory: Path, files: list[Path], label: str) -> Run:
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
+def _list_dir(directory: Path) -> list[os.DirEntry]:
+    """The entries of ``directory`` sorted by name (OSError when it cannot be listed)."""
+    with os.scandir(directory) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _is_real_dir(entry: os.DirEntry) -> bool:
+    """A sub-directory to search (symbolic links to directories are not followed)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+class _Candidates:
+    """What a directory walk found: event files by directory, metrics.csv files, what it
+    skipped (special files, with a warning) and the directories it could not list."""
+
+    def __init__(self, warnings: list[str]) -> None:
+        self.events: dict[Path, list[Path]] = {}
+        self.csvs: list[Path] = []
+        self.skipped: list[str] = []
+        self.unreadable: list[tuple[Path, OSError]] = []
+        self.warnings = warnings
+
+    def add(self, directory: Path, entry: os.DirEntry) -> None:
+        name = entry.name
+        is_events = name.startswith(_EVENTS_PREFIX)
+        if not is_events and name != "metrics.csv":
+            return
+        path = directory / name
+        try:
+            mode = os.stat(path).st_mode  # follows a symbolic link to a file
+        except OSError as exc:
+            self._skip(path, f"cannot access ({_reason(exc)})")
+            return
+        if stat.S_ISDIR(mode):
+            return
+        if not stat.S_ISREG(mode):
+            self._skip(path, f"not a regular file ({file_kind(mode)})")
+            return
+        if is_events:
+            self.events.setdefault(directory, []).append(path)
+        else:
+            self.csvs.append(path)
+
+    def _skip(self, path: Path, why: str) -> None:
+        self.skipped.append(f"{path}: {why}")
+        self.warnings.append(f"{path}: skipped, {why}")
+
+
+def _read_directory(path: Path, label: str, warnings: list[str]) -> Run:
+    try:
+        top = _list_dir(path)
+    except OSError as exc:
+        raise RunReadError(f"{path}: cannot list directory ({_reason(exc)})") from exc
+    here = _Candidates(warnings)
+    for entry in top:
+        here.add(path, entry)
+    if path in here.events:
+        return _read_event_dir(path, here.events[path], label, warnings)
+    if here.csvs:
+        return _read_csv(here.csvs[0], label, warnings)
+    # a Lightning layout: the run sits in one sub-directory (links to directories not followed)
+    found = _Candidates(warnings)
+    found.skipped = here.skipped
+    stack = [path / e.name for e in reversed(top) if _is_real_dir(e)]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = _list_dir(directory)
+        except OSError as exc:
+            found.unreadable.append((directory, exc))
+            continue
+        for entry in entries:
+            found.add(directory, entry)
+        stack.extend(directory / e.name for e in reversed(entries) if _is_real_dir(e))
+    if found.unreadable:
+        directory, exc = found.unreadable[0]
+        more = (f" (and {len(found.unreadable) - 1} more)" if len(found.unreadable) > 1
+                else "")
+        raise RunReadError(f"{directory}: cannot list directory ({_reason(exc)}){more}; "
+                           f"cannot tell which run under {path} to read")
+    holders = sorted(found.events)
+    if len(holders) == 1:
+        return _read_event_dir(holders[0], found.events[holders[0]], label, warnings)
+    if len(holders) > 1:
+        shown = ", ".join(str(h) for h in holders[:5]) + (" ..." if len(holders) > 5 else "")
+        raise RunReadError(f"{path}: holds several runs ({shown}); pass one of them")
+    csvs = sorted(found.csvs)
+    if len(csvs) == 1:
+        return _read_csv(csvs[0], label, warnings)
+    if len(csvs) > 1:
+        raise RunReadError(f"{path}: holds several metrics.csv files "
+                           f"({', '.join(str(c) for c in csvs[:5])}); pass one of them")
+    skipped = f"; skipped {'; '.join(found.skipped[:3])}" if found.skipped else ""
+    raise RunReadError(f"{path}: no TensorBoard event files or metrics.csv (empty run"
+                       f"{skipped})")
+
+
+def _read_event_dir(directory: Path, files: list[Path], label: str,
+                    warnings: list[str] | None = None) -> Run:
     from lightning_spectral._eventfile import EventFileError, read_scalars
 
+    warnings = [] if warnings is None else warnings
     loaded = []
-    for path in files:
+    for path in sorted(files):
         try:
-            loaded.append((path, read_scalars(path)))
+            rec = read_scalars(path, allow_truncated=True)
         except EventFileError as exc:
             raise RunReadError(f"{exc.path}: unreadable event file: {exc.reason}") from exc
+        if rec.truncated_at is not None:
+            warnings.append(f"{path}: ignored an incomplete last record at byte "
+                            f"{rec.truncated_at} (file is {rec.file_size} bytes: still being "
+                            "written, or cut short)")
+        loaded.append((path, rec))
     # later files win: order by the wall time of their first event, then by name
     loaded.sort(key=lambda item: (
         item[1].first_wall_time if not math.isnan(item[1].first_wall_time) else math.inf,
@@ -415,14 +708,46 @@ def _read_event_dir(directory: Path, files: list[Path], label: str) -> Run:
     tags = list(names)
     scalars = {tags[int(tag_ids[a])]: Series(step[a:b], value[a:b])
                for a, b in zip(starts.tolist(), ends.tolist(), strict=True)}
-    return Run(scalars=scalars, label=label, files=[str(p) for p, _ in loaded])
+    return Run(scalars=scalars, label=label, files=[str(p) for p, _ in loaded],
+               warnings=warnings)
 
 
-def _read_csv(path: Path, label: str) -> Run:
+_INT64 = 1 << 63
+
+
+def _csv_step(cell: str, where: str) -> int:
+    """The exact integer step of a CSV cell; a fraction, a non-finite or an out-of-range value
+    is refused (``where`` is ``file:line``)."""
+    if not cell:
+        raise RunReadError(f"{where}: column 'step' is empty in a row with values")
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        step = int(cell)
+    except ValueError:
+        try:
+            exact = decimal.Decimal(cell)
+        except decimal.InvalidOperation:
+            raise RunReadError(f"{where}: column 'step' value {cell!r} is not a number"
+                               ) from None
+        if not exact.is_finite():
+            raise RunReadError(f"{where}: column 'step' value {cell!r} is not finite") from None
+        if exact.adjusted() > 18:
+            raise RunReadError(f"{where}: column 'step' value {cell!r} is out of range "
+                               "(steps are 64-bit integers)") from None
+        if exact != exact.to_integral_value():
+            raise RunReadError(f"{where}: column 'step' value {cell!r} is not a whole number"
+                               ) from None
+        step = int(exact)
+    if not -_INT64 <= step < _INT64:
+        raise RunReadError(f"{where}: column 'step' value {cell!r} is out of range (steps "
+                           "are 64-bit integers)")
+    return step
+
+
+def _read_csv(path: Path, label: str, warnings: list[str] | None = None) -> Run:
+    try:
+        handle = open_regular(path, "r", encoding="utf-8-sig", newline="")
     except OSError as exc:
-        raise RunReadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise RunReadError(f"{path}: cannot read ({_reason(exc)})") from exc
     columns: dict[str, tuple[list[int], list[float]]] = {}
     with handle:
         reader = csv.reader(handle)
@@ -430,10 +755,17 @@ def _read_csv(path: Path, label: str) -> Run:
             header = next(reader)
         except StopIteration:
             raise RunReadError(f"{path}: empty metrics file") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise RunReadError(f"{path}: not a CSV file ({exc})") from exc
+        except (csv.Error, UnicodeDecodeError, OSError) as exc:
+            raise RunReadError(f"{path}: not a CSV file ({_reason(exc)})") from exc
         header = [h.strip() for h in header]
-        step_col = header.index("step") if "step" in header else None
+        first: dict[str, int] = {}
+        for j, name in enumerate(header):
+            if name in first and name:
+                raise RunReadError(f"{path}:{reader.line_num}: column {name!r} appears twice "
+                                   f"(columns {first[name] + 1} and {j + 1}); cannot tell "
+                                   "which one to read")
+            first.setdefault(name, j)
+        step_col = first.get("step")
         try:
             for row_no, row in enumerate(reader):
                 line = reader.line_num
@@ -442,19 +774,18 @@ def _read_csv(path: Path, label: str) -> Run:
                 if len(row) > len(header):
                     raise RunReadError(f"{path}:{line}: {len(row)} cells but {len(header)} "
                                        "columns in the header")
+                cells = [(j, c.strip()) for j, c in enumerate(row) if j != step_col]
+                cells = [(j, c) for j, c in cells if c]
+                if not cells:
+                    continue
                 step = row_no
                 if step_col is not None:
                     cell = row[step_col].strip() if step_col < len(row) else ""
-                    if cell:
-                        try:
-                            step = int(float(cell))
-                        except ValueError:
-                            raise RunReadError(f"{path}:{line}: step {cell!r} is not a "
-                                               "number") from None
-                for j, cell in enumerate(row):
-                    cell = cell.strip()
-                    if j == step_col or not cell:
-                        continue
+                    step = _csv_step(cell, f"{path}:{line}")
+                for j, cell in cells:
+                    if not header[j]:
+                        raise RunReadError(f"{path}:{line}: value {cell!r} in column {j + 1}, "
+                                           "which has no name in the header")
                     try:
                         value = float(cell)
                     except ValueError:
@@ -463,15 +794,16 @@ def _read_csv(path: Path, label: str) -> Run:
                     col = columns.setdefault(header[j], ([], []))
                     col[0].append(step)
                     col[1].append(value)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise RunReadError(f"{path}: not a readable CSV file ({exc})") from exc
+        except (csv.Error, UnicodeDecodeError, OSError) as exc:
+            raise RunReadError(f"{path}: not a readable CSV file ({_reason(exc)})") from exc
     if not columns:
         raise RunReadError(f"{path}: no logged values (empty run)")
     scalars = {
         tag: _dedupe(np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
         for tag, (s, v) in columns.items()
     }
-    return Run(scalars=scalars, label=label, files=[str(path)])
+    return Run(scalars=scalars, label=label, files=[str(path)],
+               warnings=[] if warnings is None else warnings)
 
 
 def read_run(path: str | Path, label: str | None = None) -> Run:
@@ -483,34 +815,31 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
     ordered by the wall time of their first event: a step written twice (as after a resumed
     run) keeps the latest write. Steps an interrupted run wrote beyond the point a resumed run
     reached are kept, as TensorBoard shows them.
-    Raises :class:`RunReadError` naming the file for anything missing, empty or corrupt.
+
+    Only regular files and directories are read: a FIFO, socket or device named like an
+    event file or ``metrics.csv`` inside the run is skipped, and an event file's incomplete
+    last record (a file still being written) is ignored; both are reported in
+    ``Run.warnings``. Raises :class:`RunReadError` naming the file for anything missing,
+    empty, unreadable, corrupt or out of range.
     """
     path = Path(path)
     label = label or str(path)
-    if not path.exists():
-        raise RunReadError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.name.startswith("events.out.tfevents"):
-            return _read_event_dir(path.parent, [path], label)
-        return _read_csv(path, label)
-    files = _event_files(path)
-    if files:
-        return _read_event_dir(path, files, label)
-    if (path / "metrics.csv").is_file():
-        return _read_csv(path / "metrics.csv", label)
-    holders = sorted({p.parent for p in path.rglob("events.out.tfevents*") if p.is_file()})
-    if len(holders) == 1:
-        return _read_event_dir(holders[0], _event_files(holders[0]), label)
-    if len(holders) > 1:
-        shown = ", ".join(str(h) for h in holders[:5]) + (" ..." if len(holders) > 5 else "")
-        raise RunReadError(f"{path}: holds several runs ({shown}); pass one of them")
-    csvs = sorted(path.rglob("metrics.csv"))
-    if len(csvs) == 1:
-        return _read_csv(csvs[0], label)
-    if len(csvs) > 1:
-        raise RunReadError(f"{path}: holds several metrics.csv files "
-                           f"({', '.join(str(c) for c in csvs[:5])}); pass one of them")
-    raise RunReadError(f"{path}: no TensorBoard event files or metrics.csv (empty run)")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise RunReadError(f"{path}: no such file or directory") from None
+    except OSError as exc:
+        raise RunReadError(f"{path}: cannot access ({_reason(exc)})") from exc
+    except ValueError as exc:  # an embedded NUL
+        raise RunReadError(f"{path}: invalid path ({exc})") from exc
+    warnings: list[str] = []
+    if stat.S_ISREG(mode):
+        if path.name.startswith(_EVENTS_PREFIX):
+            return _read_event_dir(path.parent, [path], label, warnings)
+        return _read_csv(path, label, warnings)
+    if stat.S_ISDIR(mode):
+        return _read_directory(path, label, warnings)
+    raise RunReadError(f"{path}: not a regular file or directory ({file_kind(mode)})")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -570,21 +899,56 @@ def _nearest(pattern: str, tags: Sequence[str], k: int = 5) -> list[str]:
     return near[:k]
 
 
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class _TagIndex:
+    """The sorted tags of a run, for matching many patterns in time linear in the rules:
+    a literal pattern is one dictionary look-up; a glob is tried only on the tags that share
+    its literal prefix (a contiguous slice of the sorted tags, found by bisection)."""
+
+    def __init__(self, tags: list[str]) -> None:
+        self.tags = tags
+        self.known = set(tags)
+        self.cache: dict[str, list[str]] = {}
+
+    def matching(self, pattern: str) -> list[str]:
+        hit = self.cache.get(pattern)
+        if hit is not None:
+            return hit
+        glob = _GLOB_CHARS.search(pattern)
+        if glob is None:
+            hit = [pattern] if pattern in self.known else []
+        else:
+            prefix = pattern[: glob.start()]
+            tags = self.tags
+            i = bisect.bisect_left(tags, prefix)
+            hit = []
+            while i < len(tags) and tags[i].startswith(prefix):
+                if fnmatch.fnmatchcase(tags[i], pattern):
+                    hit.append(tags[i])
+                i += 1
+        self.cache[pattern] = hit
+        return hit
+
+
 def evaluate(run: Run, rules: Sequence[Rule]) -> list[CheckResult]:
     """Check every rule against ``run`` (one result per matching tag, in tag order).
 
     Raises :class:`NoMatchingTagError` for a non-optional rule that matches no tag; an
-    optional one gives a single ``skip`` result.
+    optional one gives a single ``skip`` result. Time is linear in the number of rules plus
+    the number of checks (a pattern is matched once; a reduction is computed once per tag).
     """
-    tags = run.tags
+    index = _TagIndex(run.tags)
+    reduced: dict[tuple[str, str, int | None], float] = {}
     results: list[CheckResult] = []
     for rule in rules:
-        matched = [t for t in tags if rule.matches(t)]
+        matched = index.matching(rule.pattern)
         if not matched:
             if rule.optional:
                 results.append(CheckResult(run.label, rule, rule.pattern, float("nan"), "skip"))
                 continue
-            near = _nearest(rule.pattern, tags)
+            near = _nearest(rule.pattern, index.tags)
             where = f" ({rule.source})" if rule.source else ""
             raise NoMatchingTagError(
                 f"rule {rule.text!r}{where}: no tag matches {rule.pattern!r} in {run.label}; "
@@ -592,7 +956,10 @@ def evaluate(run: Run, rules: Sequence[Rule]) -> list[CheckResult]:
             )
         for tag in matched:
             series = run.scalars[tag]
-            value = rule.reduce(series.values)
+            key = (tag, rule.reducer, rule.window)
+            value = reduced.get(key)
+            if value is None:
+                value = reduced[key] = rule.reduce(series.values)
             results.append(CheckResult(
                 run.label, rule, tag, value, "pass" if rule.compare(value) else "fail",
                 n_values=len(series),
@@ -613,6 +980,10 @@ def _fmt(x: float) -> str:
 
 
 def _gh_escape(text: str, prop: bool = False) -> str:
+    """Data (or, with ``prop``, a property value) of a GitHub workflow command: control
+    characters shown escaped, then ``%``, CR and LF (and ``:``, ``,`` in properties) encoded
+    as the runner expects."""
+    text = printable(text).replace("##[", "##\\x5b")
     text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
     if prop:
         text = text.replace(":", "%3A").replace(",", "%2C")
@@ -621,9 +992,11 @@ def _gh_escape(text: str, prop: bool = False) -> str:
 
 @dataclass
 class GateReport:
-    """All check results; ``passed`` is True when no check failed."""
+    """All check results; ``passed`` is True when no check failed. ``warnings`` lists what the
+    readers skipped or ignored (special files, an incomplete last record)."""
 
     results: list[CheckResult]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -644,25 +1017,33 @@ class GateReport:
         return f"{verdict}: {n} checks, {n - f - s} passed, {f} failed, {s} skipped"
 
     def to_text(self) -> str:
-        """A table: (run,) tag, reducer, value, op, threshold, verdict; then a summary line."""
+        """A table: (run,) tag, reducer, value, op, threshold, verdict; then a summary line.
+
+        Control characters in tags and run names are shown escaped (``\\n``, ``\\x1b``), and no
+        line can be taken for a CI workflow command."""
         runs = {r.run for r in self.results}
         head = (["run"] if len(runs) > 1 else []) + ["tag", "reducer", "value", "op",
                                                       "threshold", "verdict"]
         rows = []
         for r in self.results:
-            row = [r.run] if len(runs) > 1 else []
-            row += [r.tag, r.rule.reducer_label, _fmt(r.value) if r.status != "skip" else "-",
+            row = [printable(r.run)] if len(runs) > 1 else []
+            row += [printable(r.tag), r.rule.reducer_label,
+                    _fmt(r.value) if r.status != "skip" else "-",
                     r.rule.op, _fmt(r.rule.threshold), r.status.upper()]
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        lines = [_no_commands("  ".join(str(x).ljust(w)
+                                        for x, w in zip(row, widths, strict=True)).rstrip())
                  for row in [head, ["-" * w for w in widths], *rows]]
         return "\n".join(lines + ["", self.summary()])
 
     def to_json(self, indent: int | None = 2) -> str:
-        """``{"passed", "summary", "checks": [...]}`` (NaN as null, infinities as strings)."""
-        return json.dumps({"passed": self.passed, "summary": self.summary(),
-                           "checks": [r.as_dict() for r in self.results]}, indent=indent)
+        """``{"passed", "summary", "checks": [...], "warnings": [...]}`` (NaN as null,
+        infinities as strings; ``[`` after ``##`` is written ``\\u005b``, the same string)."""
+        text = json.dumps({"passed": self.passed, "summary": self.summary(),
+                           "checks": [r.as_dict() for r in self.results],
+                           "warnings": list(self.warnings)}, indent=indent)
+        return text.replace("##[", "##\\u005b")
 
     def to_github(self) -> str:
         """GitHub Actions workflow commands: one ``::error`` per failed check, then a notice."""
@@ -682,7 +1063,9 @@ class GateReport:
 
     def to_junit(self) -> str:
         """JUnit XML: one ``<testcase>`` per check (failed -> ``<failure>``, optional ->
-        ``<skipped>``), grouped in one ``<testsuite>`` per run."""
+        ``<skipped>``), grouped in one ``<testsuite>`` per run. Control characters (which XML
+        1.0 cannot hold) are written escaped, as ``\\x1b``."""
+        p = printable
         root = ET.Element("testsuites", name="lightning-spectral check",
                           tests=str(len(self.results)), failures=str(len(self.failures)))
         by_run: dict[str, list[CheckResult]] = {}
@@ -690,23 +1073,23 @@ class GateReport:
             by_run.setdefault(r.run, []).append(r)
         for run, results in by_run.items():
             suite = ET.SubElement(
-                root, "testsuite", name=run, tests=str(len(results)),
+                root, "testsuite", name=p(run), tests=str(len(results)),
                 failures=str(sum(r.status == "fail" for r in results)),
                 skipped=str(sum(r.status == "skip" for r in results)), errors="0")
             for r in results:
-                case = ET.SubElement(suite, "testcase", classname=run,
-                                     name=f"{r.tag} {r.rule.reducer_label} {r.rule.op} "
-                                          f"{_fmt(r.rule.threshold)}")
+                case = ET.SubElement(suite, "testcase", classname=p(run),
+                                     name=p(f"{r.tag} {r.rule.reducer_label} {r.rule.op} "
+                                            f"{_fmt(r.rule.threshold)}"))
                 if r.status == "fail":
                     failure = ET.SubElement(
                         case, "failure", type="SpectralGateFailure",
-                        message=f"{r.rule.reducer_label}({r.tag}) = {_fmt(r.value)}, "
-                                f"expected {r.rule.op} {_fmt(r.rule.threshold)}")
-                    failure.text = (f"rule: {r.rule.text}\nsource: {r.rule.source or '-'}\n"
-                                    f"values: {r.n_values}, last step: {r.last_step}")
+                        message=p(f"{r.rule.reducer_label}({r.tag}) = {_fmt(r.value)}, "
+                                  f"expected {r.rule.op} {_fmt(r.rule.threshold)}"))
+                    failure.text = (f"rule: {p(r.rule.text)}\nsource: {p(r.rule.source or '-')}"
+                                    f"\nvalues: {r.n_values}, last step: {r.last_step}")
                 elif r.status == "skip":
-                    ET.SubElement(case, "skipped", message=f"optional rule {r.rule.text!r} "
-                                                           "matched no tag")
+                    ET.SubElement(case, "skipped", message=p(f"optional rule {r.rule.text!r} "
+                                                             "matched no tag"))
         ET.indent(root)
         return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, "unicode") + "\n"
 
@@ -732,6 +1115,7 @@ def check(
     else:
         runs = list(run)
     results: list[CheckResult] = []
+    warnings: list[str] = []
     for item in runs:
         if isinstance(item, Run):
             loaded = item
@@ -739,5 +1123,6 @@ def check(
             loaded = Run.from_mapping(item)
         else:
             loaded = read_run(item)
+        warnings.extend(loaded.warnings)
         results.extend(evaluate(loaded, parsed))
-    return GateReport(results)
+    return GateReport(results, warnings)

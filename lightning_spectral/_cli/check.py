@@ -1,18 +1,26 @@
 """``lightning-spectral check``: gate a CI job on the spectral metrics a training logged.
 
 Exit status: 0 every check passed; 1 a check failed; 2 bad input (malformed rule, rule matching
-no tag, unreadable or corrupt run, empty run), reported as one line on stderr. Only the standard
-library and NumPy are imported on this path (no torch, no Lightning, no TensorBoard).
+no tag, unreadable, corrupt, special or empty run, bad rules file), reported as one line on
+stderr naming the file, tag or rule. Special files inside a run (FIFOs, sockets, devices) are
+skipped and an event file's incomplete last record is ignored, each with a one-line warning on
+stderr. Every line written is escaped (control characters as ``\\n``, ``\\x1b``) so a tag can
+neither break the report nor pass for a CI workflow command. Only the standard library and
+NumPy are imported on this path (no torch, no Lightning, no TensorBoard).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 __all__ = ["add_parser", "run"]
 
+_PROG = "lightning-spectral check"
 _EPILOG = """\
 rules: TAG_PATTERN [REDUCER] OP VALUE, e.g.
   'vne/encoder.* >= 2.0'   'collapse/nc1 last < 0.5'   'erank/* min > 4'
@@ -47,45 +55,98 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.set_defaults(func=run)
 
     def one_line_error(message: str) -> None:  # argparse prints usage + error: keep one line
-        print(f"lightning-spectral check: error: {message} "
-              "(see lightning-spectral check --help)", file=sys.stderr)
+        _line(sys.stderr, f"{_PROG}: error: {message} (see {_PROG} --help)")
         sys.exit(2)
 
     parser.error = one_line_error  # type: ignore[method-assign]
     return parser
 
 
+def _safe(text: str) -> str:
+    from lightning_spectral.gate import safe_line
+
+    return safe_line(text)
+
+
+def _line(stream: TextIO, text: str) -> None:
+    """Write one escaped line; an encoding that cannot show a character gets it escaped."""
+    _write(stream, _safe(text) + "\n")
+
+
+def _write(stream: TextIO, text: str) -> None:
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+    stream.flush()
+
+
 def _bad_input(message: str) -> int:
-    one_line = " ".join(str(message).split())
-    print(f"lightning-spectral check: error: {one_line}", file=sys.stderr)
+    _line(sys.stderr, f"{_PROG}: error: {message}")
     return 2
+
+
+def _write_report(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` without ever blocking on a FIFO that nobody reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader
+            raise OSError(exc.errno, "a FIFO that nobody reads") from exc
+        raise
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    with open(fd, "w", encoding="utf-8", closefd=True) as handle:
+        handle.write(text)
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``check ... | head``): drop the rest of the output, so
+    that exiting does not print a BrokenPipeError."""
+    if sys.stdout is not None and sys.stdout is sys.__stdout__:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # pragma: no cover - nothing more to do
+            pass
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the gate for parsed ``args``; returns the exit status."""
-    from lightning_spectral.gate import GateInputError, check, load_rules, parse_rule, read_run
+    from lightning_spectral import gate
 
     try:
-        rules = [parse_rule(text, source="--rule") for text in args.rule]
+        rules = [gate.parse_rule(text, source="--rule") for text in args.rule]
         for path in args.rules:
-            rules.extend(load_rules(path))
+            rules.extend(gate.load_rules(path))
         if not rules:
             return _bad_input("no rules: give --rule 'TAG_PATTERN [REDUCER] OP VALUE' "
                               "or --rules FILE.toml")
-        runs = [read_run(path) for path in args.runs]
-        report = check(runs, rules)
-    except GateInputError as exc:
+        runs = [gate.read_run(path) for path in args.runs]
+        report = gate.check(runs, rules)
+    except gate.GateInputError as exc:
         return _bad_input(str(exc))
+    for warning in report.warnings:
+        _line(sys.stderr, f"{_PROG}: warning: {warning}")
     if args.format == "json":
-        print(report.to_json())
+        out = report.to_json()
     elif args.format == "github":
-        print(report.to_github())
+        out = report.to_github()
     else:
-        print(report.to_text())
+        out = report.to_text()
+    try:
+        _write(sys.stdout, out + "\n")
+    except BrokenPipeError:
+        _silence_stdout()
     if args.junit is not None:
         try:
-            args.junit.parent.mkdir(parents=True, exist_ok=True)
-            args.junit.write_text(report.to_junit(), encoding="utf-8")
-        except OSError as exc:
-            return _bad_input(f"{args.junit}: cannot write JUnit report ({exc.strerror or exc})")
+            _write_report(args.junit, report.to_junit())
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return _bad_input(f"{args.junit}: cannot write JUnit report ({reason})")
     return 0 if report.passed else 1
