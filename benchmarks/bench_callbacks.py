@@ -214,7 +214,7 @@ def cases(steps_per_epoch: int) -> dict[str, Case]:
             "MirrorCertificate",
             "gap to the convex optimum every 50 steps; overlay figure at most every 500, "
             "budgeted to 1 % of fit time; Lasso once per fit (before the window)",
-            lambda: ls.MirrorCertificate(beta=MIRROR_BETA), "_log_event", start=1, window=1000,
+            lambda: ls.MirrorCertificate(beta=MIRROR_BETA), "_event_values", start=1, window=1000,
             quick=250, warm=500, model=mirror_model, loader=mirror_loader),
     }
 
@@ -279,7 +279,7 @@ class HookClock:
         from lightning_spectral._compat import Callback
 
         names = overridden_hooks(type(callback), Callback)
-        names += [n for n in ("on_spectral_scalars", *case.extra_hooks)
+        names += [n for n in ("_drain_published", *case.extra_hooks)
                   if callable(getattr(callback, n, None)) and n not in names]
         for name in names:
             setattr(callback, name, self.timed(getattr(callback, name), name))
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "*Wall ratio*: median (min–max) of the per-pair ratios of window times; on this shared "
         "machine identical fits differ by ±15–25 %, so a few-per-cent cost cannot be resolved "
         "by it. *Hook share*: the callback's own time in the window (every Lightning hook it "
-        "overrides, its module hooks and `on_spectral_scalars`, each wrapped in a "
+        "overrides, its module hooks and `_drain_published`, each wrapped in a "
         "`perf_counter` timer, synchronised on CUDA) divided by the plain window time of the "
         "same pair, median (min–max); *of which figures*: the part of it spent building "
         "figures (`lightning_spectral.plots`) and writing them (`report.log_figure`: "

@@ -8,7 +8,7 @@ only logs (training is bit-identical to training without the callback).
 
     python examples/vne_digits.py                 # 3 seeds, α = 0.1, 15 epochs
     python examples/vne_digits.py --quick         # smoke run
-    tensorboard --logdir runs/vne                 # vne/features, vne_penalty/features, ...
+    tensorboard --logdir runs/vne                 # vne_penalty/vne/features, ...
 
 The markdown table goes to stdout (and to ``--out`` if given); docs/vne.md holds a measured one.
 """

@@ -48,6 +48,7 @@ import numpy as np
 
 from lightning_spectral._eventfile import file_kind, open_regular
 from lightning_spectral.errors import SpectralConfigError, SpectralError
+from lightning_spectral.reduce import reduce_values
 
 __all__ = [
     "Rule",
@@ -182,21 +183,9 @@ class Rule:
         return self.name or self.text
 
     def reduce(self, values: np.ndarray) -> float:
-        """Apply the reducer to a series (ordered by step); NaN for an empty series."""
-        v = np.asarray(values, dtype=np.float64)
-        if v.size == 0:
-            return float("nan")
-        if self.window is not None:
-            return float(np.mean(v[-self.window :]))
-        if self.reducer == "last":
-            return float(v[-1])
-        if self.reducer == "first":
-            return float(v[0])
-        if self.reducer == "min":
-            return float(np.min(v))
-        if self.reducer == "max":
-            return float(np.max(v))
-        return float(np.mean(v))
+        """Apply the reducer to a series (ordered by step, one value per step); NaN for an empty
+        series (:func:`lightning_spectral.reduce.reduce_values`)."""
+        return reduce_values(values, self.reducer, self.window)
 
     def compare(self, value: float) -> bool:
         """``value OP threshold``; False whenever ``value`` is NaN."""

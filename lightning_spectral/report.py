@@ -8,8 +8,9 @@ of the event into one tensor, copies it, and splits it again on the host.
 
 from __future__ import annotations
 
+import fnmatch
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,9 @@ import torch
 __all__ = [
     "to_host",
     "log_scalars",
+    "publish",
+    "published_since",
+    "published_tags",
     "tensorboard_writers",
     "log_histogram",
     "log_figure",
@@ -71,16 +75,89 @@ def _is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
 
-def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
-    """Write host-side scalars to every logger attached to ``trainer`` (rank zero only)."""
-    if not metrics or not _is_global_zero(trainer):
+def publish(
+    trainer: Any, metrics: Mapping[str, float], prog_bar: Sequence[str] = ()
+) -> None:
+    """Put ``metrics`` into ``trainer.callback_metrics`` (as 0-d float32 CPU tensors, as
+    ``LightningModule.log(..., logger=False)`` would), on the calling rank, so that
+    ``EarlyStopping``, ``ModelCheckpoint`` and any callback listed after the caller read them.
+    Tags matching a glob of ``prog_bar`` also go to the progress bar."""
+    if not metrics:
+        return
+    try:
+        target = trainer.callback_metrics
+    except Exception:  # a Trainer stand-in without a logger connector
+        return
+    if not isinstance(target, dict):
+        return
+    for tag, value in metrics.items():
+        target[tag] = torch.tensor(float(value), dtype=torch.float32)
+    if prog_bar:
+        try:
+            bar = trainer.progress_bar_metrics
+        except Exception:
+            return
+        if isinstance(bar, dict):
+            for tag, value in metrics.items():
+                if any(fnmatch.fnmatchcase(tag, pattern) for pattern in prog_bar):
+                    bar[tag] = float(value)
+
+
+# trainer -> [next sequence number, [(seq, tag, value, step), ...], {tags}]: every scalar the
+# callbacks logged, in order, for readers that need each value with its step (SpectralAlarm)
+_PUBLISHED: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+_PUBLISHED_KEEP = 100_000
+
+
+def _record(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
+    try:
+        entry = _PUBLISHED.setdefault(trainer, [0, [], set()])
+    except TypeError:  # not weak-referenceable
+        return
+    seq, events, tags = entry
+    for tag, value in metrics.items():
+        events.append((seq, tag, float(value), int(step)))
+        tags.add(tag)
+        seq += 1
+    entry[0] = seq
+    if len(events) > _PUBLISHED_KEEP:
+        del events[: len(events) - _PUBLISHED_KEEP // 2]
+
+
+def published_since(trainer: Any, seq: int) -> tuple[int, list[tuple[str, float, int]]]:
+    """The scalars logged through :func:`log_scalars` for ``trainer`` after sequence number
+    ``seq``, as ``(tag, value, step)``, and the sequence number to ask with next time
+    (``published_since(trainer, 2**62)[0]`` is where the record stands now)."""
+    entry = _PUBLISHED.get(trainer) if trainer is not None else None
+    if entry is None:
+        return 0, []
+    nxt, events, _ = entry
+    if seq >= nxt:
+        return nxt, []
+    return nxt, [(tag, value, step) for s, tag, value, step in events if s >= seq]
+
+
+def published_tags(trainer: Any) -> set[str]:
+    """Every tag logged through :func:`log_scalars` for ``trainer`` so far."""
+    entry = _PUBLISHED.get(trainer) if trainer is not None else None
+    return set() if entry is None else entry[2]
+
+
+def log_scalars(
+    trainer: Any,
+    metrics: Mapping[str, float],
+    step: int,
+    prog_bar: Sequence[str] = (),
+) -> None:
+    """Write host-side scalars to every logger attached to ``trainer`` (rank zero only) and
+    publish them into ``trainer.callback_metrics`` (every rank that calls this)."""
+    if not metrics:
         return
     clean = {k: float(v) for k, v in metrics.items()}
-    # listeners (e.g. SpectralAlarm) see what the monitors log, with or without a logger
-    for callback in getattr(trainer, "callbacks", []) or []:
-        listener = getattr(callback, "on_spectral_scalars", None)
-        if callable(listener):
-            listener(trainer, clean, step)
+    publish(trainer, clean, prog_bar)
+    _record(trainer, clean, step)
+    if not _is_global_zero(trainer):
+        return
     for logger in getattr(trainer, "loggers", []) or []:
         logger.log_metrics(clean, step=step)
 

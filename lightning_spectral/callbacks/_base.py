@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from torch import nn
 
+from lightning_spectral import report
 from lightning_spectral._compat import Callback, rank_zero_only
 from lightning_spectral.capture import LayerCapture
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError, SpectralWarning
@@ -44,6 +46,8 @@ __all__ = [
     "check_choice",
     "check_layers",
     "check_bool",
+    "check_tags",
+    "logging_step",
 ]
 
 T = TypeVar("T")
@@ -106,6 +110,40 @@ def check_layers(name: str, value: Any) -> str | list[str]:
     raise SpectralConfigError(
         f"{name} must be 'auto', a module name/glob pattern or a list of them, got {value!r}"
     )
+
+
+def check_tags(name: str, value: Any) -> list[str]:
+    """``None`` or a list of tags / glob patterns (a single string is one pattern)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(x, str) and x for x in value):
+        return list(value)
+    raise SpectralConfigError(f"{name} must be None, a tag/glob or a list of them, got {value!r}")
+
+
+def logging_step(trainer: Any, after_step: bool = False) -> int:
+    """The step Lightning's own ``self.log`` writes to the loggers: the number of batches that
+    stepped the optimizers (one per optimizer step, not one per optimizer); ``global_step`` as a
+    fallback.
+
+    ``after_step=True`` is for ``on_train_batch_end``, where the optimizers of the batch have
+    stepped but Lightning has not counted the batch yet: it counts it, so a value computed from
+    the new weights sits where ``global_step`` would put it with one optimizer.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    value = getattr(loop, "_batches_that_stepped", None)
+    if not isinstance(value, int):
+        return int(getattr(trainer, "global_step", 0))
+    if after_step:
+        accumulating = getattr(loop, "_should_accumulate", None)
+        try:
+            stepped = not accumulating() if callable(accumulating) else True
+        except Exception:  # noqa: BLE001 - a loop state we cannot read: assume it stepped
+            stepped = True
+        value += int(stepped)
+    return value
 
 
 # ------------------------------------------------------------------------------- warnings
@@ -228,18 +266,96 @@ class SpectralCallback(Callback):
             cannot be computed, instead of logging NaN with one warning.
         figure_budget: fraction of the fit's wall time figures may use (the first figure is
             always drawn); ``0`` draws only the first, ``1`` every one.
+        prefix: prepended to every tag the callback writes (scalars, histograms, figures) and to
+            its dashboard categories, so two instances of one callback can share a Trainer.
+        prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar.
+
+    Every scalar goes to the loggers (rank zero) at :func:`logging_step` and into
+    ``trainer.callback_metrics`` on every rank, where ``EarlyStopping``, ``ModelCheckpoint`` and
+    callbacks listed after this one read it.
     """
 
     #: the stages whose ``setup`` installs the callback
     stages: tuple[str, ...] = ("fit",)
 
-    def __init__(self, *, strict: bool = False, figure_budget: float = 0.01) -> None:
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        figure_budget: float = 0.01,
+        prefix: str = "",
+        prog_bar: str | list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.strict = check_bool("strict", strict)
         self.figure_budget = check_float("figure_budget", figure_budget, 0.0, 1.0)
+        if not isinstance(prefix, str) or any(c.isspace() for c in prefix):
+            raise SpectralConfigError(f"prefix must be a string without spaces, got {prefix!r}")
+        self.prefix = prefix
+        self.prog_bar = check_tags("prog_bar", prog_bar)
         self._fail = FailSoft(self.strict, self._owner())
         self._figures = FigureClock()
         self._captures: list[LayerCapture] = []
+
+    # -- tags ------------------------------------------------------------------------------------
+    def _namespace(self) -> tuple[Any, ...] | None:
+        """What makes this instance's tags its own (``None``: it writes no tags). Two instances
+        of one class with equal namespaces in one Trainer would write the same tags."""
+        return (self.prefix,)
+
+    def _check_namespace(self, trainer: Any) -> None:
+        mine = self._namespace()
+        if mine is None:
+            return
+        for other in getattr(trainer, "callbacks", None) or []:
+            if other is self or type(other) is not type(self):
+                continue
+            if other._namespace() == mine:
+                raise SpectralConfigError(
+                    f"two {type(self).__name__} callbacks in one Trainer would write the same "
+                    f"tags (prefix={self.prefix!r}); give each a distinct prefix=..."
+                )
+
+    def _log(
+        self,
+        trainer: Any,
+        metrics: Mapping[str, float],
+        step: int,
+        *,
+        computed_on_every_rank: bool,
+    ) -> dict[str, float]:
+        """Log ``metrics`` (tags without the prefix) at ``step``: to the loggers on rank zero and
+        into ``trainer.callback_metrics`` on every rank.
+
+        Values computed on rank zero only are broadcast first (every rank must call this at the
+        same point then, with an empty mapping off rank zero); returns the logged values.
+        """
+        values = {self.prefix + tag: float(v) for tag, v in metrics.items()}
+        if not computed_on_every_rank and int(getattr(trainer, "world_size", 1) or 1) > 1:
+            values = trainer.strategy.broadcast(values, src=0)
+        report.log_scalars(trainer, values, step, prog_bar=self.prog_bar)
+        return values
+
+    def _layout(self, trainer: Any, categories: Mapping[str, Mapping[str, list[Any]]]) -> None:
+        """Register dashboard categories, their titles and tag patterns under the prefix."""
+        if self.prefix:
+            esc = re.escape(self.prefix)
+            categories = {
+                f"{self.prefix}{category}": {
+                    title: [spec[0], [
+                        "^" + esc + (rx[1:] if rx.startswith("^") else rx) for rx in spec[1]
+                    ]]
+                    for title, spec in charts.items()
+                }
+                for category, charts in categories.items()
+            }
+        report.register_layout(trainer, categories)
+
+    def _histogram(self, trainer: Any, tag: str, values: Any, step: int) -> None:
+        report.log_histogram(trainer, self.prefix + tag, values, step)
+
+    def _figure(self, trainer: Any, tag: str, figure: Any, step: int) -> None:
+        report.log_figure(trainer, self.prefix + tag, figure, step)
 
     def _owner(self) -> str:
         return type(self).__name__
@@ -281,6 +397,7 @@ class SpectralCallback(Callback):
         if stage not in self.stages:
             return
         self.release()  # hooks left by an earlier fit that ended without teardown
+        self._check_namespace(trainer)
         if stage == "fit":
             self._reset()
             self._fail.reset()

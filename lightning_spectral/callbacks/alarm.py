@@ -1,8 +1,9 @@
 """SpectralAlarm: the gate's rules evaluated while the model trains.
 
-The alarm keeps its own bounded per-tag history of what was logged so far: everything the
-library's monitors write through :func:`lightning_spectral.report.log_scalars` (delivered to
-:meth:`SpectralAlarm.on_spectral_scalars`) and every number in ``trainer.callback_metrics``
+The alarm keeps its own bounded per-tag history of what was logged so far: every value the
+library's callbacks logged, with its step (read from
+:func:`lightning_spectral.report.published_since`, the record behind the values they also put
+into ``trainer.callback_metrics``), and every other number in ``trainer.callback_metrics``
 (what ``self.log`` produced) when it changes. At each evaluation point (end of a training
 batch, of validation, of a training epoch) every check whose tag received a new value is
 evaluated with the same rule semantics as ``lightning-spectral check`` (see
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
+from lightning_spectral import report
 from lightning_spectral._compat import rank_zero_only
 from lightning_spectral.callbacks._base import (
     SpectralCallback,
@@ -39,6 +40,7 @@ from lightning_spectral.callbacks._base import (
 )
 from lightning_spectral.errors import SpectralConfigError, SpectralError
 from lightning_spectral.gate import GateInputError, Rule, parse_rule
+from lightning_spectral.reduce import StreamingSeries
 
 __all__ = ["SpectralAlarm", "SpectralAlarmError"]
 
@@ -49,82 +51,6 @@ _ACTIONS: tuple[Literal["stop", "raise", "warn"], ...] = ("stop", "raise", "warn
 
 class SpectralAlarmError(SpectralError, RuntimeError):
     """Raised by ``SpectralAlarm(action="raise")`` when a rule keeps failing."""
-
-
-class _History:
-    """Streaming reducers of one tag: first, last, min, max, mean and a window of recent values.
-
-    A value logged again at the step of the previous value replaces it for ``last``, ``mean``
-    and the window (as the gate keeps the latest write of a step); ``min``/``max`` keep both.
-    """
-
-    __slots__ = ("first", "last", "lo", "hi", "total", "count", "nan", "recent", "step",
-                 "version")
-
-    def __init__(self, window: int) -> None:
-        self.first = math.nan
-        self.last = math.nan
-        self.lo = math.inf
-        self.hi = -math.inf
-        self.total = 0.0
-        self.count = 0
-        self.nan = 0
-        self.recent: deque[float] = deque(maxlen=max(window, 1))
-        self.step: int | None = None
-        self.version = 0
-
-    def add(self, value: float, step: int | None) -> None:
-        if self.count and step is not None and step == self.step:
-            old = self.recent.pop()
-            if math.isnan(old):
-                self.nan -= 1
-            else:
-                self.total -= old
-            self.count -= 1
-        if self.count == 0:
-            self.first = value
-        self.last = value
-        if math.isnan(value):
-            self.nan += 1
-        else:
-            self.total += value
-            self.lo = min(self.lo, value)
-            self.hi = max(self.hi, value)
-        self.count += 1
-        self.recent.append(value)
-        self.step = step
-        self.version += 1
-
-    def reduce(self, rule: Rule) -> float:
-        if self.count == 0:
-            return math.nan
-        if rule.window is not None:
-            recent = list(self.recent)[-rule.window :]
-            return math.fsum(recent) / len(recent)
-        if rule.reducer == "last":
-            return self.last
-        if rule.reducer == "first":
-            return self.first
-        if self.nan:
-            return math.nan
-        if rule.reducer == "min":
-            return self.lo
-        if rule.reducer == "max":
-            return self.hi
-        return self.total / self.count
-
-    def state(self) -> dict[str, Any]:
-        return {"first": self.first, "last": self.last, "lo": self.lo, "hi": self.hi,
-                "total": self.total, "count": self.count, "nan": self.nan,
-                "recent": list(self.recent), "step": self.step}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any], window: int) -> _History:
-        h = cls(window)
-        for key in ("first", "last", "lo", "hi", "total", "count", "nan", "step"):
-            setattr(h, key, state[key])
-        h.recent.extend(state["recent"])
-        return h
 
 
 class SpectralAlarm(SpectralCallback):
@@ -169,11 +95,12 @@ class SpectralAlarm(SpectralCallback):
 
     def _reset(self) -> None:
         """An empty history: what a fresh fit starts from."""
-        self._history: dict[str, _History] = {}
+        self._history: dict[str, StreamingSeries] = {}
         self._seen: dict[tuple[int, str], int] = {}  # (rule index, tag) -> version evaluated
         self._strikes: dict[tuple[int, str], int] = {}
         self._cm_cache: dict[str, float] = {}
         self._cm_names: set[str] = set()  # every callback-metric tag seen (for messages)
+        self._published_seq = 0
         self._dirty: set[str] = set()  # tags with values not yet evaluated
         self.triggered: list[str] = []  # messages of the checks that fired
         self.stopped_step: int | None = None
@@ -194,7 +121,7 @@ class SpectralAlarm(SpectralCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._history = {tag: _History.from_state(s, self._window)
+        self._history = {tag: StreamingSeries.from_state(s, self._window)
                          for tag, s in state_dict.get("history", {}).items()}
         self._strikes = {(int(i), str(t)): int(n) for i, t, n in state_dict.get("strikes", [])}
         # restored histories restart their version counters: everything counts as evaluated
@@ -213,13 +140,22 @@ class SpectralAlarm(SpectralCallback):
                 continue
             hist = self._history.get(tag)
             if hist is None:
-                hist = self._history[tag] = _History(self._window)
+                hist = self._history[tag] = StreamingSeries(self._window)
             hist.add(number, step)
             self._dirty.add(tag)
 
-    def on_spectral_scalars(self, trainer: Any, metrics: Mapping[str, float], step: int) -> None:
-        """Called by :func:`lightning_spectral.report.log_scalars` for every logging event."""
-        self.record(metrics, step)
+    def _namespace(self) -> None:
+        return None  # the alarm writes no tags
+
+    def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # read only what this fit logs from now on
+        self._published_seq = report.published_since(trainer, 1 << 62)[0]
+
+    def _drain_published(self, trainer: Any) -> None:
+        """Record every value the library's callbacks logged since the last evaluation."""
+        self._published_seq, events = report.published_since(trainer, self._published_seq)
+        for tag, value, step in events:
+            self.record({tag: value}, step)
 
     def _rules_of(self, tag: str) -> frozenset[int]:
         """Indices of the rules whose pattern matches ``tag`` (cached: patterns are fixed)."""
@@ -245,8 +181,9 @@ class SpectralAlarm(SpectralCallback):
         self._cm_names.update(metrics)
         numbers: dict[str, float] = {}
         by_device: dict[Any, list[tuple[str, torch.Tensor]]] = {}
+        published = report.published_tags(trainer)  # read above, with their steps
         for tag, value in metrics.items():
-            if not self._wanted(tag):
+            if tag in published or not self._wanted(tag):
                 continue
             if isinstance(value, torch.Tensor):
                 if value.numel() == 1 and not value.is_complex():
@@ -287,7 +224,7 @@ class SpectralAlarm(SpectralCallback):
                 if self._seen.get(key) == hist.version:
                     continue
                 self._seen[key] = hist.version
-                value = hist.reduce(rule)
+                value = hist.reduce(rule.reducer, rule.window)
                 if rule.compare(value):
                     self._strikes[key] = 0
                     continue
@@ -305,6 +242,7 @@ class SpectralAlarm(SpectralCallback):
     def _check(self, trainer: Any) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
+        self._drain_published(trainer)
         self._poll_callback_metrics(trainer)
         fired = self.evaluate()
         decision = bool(fired)

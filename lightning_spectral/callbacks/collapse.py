@@ -30,6 +30,7 @@ from lightning_spectral.callbacks._base import (
     SpectralCallback,
     check_choice,
     check_int,
+    logging_step,
     warn_rank_zero,
 )
 from lightning_spectral.capture import LayerCapture, resolve_layers, resolve_one
@@ -76,23 +77,29 @@ def _describe(module: nn.Linear) -> str:
     return f"{type(module).__name__} {width_in}→{module.out_features}"
 
 
-LAYOUT = {
-    "collapse": report.multiline_layout(
-        {
-            "NC1 within-class variability (→ 0)": ["collapse/nc1$"],
-            "NC2 class means → simplex ETF (→ 0)": [
-                "collapse/nc2_equinorm$",
-                "collapse/nc2_equiangular$",
-                "collapse/nc2_cos_std$",
-                "collapse/nc2_etf$",
-            ],
-            "NC2 head rows → simplex ETF (→ 0)": ["collapse/nc2_.*_w$"],
-            "NC3 self-duality (→ 0)": ["collapse/nc3.*"],
-            "NC4 agreement with nearest class mean (→ 1)": ["collapse/nc4$"],
-            "Information interplay: MIR (↑), HDR (↓)": ["collapse/mir$", "collapse/hdr$"],
-        }
-    )
-}
+def layout(namespace: str = "collapse") -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars category of one monitor's tags (``collapse`` or ``collapse_val``)."""
+    ns = namespace
+    return {
+        ns: report.multiline_layout(
+            {
+                "NC1 within-class variability (→ 0)": [f"^{ns}/nc1$"],
+                "NC2 class means → simplex ETF (→ 0)": [
+                    f"^{ns}/nc2_equinorm$",
+                    f"^{ns}/nc2_equiangular$",
+                    f"^{ns}/nc2_cos_std$",
+                    f"^{ns}/nc2_etf$",
+                ],
+                "NC2 head rows → simplex ETF (→ 0)": [f"^{ns}/nc2_.*_w$"],
+                "NC3 self-duality (→ 0)": [f"^{ns}/nc3.*"],
+                "NC4 agreement with nearest class mean (→ 1)": [f"^{ns}/nc4$"],
+                "Information interplay: MIR (↑), HDR (↓)": [f"^{ns}/mir$", f"^{ns}/hdr$"],
+            }
+        )
+    }
+
+
+LAYOUT = layout("collapse")
 
 
 class CollapseMonitor(SpectralCallback):
@@ -118,14 +125,19 @@ class CollapseMonitor(SpectralCallback):
         figure_budget: the geometry figure (≈ 0.3–1 s to draw on a CPU) is skipped at an epoch
             end while figures have used more than this fraction of the fit's wall time; the last
             skipped one is drawn when training ends (``1.0``: every epoch).
+        prefix: prepended to every tag and to the dashboard category; two monitors of one
+            source in one Trainer need distinct prefixes.
+        prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar.
 
     After each logging event ``last_metrics`` holds the logged values (tag → float) and
     ``history`` the ``(epoch, nc1)`` pairs of this fit (continued on a ``ckpt_path`` resume);
     ``head_name`` is the chosen head.
 
-    Logged tags (step = ``trainer.global_step``): ``collapse/<key>`` for every key of SPEC.md
-    §4's table, ``collapse/mir`` and ``collapse/hdr``; with TensorBoard also the figure
-    ``collapse/geometry`` and a ``collapse`` custom-scalars category.
+    Logged tags (at the step Lightning's ``self.log`` uses): ``collapse/<key>`` for every key
+    of the collapse table in docs/metrics.md, ``collapse/mir`` and ``collapse/hdr`` — under
+    ``collapse_val/`` for ``source="val"``; with TensorBoard also the figure
+    ``collapse/geometry`` and a ``collapse`` custom-scalars category. Every value also goes
+    into ``trainer.callback_metrics`` on every rank (``EarlyStopping(monitor="collapse/nc1")``).
     """
 
     def __init__(
@@ -138,8 +150,12 @@ class CollapseMonitor(SpectralCallback):
         num_classes: int | None = None,
         strict: bool = False,
         figure_budget: float = 0.01,
+        prefix: str = "",
+        prog_bar: str | list[str] | None = None,
     ) -> None:
-        super().__init__(strict=strict, figure_budget=figure_budget)
+        super().__init__(
+            strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
+        )
         if not isinstance(head, str) or not head:
             raise SpectralConfigError(
                 f"head must be a module name (or glob pattern) or 'auto', got {head!r}"
@@ -169,8 +185,19 @@ class CollapseMonitor(SpectralCallback):
 
     # ------------------------------------------------------------------ identity and state
     @property
+    def namespace(self) -> str:
+        """The first part of every tag: ``collapse`` (``source="train"``) or ``collapse_val``."""
+        return "collapse" if self.source == "train" else "collapse_val"
+
+    def _namespace(self) -> tuple[str, str]:
+        return (self.prefix, self.source)
+
+    @property
     def state_key(self) -> str:
-        return self._generate_state_key(head=self.head, labels=self.labels, source=self.source)
+        extra = {"prefix": self.prefix} if self.prefix else {}
+        return self._generate_state_key(
+            head=self.head, labels=self.labels, source=self.source, **extra
+        )
 
     @property
     def head_name(self) -> str | None:
@@ -599,7 +626,7 @@ class CollapseMonitor(SpectralCallback):
                 cosine, classes, history,
                 title=f"neural collapse at epoch {epoch} (head {self._head_name!r})",
             )
-            report.log_figure(trainer, "collapse/geometry", fig, step)
+            self._figure(trainer, f"{self.namespace}/geometry", fig, step)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._figures.start()
@@ -713,10 +740,10 @@ class CollapseMonitor(SpectralCallback):
 
     def _log_nan(self, trainer: Any, epoch: int) -> None:
         keys = (*collapse_keys(True), "mir", "hdr")
-        host_s = {f"collapse/{k}": math.nan for k in keys}
+        host_s = {f"{self.namespace}/{k}": math.nan for k in keys}
         self.history.append((epoch, math.nan))
         self.last_metrics = dict(host_s)
-        report.log_scalars(trainer, host_s, int(trainer.global_step))
+        self._log(trainer, host_s, logging_step(trainer), computed_on_every_rank=True)
 
     def _report_problems(self, epoch: int, counts: Any) -> bool:
         """One warning per kind of problem seen (counts per kind); True if there was any."""
@@ -754,7 +781,7 @@ class CollapseMonitor(SpectralCallback):
             self._fail.problem("compute", f"epoch {epoch}: {type(exc).__name__}: {exc}")
             self._log_nan(trainer, epoch)
             return
-        scalars = {f"collapse/{k}": out[k] for k in keys}
+        scalars = {f"{self.namespace}/{k}": out[k] for k in keys}
         vectors = {
             "cosine": out["_cosine"],
             "classes": out["_classes"].to(torch.float64),
@@ -794,13 +821,13 @@ class CollapseMonitor(SpectralCallback):
                     f"{present} classes present (SPEC.md §4); further warnings suppressed",
                     stacklevel=2,
                 )
-        self.history.append((epoch, host_s["collapse/nc1"]))
+        self.history.append((epoch, host_s[f"{self.namespace}/nc1"]))
         self.last_metrics = dict(host_s)
-        step = int(trainer.global_step)
-        report.log_scalars(trainer, host_s, step)
+        step = logging_step(trainer)
+        self._log(trainer, host_s, step, computed_on_every_rank=True)
         if report.tensorboard_writers(trainer):
             if not self._layout_done:
-                report.register_layout(trainer, LAYOUT)
+                self._layout(trainer, layout(self.namespace))
                 self._layout_done = True
             c = host_v["classes"].size
             if c >= 2:

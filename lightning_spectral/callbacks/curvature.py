@@ -67,6 +67,7 @@ from lightning_spectral.callbacks._base import (
     check_choice,
     check_float,
     check_int,
+    logging_step,
 )
 from lightning_spectral.callbacks.penalty import unwrapped_training_step
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError
@@ -211,6 +212,11 @@ class CurvatureMonitor(SpectralCallback):
         seed: seed of the callback's own generator (probes); event ``e`` uses ``seed + step``.
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` instead of
             logging NaN with one warning.
+        prefix: prepended to every tag and to the dashboard category.
+        prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar.
+
+    Values are computed on global rank zero and broadcast into every rank's
+    ``trainer.callback_metrics``.
     """
 
     def __init__(
@@ -226,8 +232,10 @@ class CurvatureMonitor(SpectralCallback):
         mode: Literal["eval", "train"] = "eval",
         seed: int = 0,
         strict: bool = False,
+        prefix: str = "",
+        prog_bar: str | list[str] | None = None,
     ) -> None:
-        super().__init__(strict=strict)
+        super().__init__(strict=strict, prefix=prefix, prog_bar=prog_bar)
         self.every_n_steps = check_int("every_n_steps", every_n_steps)
         self.k = check_int("k", k)
         self.batches = check_int("batches", batches)
@@ -248,8 +256,10 @@ class CurvatureMonitor(SpectralCallback):
     # ------------------------------------------------------------------ Lightning plumbing
     @property
     def state_key(self) -> str:
+        extra = {"prefix": self.prefix} if self.prefix else {}
         return self._generate_state_key(every_n_steps=self.every_n_steps, k=self.k,
-                                        loss=self.loss, batches=self.batches, mode=self.mode)
+                                        loss=self.loss, batches=self.batches, mode=self.mode,
+                                        **extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step, "events": self._events}
@@ -295,8 +305,20 @@ class CurvatureMonitor(SpectralCallback):
         self._schedule.done(step)
         self._last_step = step
         self._events += 1
+        log_step = logging_step(trainer, after_step=True)
         if not getattr(trainer, "is_global_zero", True):
+            # only rank zero computes; every rank receives its values (callback_metrics)
+            self._log(trainer, {}, log_step, computed_on_every_rank=False)
             return
+        try:
+            host = self._event(trainer, pl_module, step)
+        except BaseException:
+            self._log(trainer, {}, log_step, computed_on_every_rank=False)  # release the ranks
+            raise
+        self._log(trainer, host, log_step, computed_on_every_rank=False)
+
+    def _event(self, trainer: Any, pl_module: Any, step: int) -> dict[str, float]:
+        """Rank zero: one event's values on the host (unprefixed tags)."""
         lr = float("nan")
         optimizers = getattr(trainer, "optimizers", None) or []
         if optimizers and optimizers[0].param_groups:
@@ -305,14 +327,14 @@ class CurvatureMonitor(SpectralCallback):
         host, _ = report.to_host(scalars)
         if not self._layout_done:
             self._layout_done = True
-            report.register_layout(trainer, {"hessian": report.multiline_layout({
+            self._layout(trainer, {"hessian": report.multiline_layout({
                 "top eigenvalues": [r"hessian/eig_\d+"],
                 "trace": [r"hessian/trace$"],
                 "noise energy s2 along q_i": [r"hessian/noise_s2_\d+"],
                 "inverse temperature beta_i": [r"hessian/beta_\d+"],
                 "stationary spread sigma_i": [r"hessian/sigma_\d+"],
             })})
-        report.log_scalars(trainer, host, step=step)
+        return host
 
     # ------------------------------------------------------------------ computation
     def _loss_of(self, pl_module: Any, batch: Any) -> torch.Tensor:

@@ -25,6 +25,7 @@ from lightning_spectral.callbacks._base import (
     StepSchedule,
     check_float,
     check_int,
+    logging_step,
 )
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
@@ -83,8 +84,12 @@ class MirrorCertificate(SpectralCallback):
         seed: int = 0,
         strict: bool = False,
         figure_budget: float = 0.01,
+        prefix: str = "",
+        prog_bar: str | list[str] | None = None,
     ) -> None:
-        super().__init__(strict=strict, figure_budget=figure_budget)
+        super().__init__(
+            strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
+        )
         self.every_n_steps = check_int("every_n_steps", every_n_steps)
         if beta is None:
             raise SpectralConfigError(
@@ -144,7 +149,7 @@ class MirrorCertificate(SpectralCallback):
         self._figures.start()
         if self._net is None:
             self._net, self._net_name = _find_mirror_net(pl_module, self.module)
-        report.register_layout(trainer, {"mirror": report.multiline_layout({
+        self._layout(trainer, {"mirror": report.multiline_layout({
             "objective vs convex optimum": [r"mirror/objective", r"mirror/optimum"],
             "relative gap to the global optimum": [r"mirror/gap"],
         })})
@@ -163,22 +168,34 @@ class MirrorCertificate(SpectralCallback):
             return
         self._schedule.done(step)  # never twice for one step (accumulated micro-batches)
         self._last_step = step
-        if not getattr(trainer, "is_global_zero", True):
-            return
-        self._log_event(trainer, step)
-        if (self.figure_every_n_steps and step % self.figure_every_n_steps == 0
+        log_step = logging_step(trainer, after_step=True)
+        self._event(trainer, step, log_step)
+        if (getattr(trainer, "is_global_zero", True) and self.figure_every_n_steps
+                and step % self.figure_every_n_steps == 0
                 and self._figures.allowed(self.figure_budget)):
-            self._log_figure(trainer, step)
+            self._log_figure(trainer, step, log_step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = int(trainer.global_step)
-        if not getattr(trainer, "is_global_zero", True):
-            return
+        log_step = logging_step(trainer)
         if step != self._last_step:
             self._last_step = step
-            self._log_event(trainer, step)
-        if self.figure_every_n_steps and step != self._last_figure_step:
-            self._log_figure(trainer, step)
+            self._event(trainer, step, log_step)
+        if (getattr(trainer, "is_global_zero", True) and self.figure_every_n_steps
+                and step != self._last_figure_step):
+            self._log_figure(trainer, step, log_step)
+
+    def _event(self, trainer: Any, step: int, log_step: int) -> None:
+        """One event on every rank: rank zero computes, every rank receives the values."""
+        if not getattr(trainer, "is_global_zero", True):
+            self._log(trainer, {}, log_step, computed_on_every_rank=False)
+            return
+        try:
+            values = self._event_values(step)
+        except BaseException:
+            self._log(trainer, {}, log_step, computed_on_every_rank=False)  # release the ranks
+            raise
+        self._log(trainer, values, log_step, computed_on_every_rank=False)
 
     # ------------------------------------------------------------------ work
 
@@ -206,7 +223,7 @@ class MirrorCertificate(SpectralCallback):
             self._fail.problem("lasso", f"the Lasso could not be solved on the training data: "
                                         f"{exc}", consequence="every mirror/ tag is logged as NaN")
 
-    def _log_event(self, trainer: Any, step: int) -> None:
+    def _event_values(self, step: int) -> dict[str, float]:
         net, fit = self._net, self._fit
         if net is None or fit is None or self._x is None or self._y is None:
             values = dict.fromkeys(TAGS, float("nan"))
@@ -232,13 +249,13 @@ class MirrorCertificate(SpectralCallback):
                 self._fail.problem("event", f"could not evaluate the network: {exc}",
                                    consequence="every mirror/ tag is logged as NaN")
                 values = dict.fromkeys(TAGS, float("nan"))
-        report.log_scalars(trainer, values, step)
+        return values
 
-    def _log_figure(self, trainer: Any, step: int) -> None:
+    def _log_figure(self, trainer: Any, step: int, log_step: int) -> None:
         with self._figures.timed():
-            self._draw_figure(trainer, step)
+            self._draw_figure(trainer, step, log_step)
 
-    def _draw_figure(self, trainer: Any, step: int) -> None:
+    def _draw_figure(self, trainer: Any, step: int, log_step: int) -> None:
         net, fit = self._net, self._fit
         if net is None or fit is None or self._x is None or self._y is None:
             return
@@ -258,7 +275,7 @@ class MirrorCertificate(SpectralCallback):
             fig = mirror_overlay(xs, self._y.numpy(), grid.numpy(), f_net,
                                  fit.predict(grid).numpy(), fit.breakpoints().numpy(), net_bp,
                                  title=f"step {step}: depth {net.depth}, β = {self.beta:g}")
-            report.log_figure(trainer, FIGURE_TAG, fig, step)
+            self._figure(trainer, FIGURE_TAG, fig, log_step)
             self._last_figure_step = step
         except Exception as exc:  # noqa: BLE001 - fail soft by design
             if self.strict:

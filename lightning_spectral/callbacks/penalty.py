@@ -75,6 +75,7 @@ from lightning_spectral.callbacks._base import (
     check_bool,
     check_float,
     check_int,
+    logging_step,
 )
 from lightning_spectral.capture import LayerCapture, module_rows, reduction_for, resolve_one
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError
@@ -188,6 +189,12 @@ class VNEPenalty(SpectralCallback):
         inject: add the penalty to what ``training_step`` returns (automatic optimization
             only). With ``inject=False`` nothing is added: call :meth:`term` in your
             ``training_step`` (required with manual optimization).
+        prefix: prepended to every tag and to the dashboard category.
+        prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar.
+
+    Logged tags: ``vne_penalty/<layer>`` (the term ``−α·VNE`` added to the loss) and
+    ``vne_penalty/vne/<layer>`` (the VNE of the penalised batch) — their own namespace, so a
+    ``SpectralMonitor`` watching the same layer never writes the same tag.
     """
 
     def __init__(
@@ -198,13 +205,15 @@ class VNEPenalty(SpectralCallback):
         normalize: bool = True,
         strict: bool = False,
         inject: bool = True,
+        prefix: str = "",
+        prog_bar: str | list[str] | None = None,
     ) -> None:
         if not isinstance(layer, str) or not layer:
             raise SpectralConfigError(
                 f"layer must be a module name or glob pattern (str), got {layer!r}"
             )
         self.layer = layer
-        super().__init__(strict=strict)
+        super().__init__(strict=strict, prefix=prefix, prog_bar=prog_bar)
         self.alpha = check_float("alpha", alpha)
         self.every_n_steps = check_int("every_n_steps", every_n_steps)
         self.normalize = check_bool("normalize", normalize)
@@ -222,7 +231,11 @@ class VNEPenalty(SpectralCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layer=self.layer, alpha=self.alpha)
+        extra = {"prefix": self.prefix} if self.prefix else {}
+        return self._generate_state_key(layer=self.layer, alpha=self.alpha, **extra)
+
+    def _namespace(self) -> tuple[str, str]:
+        return (self.prefix, self.layer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self._schedule.state_dict()}
@@ -237,6 +250,7 @@ class VNEPenalty(SpectralCallback):
         # capture state of the step in progress
         self._armed = False
         self._armed_step = 0
+        self._armed_log = 0
         self._term_called = False
         self._views: list[torch.Tensor] = []
         # logging state: the open optimizer step and the closed steps waiting for a host copy
@@ -287,7 +301,7 @@ class VNEPenalty(SpectralCallback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         try:  # write what completed steps computed; the step in progress is dropped
-            self._flush(trainer)
+            self._flush(trainer, collective=False)
         except Exception:  # noqa: BLE001 - never mask the exception being handled
             pass
         finally:
@@ -321,6 +335,7 @@ class VNEPenalty(SpectralCallback):
         self._views = []
         self._term_called = False
         self._armed_step = int(trainer.global_step)
+        self._armed_log = logging_step(trainer)
         self._armed = self._layer_capture is not None and self._due(self._armed_step)
         if self._armed and self._layer_capture is not None:
             self._layer_capture.start(self._armed_step)
@@ -464,12 +479,12 @@ class VNEPenalty(SpectralCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         layer = self._tag_layer
         name = re.escape(layer)
-        report.register_layout(
+        self._layout(
             trainer,
             {
                 f"VNE penalty: {layer}": report.multiline_layout(
                     {
-                        f"vne/{layer}": [f"^vne/{name}$"],
+                        f"vne_penalty/vne/{layer}": [f"^vne_penalty/vne/{name}$"],
                         f"vne_penalty/{layer} (−α·VNE)": [f"^vne_penalty/{name}$"],
                     }
                 )
@@ -485,7 +500,7 @@ class VNEPenalty(SpectralCallback):
         if self._acc is not None and self._acc[0] != step:
             self._close_step()
         if self._acc is None:
-            self._acc = [step, value, term, 1]
+            self._acc = [step, value, term, 1, self._armed_log]
         else:
             self._acc[1] = self._acc[1] + value
             self._acc[2] = self._acc[2] + term
@@ -494,22 +509,40 @@ class VNEPenalty(SpectralCallback):
     def _close_step(self) -> None:
         if self._acc is None:
             return
-        step, total_v, total_p, count = self._acc
-        self._pending.append((step, total_v / count, total_p / count))
+        _, total_v, total_p, count, log_step = self._acc
+        self._pending.append((log_step, total_v / count, total_p / count))
         self._acc = None
 
-    def _flush(self, trainer: Any) -> None:
-        """Move every pending step's values to the host in one copy and write them."""
+    def _flush(self, trainer: Any, collective: bool = True) -> None:
+        """Move every pending step's values to the host in one copy and write them.
+
+        Under DDP every rank flushes at the same points (the same steps are pending on each);
+        rank zero's values are broadcast so that every rank's ``callback_metrics`` hold the
+        logged ones. ``collective=False`` (on an exception) writes the local values instead."""
         pending, self._pending = self._pending, []
-        if not pending:
+        distributed = collective and int(getattr(trainer, "world_size", 1) or 1) > 1
+        if not pending and not distributed:
             return
+        events = self._host_events(pending)
+        if distributed:
+            events = trainer.strategy.broadcast(events, src=0)
+        for step, values in events:
+            self._log(trainer, values, step, computed_on_every_rank=True)
+
+    def _host_events(
+        self, pending: list[tuple[int, torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[int, dict[str, float]]]:
+        """The pending steps' values on the host (one copy), warning about non-finite ones."""
+        if not pending:
+            return []
         flat = torch.stack(
             [t.to(pending[0][1].device, torch.float64) for _, v, p in pending for t in (v, p)]
         )
         _, vectors = report.to_host({}, {"values": flat})
         host = vectors["values"]
         layer = self._tag_layer
-        vne_tag, pen_tag = f"vne/{layer}", f"vne_penalty/{layer}"
+        vne_tag, pen_tag = f"vne_penalty/vne/{layer}", f"vne_penalty/{layer}"
+        events: list[tuple[int, dict[str, float]]] = []
         for i, (step, _, _) in enumerate(pending):
             value, term = float(host[2 * i]), float(host[2 * i + 1])
             if not math.isfinite(value):
@@ -517,4 +550,5 @@ class VNEPenalty(SpectralCallback):
                     "nonfinite", f"the VNE of layer {layer!r} is not finite at step {step}",
                     consequence=f"no penalty was added for that step; {vne_tag} is logged as NaN",
                 )
-            report.log_scalars(trainer, {vne_tag: value, pen_tag: term}, step=step)
+            events.append((step, {vne_tag: value, pen_tag: term}))
+        return events

@@ -41,6 +41,7 @@ from lightning_spectral.callbacks._base import (
     check_choice,
     check_int,
     check_layers,
+    logging_step,
     warn_rank_zero,
 )
 from lightning_spectral.capture import LayerCapture, weight_matrices
@@ -123,6 +124,16 @@ class SpectralMonitor(SpectralCallback):
         figure_budget: the per-event spectra figure is skipped while figure rendering has used
             more than this fraction of the fit's wall time (one figure costs more than a
             hundred steps of a small MLP); the first event always gets one.
+        prefix: prepended to every tag (``prefix="student/"`` → ``student/vne/<layer>``) and
+            dashboard category; two monitors in one Trainer need distinct prefixes.
+        prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar, e.g.
+            ``["erank/*"]``.
+
+    Every scalar also goes into ``trainer.callback_metrics`` on every rank, so
+    ``EarlyStopping(monitor="vne/<layer>")`` and ``ModelCheckpoint(monitor="erank/<layer>")``
+    work. Values are logged at the step Lightning's ``self.log`` uses (batches that stepped the
+    optimizers), the schedule counts ``trainer.global_step``; the two differ only with several
+    optimizers (manual optimization).
 
     Logged tags (docs/metrics.md): ``vne/``, ``erank/``, ``eig_max/``, ``condition/`` and
     ``rows/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
@@ -143,8 +154,12 @@ class SpectralMonitor(SpectralCallback):
         dtype: Literal["float32", "float64"] = "float32",
         strict: bool = False,
         figure_budget: float = FIGURE_BUDGET,
+        prefix: str = "",
+        prog_bar: str | list[str] | None = None,
     ) -> None:
-        super().__init__(strict=strict, figure_budget=figure_budget)
+        super().__init__(
+            strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
+        )
         self.every_n_steps = check_int("every_n_steps", every_n_steps)
         check_int("weights_every_n_steps", weights_every_n_steps, optional=True)
         self.weights_every_n_steps = (
@@ -181,7 +196,8 @@ class SpectralMonitor(SpectralCallback):
         self._full_rows: dict[str, int] = {}
         self._postponed = 0
         self._capturing_for: int | None = None
-        self._pending_weights: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._capturing_log = 0
+        self._pending_weights: tuple[int, int, dict[str, torch.Tensor]] | None = None
         self._layout_done = False
         self._warned_empty: set[str] = set()
         #: ``{"step": g, "rows": {layer: rows used}}`` of the last activation event (all ranks)
@@ -190,10 +206,12 @@ class SpectralMonitor(SpectralCallback):
     # -- identity and state ----------------------------------------------------------------------
     @property
     def state_key(self) -> str:
+        extra = {"prefix": self.prefix} if self.prefix else {}
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,
             layers=self.layers,
             weights_every_n_steps=self.weights_every_n_steps,
+            **extra,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -253,16 +271,18 @@ class SpectralMonitor(SpectralCallback):
         if self._capture is None or self._capturing_for is not None:
             return  # not set up, or inside an accumulation window already being captured
         g = int(trainer.global_step)
+        log_step = logging_step(trainer)
         act_due = self._act_schedule.due(g)
         weight_due = self.weights and bool(self._weight_layers) and self._weight_schedule.due(g)
         if weight_due:
             self._weight_schedule.done(g)
-            self._pending_weights = (g, self._weight_spectra(trainer))
+            self._pending_weights = (g, log_step, self._weight_spectra(trainer))
         if act_due:
             self._capturing_for = g
+            self._capturing_log = log_step
             self._capture.start(seed=g)
         elif weight_due:
-            self._emit(trainer, g, None)
+            self._emit(trainer, g, log_step, None)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -286,7 +306,7 @@ class SpectralMonitor(SpectralCallback):
             for n, r in (rows or {}).items():
                 self._full_rows[n] = max(self._full_rows.get(n, 0), int(r.shape[0]))
         if rows is not None or self._pending_weights is not None:
-            self._emit(trainer, g, rows)
+            self._emit(trainer, g, self._capturing_log, rows)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._figures.start()
@@ -305,9 +325,10 @@ class SpectralMonitor(SpectralCallback):
             self._capture.take()  # an unfinished window (interrupted fit) is dropped
         self._capturing_for = None
         g = int(trainer.global_step)
+        log_step = logging_step(trainer)
         if self.weights and self._weight_layers and self._last_weight_step != g:
-            self._pending_weights = (g, self._weight_spectra(trainer))
-            self._emit(trainer, g, None)
+            self._pending_weights = (g, log_step, self._weight_spectra(trainer))
+            self._emit(trainer, g, log_step, None)
         if self.figures and trainer.is_global_zero and report.tensorboard_writers(trainer):
             from lightning_spectral.plots.spectral import spectrum_heatmap
 
@@ -316,7 +337,7 @@ class SpectralMonitor(SpectralCallback):
                     continue
                 spectra = [t.numpy() for t in h["spectra"]]
                 fig = spectrum_heatmap(layer, h["steps"], spectra)
-                report.log_figure(trainer, f"spectrum_heatmap/{layer}", fig, g)
+                self._figure(trainer, f"spectrum_heatmap/{layer}", fig, log_step)
 
     # -- computing -------------------------------------------------------------------------------
     def _weight_spectra(self, trainer: Any) -> dict[str, torch.Tensor]:
@@ -387,39 +408,60 @@ class SpectralMonitor(SpectralCallback):
                 out[n] = torch.cat(pieces)
         return out
 
-    def _emit(self, trainer: Any, step: int, rows: dict[str, torch.Tensor] | None) -> None:
-        """Compute, move to the host once, and log one event at ``step`` (rows already gathered
-        across ranks)."""
+    def _emit(
+        self, trainer: Any, step: int, log_step: int, rows: dict[str, torch.Tensor] | None
+    ) -> None:
+        """Compute, move to the host once, and log one event of schedule step ``step`` at logger
+        step ``log_step`` (rows already gathered across ranks). Every rank calls this at the
+        same point: values computed on rank zero are broadcast into every rank's
+        ``callback_metrics``."""
         if rows is not None:
             self.last_event = {"step": step, "rows": {n: int(r.shape[0]) for n, r in rows.items()}}
             self._warn_empty(rows)
         pending = self._pending_weights
         self._pending_weights = None
         if not trainer.is_global_zero:
+            self._log(trainer, {}, log_step, computed_on_every_rank=False)
             return
+        try:
+            values = self._compute_event(trainer, log_step, rows, pending)
+        except BaseException:
+            # the other ranks wait in the broadcast: release them before raising (strict=True)
+            self._log(trainer, {}, log_step, computed_on_every_rank=False)
+            raise
+        self._log(trainer, values, log_step, computed_on_every_rank=False)
+
+    def _compute_event(
+        self,
+        trainer: Any,
+        step: int,
+        rows: dict[str, torch.Tensor] | None,
+        pending: tuple[int, int, dict[str, torch.Tensor]] | None,
+    ) -> dict[str, float]:
+        """Rank zero: the event's scalars (returned, unprefixed); histograms and figures are
+        written here."""
         packed: dict[str, torch.Tensor] = {}
         unpack: list[tuple[str, list[str], tuple[str, ...], list[int] | None]] = []
         if rows:
             self._activation_metrics(rows, packed, unpack)
         weight_names: list[str] = []
-        if pending is not None and pending[1]:
+        if pending is not None and pending[2]:
             self._last_weight_step = pending[0]
-            weight_names = list(pending[1])
-            self._weight_metrics(pending[1], packed, unpack)
+            weight_names = list(pending[2])
+            self._weight_metrics(pending[2], packed, unpack)
         if not packed:
-            return
+            return {}
         _, host = report.to_host({}, packed)  # the event's one device-to-host copy
         host_s, host_v = self._unpack(host, unpack)
         for n, r in (rows or {}).items():
             host_s[f"rows/{n}"] = float(r.shape[0])
         self._check_finite(host_s, list(rows or {}), weight_names)
-        report.log_scalars(trainer, host_s, step)
         tb = bool(report.tensorboard_writers(trainer))
         if tb and not self._layout_done:
             self._register_layout(trainer)
         if self.histograms and tb:
             for tag, values in host_v.items():
-                report.log_histogram(trainer, tag, values, step)
+                self._histogram(trainer, tag, values, step)
         act = {t.split("/", 1)[1]: v for t, v in host_v.items() if t.startswith("eigvals/")}
         wts = {t.split("/", 1)[1]: v for t, v in host_v.items() if t.startswith("weight_svals/")}
         if self.figures:
@@ -431,7 +473,8 @@ class SpectralMonitor(SpectralCallback):
             with self._figures.timed():
                 panels = {"activations: λ_i / Σλ": act, "weights: σ_i² / Σσ²": wts}
                 fig = spectra_figure(panels, step=step)
-                report.log_figure(trainer, "spectra/all_layers", fig, step)
+                self._figure(trainer, "spectra/all_layers", fig, step)
+        return host_s
 
     def _activation_metrics(
         self, rows: dict[str, torch.Tensor], packed: dict, unpack: list
@@ -557,7 +600,7 @@ class SpectralMonitor(SpectralCallback):
                 patterns.append(f"^(weight_erank|weight_stable_rank)/({alternatives})$")
             charts[n] = patterns
         by_layer = report.multiline_layout(charts)
-        report.register_layout(
+        self._layout(
             trainer, {"spectral: by quantity": by_quantity, "spectral: by layer": by_layer}
         )
         self._layout_done = True

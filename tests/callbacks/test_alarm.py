@@ -14,48 +14,64 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_spectral import report
 from lightning_spectral.callbacks.alarm import SpectralAlarm, SpectralAlarmError
 from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
 from lightning_spectral.errors import SpectralConfigError, SpectralWarning
 from lightning_spectral.gate import check
 
 
+class FakeTrainer(SimpleNamespace):
+    """A Trainer stand-in (hashable and weak-referenceable, as the logging record needs)."""
+
+    __hash__ = object.__hash__
+
+
 def fake_trainer(**kw):
     base = dict(callback_metrics={}, global_step=0, world_size=1, should_stop=False,
-                sanity_checking=False)
+                sanity_checking=False, loggers=[], is_global_zero=True)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return FakeTrainer(**base)
 
 
 def feed(alarm: SpectralAlarm, trainer, tag: str, values, start: int = 0):
     """Log one value per step and run the alarm's batch-end hook after each."""
     for i, v in enumerate(values):
         trainer.global_step = start + i
-        alarm.on_spectral_scalars(trainer, {tag: float(v)}, start + i)
+        report.log_scalars(trainer, {tag: float(v)}, start + i)
         alarm.on_train_batch_end(trainer, None, None, None, i)
 
 
 @pytest.mark.parametrize("reducer", ["last", "first", "min", "max", "mean", "mean(last=3)"])
-def test_streaming_reducers_equal_the_gate(reducer):
-    """After every step the alarm's streaming value equals the gate's value on the series so
-    far (an independent float64 computation over the full array)."""
+@pytest.mark.parametrize("rewrites", [False, True], ids=["one-per-step", "rewritten-steps"])
+def test_streaming_reducers_equal_the_gate(reducer, rewrites):
+    """After every logged value the alarm's streaming value equals the gate's value on the
+    series read back so far (the last write of a step wins), NaN included."""
     rng = np.random.default_rng(1)
-    values = rng.normal(size=25)
+    values = rng.normal(size=40)
+    values[17] = math.nan if reducer != "last" else values[17]
+    steps = np.sort(rng.integers(0, 25, size=40)) if rewrites else np.arange(40)
     alarm = SpectralAlarm([f"x {reducer} > -100"])
-    hist = None
-    for i, v in enumerate(values):
-        alarm.record({"x": float(v)}, step=i)
-        hist = alarm._history["x"]
-        want = check({"x": values[: i + 1]}, [f"x {reducer} > -100"]).results[0].value
-        assert hist.reduce(alarm.rules[0]) == pytest.approx(want, rel=1e-12, abs=1e-12)
-    assert reducer != "mean" or hist.reduce(alarm.rules[0]) == pytest.approx(values.mean())
+    rule = alarm.rules[0]
+    for i in range(40):
+        alarm.record({"x": float(values[i])}, step=int(steps[i]))
+        got = alarm._history["x"].reduce(rule.reducer, rule.window)
+        # the gate on the same series, as a run would hold it: one value per step, the last
+        run = {"x": {int(s): float(v) for s, v in zip(steps[: i + 1], values[: i + 1],
+                                                      strict=True)}}
+        series = np.array(list(run["x"].values()))
+        want = check({"x": series}, [f"x {reducer} > -100"]).results[0].value
+        if math.isnan(want):
+            assert math.isnan(got), (i, got)
+        else:
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), i
 
 
 def test_same_step_replaces_like_the_gate():
     alarm = SpectralAlarm(["x mean > 0"])
     for step, v in [(0, 1.0), (1, 5.0), (1, 3.0), (2, 2.0)]:
         alarm.record({"x": v}, step=step)
-    assert alarm._history["x"].reduce(alarm.rules[0]) == pytest.approx(2.0)  # (1 + 3 + 2) / 3
+    assert alarm._history["x"].reduce("mean") == pytest.approx(2.0)  # (1 + 3 + 2) / 3
 
 
 @pytest.mark.parametrize("patience", [1, 3])
@@ -87,15 +103,18 @@ def test_stale_values_are_not_recounted():
 
 
 def test_report_log_scalars_feeds_the_alarm_without_a_logger():
-    """report.log_scalars hands every logging event to the alarm (rank zero, no logger)."""
+    """Every value report.log_scalars logs reaches the alarm with its step (no logger)."""
     from lightning_spectral import report
 
     alarm = SpectralAlarm(["vne/* > 1"], action="stop")
     trainer = fake_trainer(callbacks=[alarm], loggers=[], is_global_zero=True)
     report.log_scalars(trainer, {"vne/fc1": torch.tensor(0.25), "erank/fc1": 3.0}, step=7)
+    alarm.on_train_batch_end(trainer, None, None, None, 0)
     assert alarm._history["vne/fc1"].last == 0.25 and alarm._history["vne/fc1"].step == 7
     assert alarm._history["erank/fc1"].last == 3.0
-    alarm.on_train_batch_end(trainer, None, None, None, 0)
+    # published into callback_metrics as well, and not read a second time from there
+    assert float(trainer.callback_metrics["vne/fc1"]) == 0.25
+    assert alarm._history["vne/fc1"].version == 1
     assert trainer.should_stop is True and "step 7" in alarm.triggered[0]
 
 
@@ -135,8 +154,9 @@ def test_state_dict_resume_keeps_history_and_strikes():
     feed(alarm, trainer, "x", [2.0, 2.0])
     state = alarm.state_dict()
     resumed = SpectralAlarm(["x mean(last=2) < 1"], patience=3)
+    resumed.setup(trainer, None, "fit")  # Lightning: setup, then the checkpoint's state
     resumed.load_state_dict(state)
-    assert resumed._history["x"].reduce(resumed.rules[0]) == 2.0
+    assert resumed._history["x"].reduce("mean", 2) == 2.0
     resumed.on_train_batch_end(trainer, None, None, None, 0)  # nothing new: no strike
     assert trainer.should_stop is False
     feed(resumed, trainer, "x", [2.0], start=2)  # third strike
@@ -247,7 +267,7 @@ def test_reused_alarm_counts_from_zero_in_a_new_trainer(tmp_path):
         ours = [w for w in caught if issubclass(w.category, SpectralWarning)]
         assert len(ours) == 1 and "train_loss" in str(ours[0].message)
         assert len(alarm.triggered) == 1
-        assert alarm._history["train_loss"].count == 3  # this fit's values only
+        assert len(alarm._history["train_loss"]) == 3  # this fit's values only
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])

@@ -119,7 +119,8 @@ def make_trainer(callbacks: list, epochs: int = 1, **kw: Any) -> pl.Trainer:
 
 
 def collapse_events(logger: MemoryLogger) -> list[tuple[int, dict[str, float]]]:
-    return [(s, m) for s, m in logger.records if any(k.startswith("collapse/") for k in m)]
+    prefixes = ("collapse/", "collapse_val/")
+    return [(s, m) for s, m in logger.records if any(k.startswith(prefixes) for k in m)]
 
 
 def values(mon: CollapseMonitor) -> list[float]:
@@ -369,12 +370,12 @@ def test_val_source_in_fit_and_in_trainer_validate():
     trainer = make_trainer([mon], epochs=2, logger=logger)
     trainer.fit(model, loader(x, y), loader(x[:24], y[:24]))
     assert [e for e, _ in mon.history] == [0, 1]
-    assert mon.last_metrics["collapse/nc1"] == pytest.approx(
+    assert mon.last_metrics["collapse_val/nc1"] == pytest.approx(
         reference_nc1(model, x[:24], y[:24]), rel=1e-6
     )
     trainer.validate(model, loader(x[24:], y[24:]))
     assert len(collapse_events(logger)) == 3
-    assert mon.last_metrics["collapse/nc1"] == pytest.approx(
+    assert mon.last_metrics["collapse_val/nc1"] == pytest.approx(
         reference_nc1(model, x[24:], y[24:]), rel=1e-6
     )
     assert no_hooks(model)

@@ -38,7 +38,8 @@ class MemoryLogger(_MemoryLogger):
     """The shared in-memory logger, plus a view of the collapse events."""
 
     def collapse(self) -> list[tuple[int, dict[str, float]]]:
-        return [(s, m) for s, m in self.records if any(k.startswith("collapse/") for k in m)]
+        return [(s, m) for s, m in self.records
+                if any(k.startswith(("collapse/", "collapse_val/")) for k in m)]
 
 
 class Tiny(pl.LightningModule):
@@ -215,7 +216,8 @@ def test_dict_batches_val_source_and_schedule():
     # the validation features of the last epoch, with the head at that point
     h = features_of(model, x[:24])
     ref = neural_collapse(h, y[:24], *head_of(model))
-    assert logged[-1][1]["collapse/nc1"] == pytest.approx(float(ref["nc1"]), rel=1e-5)
+    assert logged[-1][1]["collapse_val/nc1"] == pytest.approx(float(ref["nc1"]), rel=1e-5)
+    assert not any(k.startswith("collapse/") for _, m in logged for k in m)
 
 
 def test_max_samples_bounds_the_row_sample():

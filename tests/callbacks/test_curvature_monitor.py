@@ -62,7 +62,7 @@ def test_training_bit_identical_with_and_without_and_tags_logged():
     rec = MemoryLogger()
     monitor = CurvatureMonitor(every_n_steps=2, k=2, trace_probes=4, noise_samples=6)
     train_mode = CurvatureMonitor(every_n_steps=3, k=1, trace_probes=2, noise_samples=0,
-                                  mode="train")
+                                  mode="train", prefix="train_mode/")  # its own tags
     watched = _fit([monitor, train_mode], logger=rec)
     for (name, p), q in zip(plain.state_dict().items(), watched.state_dict().values(),
                             strict=True):
@@ -78,6 +78,10 @@ def test_training_bit_identical_with_and_without_and_tags_logged():
         assert m["hessian/eig_1"] >= m["hessian/eig_2"]
         assert all(math.isfinite(m[t]) for t in want if not t.startswith(("hessian/beta",
                                                                           "hessian/sigma")))
+    # the second monitor wrote under its prefix, never the first one's tags
+    assert sorted(s for s, m in rec.records if "train_mode/hessian/eig_1" in m) == [3, 6]
+    assert all(not (set(m) & {"hessian/trace"} and "train_mode/hessian/trace" in m)
+               for _, m in rec.records if "hessian/eig_2" not in m)
     assert monitor.state_dict() == {"last_step": 6, "events": 3}
     assert train_mode.state_dict() == {"last_step": 6, "events": 2}
 
@@ -341,8 +345,8 @@ def test_training_step_loss_bypasses_the_penalty_wrapper():
         return log
 
     alone, watched = run(False), run(True)
-    assert watched.series("vne/features") == alone.series("vne/features")
-    assert sorted(alone.series("vne/features")) == [0, 1, 2, 3]
+    assert watched.series("vne_penalty/vne/features") == alone.series("vne_penalty/vne/features")
+    assert sorted(alone.series("vne_penalty/vne/features")) == [0, 1, 2, 3]
     assert [s for s, _ in _hessian_rows(watched)] == [2, 4]
 
 

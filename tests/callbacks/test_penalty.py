@@ -218,10 +218,10 @@ def test_injected_gradient_equals_hand_gradient_float64(alpha: float, output: st
     diff = max((want[n] - plain[n]).abs().max().item() for n in want)
     assert diff > 1e-4
     # logged values: VNE of the first batch (scipy, float64) and −α·VNE
-    assert log.series("vne/features")[0] == pytest.approx(
+    assert log.series("vne_penalty/vne/features")[0] == pytest.approx(
         scipy_vne(first_features(loader)), rel=1e-9)
     assert log.series("vne_penalty/features")[0] == pytest.approx(
-        -alpha * log.series("vne/features")[0], rel=1e-12)
+        -alpha * log.series("vne_penalty/vne/features")[0], rel=1e-12)
 
 
 def first_features(loader: DataLoader) -> np.ndarray:
@@ -246,7 +246,7 @@ def test_gradient_accumulation_penalises_each_micro_batch_float64() -> None:
     fresh = TinyNet(dtype=torch.float64)
     with torch.no_grad():
         vals = [scipy_vne(fresh.features(x).numpy()) for x, _ in batches(loader, 2)]
-    assert log.series("vne/features") == {0: pytest.approx(sum(vals) / 2, rel=1e-9)}
+    assert log.series("vne_penalty/vne/features") == {0: pytest.approx(sum(vals) / 2, rel=1e-9)}
 
 
 def test_manual_optimization_raises_with_inject_and_works_with_term() -> None:
@@ -307,9 +307,9 @@ def test_every_n_steps_and_logging_schedule() -> None:
     log = MemoryLogger()
     make_trainer([VNEPenalty("features", alpha=0.1, every_n_steps=2)], max_steps=5, logger=log,
                  log_every_n_steps=2).fit(TinyNet(), make_data(n=160))
-    assert sorted(log.series("vne/features")) == [0, 2, 4]
+    assert sorted(log.series("vne_penalty/vne/features")) == [0, 2, 4]
     assert sorted(log.series("vne_penalty/features")) == [0, 2, 4]
-    for step, value in log.series("vne/features").items():
+    for step, value in log.series("vne_penalty/vne/features").items():
         assert 0 < value <= math.log(32)
         assert log.series("vne_penalty/features")[step] == pytest.approx(-0.1 * value, rel=1e-6)
 
@@ -322,9 +322,9 @@ def test_tensorboard_scalars_and_layout(tmp_path: Any) -> None:
     make_trainer([VNEPenalty("features", alpha=-0.1)], max_steps=3, logger=logger,
                  log_every_n_steps=50).fit(TinyNet(), make_data(n=96))
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
-    assert [e.step for e in acc.Scalars("vne/features")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("vne_penalty/vne/features")] == [0, 1, 2]
     pen = [e.value for e in acc.Scalars("vne_penalty/features")]
-    vals = [e.value for e in acc.Scalars("vne/features")]
+    vals = [e.value for e in acc.Scalars("vne_penalty/vne/features")]
     assert pen == pytest.approx([0.1 * v for v in vals], rel=1e-6)
     assert "custom_scalars" in str(acc.Tags())
 
@@ -366,7 +366,7 @@ def test_nonfinite_vne_skips_penalty_and_warns_once() -> None:
     # nothing reached the side layer: its weights are unchanged and finite
     assert torch.equal(model.side[0].weight, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(math.isnan(v) for v in log.series("vne/side").values())
+    assert all(math.isnan(v) for v in log.series("vne_penalty/vne/side").values())
     assert set(log.series("vne_penalty/side").values()) == {0.0}
 
 
@@ -452,7 +452,7 @@ def test_bf16_mixed_computes_vne_in_float32(monkeypatch: pytest.MonkeyPatch) -> 
     make_trainer([VNEPenalty("features", alpha=0.2), grab], max_steps=2, logger=log,
                  precision="bf16-mixed", log_every_n_steps=1).fit(model, make_data())
     assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen)
-    assert all(math.isfinite(v) and v > 0 for v in log.series("vne/features").values())
+    assert all(math.isfinite(v) and v > 0 for v in log.series("vne_penalty/vne/features").values())
     assert all(torch.isfinite(g).all() for g in grab.grads[0].values())
 
 
@@ -508,8 +508,11 @@ def test_composes_with_spectral_monitor() -> None:
                  log_every_n_steps=1).fit(model, loader)
     for name in want:
         torch.testing.assert_close(grab.grads[0][name], want[name], rtol=1e-9, atol=1e-12)
-    values = [m["vne/features"] for step, m in log.records if "vne/features" in m and step == 0]
-    assert len(values) == 2 and values[0] == pytest.approx(values[1], rel=1e-5)
+    # each writes its own tag: the monitor vne/features, the penalty vne_penalty/vne/features
+    monitor_vne = log.series("vne/features")[0]
+    penalty_vne = log.series("vne_penalty/vne/features")[0]
+    assert monitor_vne == pytest.approx(penalty_vne, rel=1e-5)
+    assert sum("vne/features" in m for step, m in log.records if step == 0) == 1
     assert hooks_and_keys(model) == (keys, hooks)
 
 
@@ -543,7 +546,7 @@ def test_reused_callback_starts_a_fresh_schedule_and_resume_continues_it(
             model.explicit = penalty
         trainer = make_trainer([penalty], max_steps=3, logger=log, log_every_n_steps=1)
         trainer.fit(model, make_data(n=160))
-        logs.append(sorted(log.series("vne/features")))
+        logs.append(sorted(log.series("vne_penalty/vne/features")))
     assert logs == [[0, 2], [0, 2]]
     # only a ckpt_path resume continues the schedule: step 3 is not due, step 4 is
     ckpt = str(tmp_path / "last.ckpt")
@@ -554,7 +557,7 @@ def test_reused_callback_starts_a_fresh_schedule_and_resume_continues_it(
         model.explicit = resumed
     make_trainer([resumed], max_steps=6, logger=log, log_every_n_steps=1).fit(
         model, make_data(n=160), ckpt_path=ckpt)
-    assert sorted(log.series("vne/features")) == [4]
+    assert sorted(log.series("vne_penalty/vne/features")) == [4]
 
 
 class Interrupted(TinyNet):
@@ -588,7 +591,7 @@ def test_exception_mid_fit_removes_hooks_and_wrapper_and_writes_completed_steps(
     assert "training_step" not in model.__dict__
     assert not penalty.hooks_attached
     # the two completed steps are written although log_every_n_steps was not reached
-    assert sorted(log.series("vne/features")) == [0, 1]
+    assert sorted(log.series("vne_penalty/vne/features")) == [0, 1]
 
 
 class MetricsForward(TinyNet):
@@ -621,7 +624,7 @@ def test_term_called_then_layer_runs_again_does_not_warn(accumulate: int) -> Non
     # the penalty covers the forward before term() only
     for name in want:
         torch.testing.assert_close(grab.grads[0][name], want[name], rtol=1e-9, atol=1e-12)
-    assert list(log.series("vne/features")) == [0]
+    assert list(log.series("vne_penalty/vne/features")) == [0]
 
 
 class FrozenSide(TinyNet):
@@ -645,7 +648,7 @@ def test_warnings_state_the_true_consequence() -> None:
     messages = [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
     assert len(messages) == 1
     assert "logged as NaN" not in messages[0] and "logged as computed" in messages[0]
-    assert all(math.isfinite(v) and v > 0 for v in log.series("vne/side").values())
+    assert all(math.isfinite(v) and v > 0 for v in log.series("vne_penalty/vne/side").values())
 
 
 def test_layer_that_does_not_run_is_reported_without_claiming_nan() -> None:
@@ -661,4 +664,4 @@ def test_layer_that_does_not_run_is_reported_without_claiming_nan() -> None:
     messages = [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
     assert len(messages) == 1 and "logged as NaN" not in messages[0]
     assert "nothing was logged" in messages[0]
-    assert "vne/unused" not in log.tags()
+    assert "vne_penalty/vne/unused" not in log.tags()
