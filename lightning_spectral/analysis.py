@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from lightning_spectral.errors import SpectralError
+from lightning_spectral.functional.powerlaw import powerlaw_alpha
 from lightning_spectral.functional.spectrum import effective_rank
 from lightning_spectral.functional.weights import (
     singular_values_many,
@@ -79,6 +80,8 @@ ANALYSIS_KEYS: tuple[str, ...] = (
     "energy",
     "eckart_young_rel_error",
     "param_ratio",
+    "alpha",
+    "alpha_weighted",
 )
 
 _CHUNK = 16  # matrices per batched svdvals call (bounds the memory of one stack)
@@ -873,10 +876,12 @@ def _check_energy(energy: float) -> float:
 
 
 def _stats(stack: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-row statistics of singular values ``stack`` (g, r), descending: a (g, 6) float64.
+    """Per-row statistics of singular values ``stack`` (g, r), descending: a (g, 8) float64.
 
     Columns: ``σ_1``, stable rank ``Σσ²/σ_1²`` (§1.4), ``erank = exp(S(σ²))`` (§1.3),
-    ``k(τ)`` (§5.3), the relative Eckart–Young error at ``k`` (§5.2) and a finiteness flag.
+    ``k(τ)`` (§5.3), the relative Eckart–Young error at ``k`` (§5.2), the heavy-tailed
+    exponent ``α`` of ``σ²`` and ``α·log10 σ_1²`` (``functional.powerlaw.powerlaw_alpha``) and
+    a finiteness flag.
     The Eckart–Young tail ``Σ_{i>k} σ_i²`` is the formula of :func:`eckart_young_error`,
     gathered per row from one reverse cumulative sum so that rows with different ``k`` share
     one call.
@@ -894,10 +899,11 @@ def _stats(stack: torch.Tensor, tau: float) -> torch.Tensor:
     nan = torch.full_like(total, float("nan"))
     srank = torch.where(top > 0, total / torch.where(top > 0, top, 1.0), nan)
     rel = torch.where(total > 0, (tail / torch.where(total > 0, total, 1.0)).sqrt(), nan)
+    fit = powerlaw_alpha(s2d)
     out = torch.stack([s[:, 0].double() if s.shape[-1] else total, srank, erank, k.double(), rel,
-                       finite.double()], dim=-1)
+                       fit.alpha.double(), fit.alpha_weighted.double(), finite.double()], dim=-1)
     # a non-finite weight: every statistic undefined
-    return torch.where(finite[:, None] | (torch.arange(6, device=out.device) == 5), out,
+    return torch.where(finite[:, None] | (torch.arange(8, device=out.device) == 7), out,
                        torch.full_like(out, float("nan")))
 
 
@@ -920,7 +926,7 @@ def _rows(
     by_index = dict(zip(order, host, strict=True))
     rows = []
     for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
-        sv_max, srank, erank, k, rel, finite = by_index[i]
+        sv_max, srank, erank, k, rel, alpha, alpha_w, finite = by_index[i]
         out_dim, cols = shape[0], math.prod(shape[1:])
         rank = int(k) if finite else None
         rows.append({
@@ -934,6 +940,8 @@ def _rows(
             "energy": tau,
             "eckart_young_rel_error": _clean(rel),
             "param_ratio": rank * (out_dim + cols) / (out_dim * cols) if finite else None,
+            "alpha": _clean(alpha),
+            "alpha_weighted": _clean(alpha_w),
         })
     return rows
 
@@ -951,7 +959,10 @@ def summarize_spectrum(
     - ``erank = exp(S(σ²))`` (§1.3, on ``σ²``, with the cutoff of §0.3; 0 for ``W = 0``);
     - ``rank_at_energy = k(τ)`` (§5.3, the memory-capacity estimate) for ``τ = energy``;
     - ``eckart_young_rel_error = (Σ_{i>k} σ_i²)^{1/2} / ‖W‖_F`` at that ``k`` (§5.2);
-    - ``param_ratio = k·(out + in·k1·...) / (out·in·k1·...)`` (weights only, biases unchanged).
+    - ``param_ratio = k·(out + in·k1·...) / (out·in·k1·...)`` (weights only, biases unchanged);
+    - ``alpha``: the heavy-tailed exponent of ``σ²`` (power-law fit with the KS-optimal
+      ``xmin``, as WeightWatcher's ``alpha``) and ``alpha_weighted = α·log10 σ_1²``
+      (``None`` where the fit is undefined: fewer than two non-zero ``σ²``).
 
     Undefined values (a NaN/Inf weight; the stable rank and error of ``W = 0``) are ``None``.
     """

@@ -21,16 +21,18 @@ a module type is one entry. The rows then go either
   its graph; the collapse monitor pairs the head's input with the batch labels).
 
 Forward passes that autograd re-runs during the backward pass (gradient checkpointing) are not
-captured a second time.
+captured a second time, and nothing is captured inside :func:`paused` (a callback evaluating the
+model itself, e.g. for Hessian products).
 
 Nothing here imports Lightning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +57,7 @@ __all__ = [
     "first_tensor",
     "is_compiled",
     "in_backward",
+    "paused",
 ]
 
 Layout = Literal["channel_last", "channel_first", "inherit"]
@@ -284,6 +287,20 @@ def is_compiled(model: nn.Module) -> bool:
     return False
 
 
+_PAUSED = [0]  # > 0 while some callback evaluates the model outside the training forward
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """No capture records anything inside this block (nested blocks allowed): a callback that
+    evaluates the model itself (Hessian products, a certificate) is not training data."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
+
+
 def in_backward() -> bool:
     """True while autograd runs a backward pass (where gradient checkpointing re-runs forwards)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
@@ -510,7 +527,7 @@ class LayerCapture:
     # -- hooks ------------------------------------------------------------------------------
     def _make_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
         def hook(mod: nn.Module, args: object, output: object) -> None:
-            if not self.active or in_backward():
+            if not self.active or _PAUSED[0] or in_backward():
                 return None
             self._capture(name, self._reduction(name, mod), output)
             return None
@@ -527,7 +544,7 @@ class LayerCapture:
 
     def _make_pre_hook(self, name: str) -> Callable[..., None]:
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            if not self.active or in_backward():
+            if not self.active or _PAUSED[0] or in_backward():
                 return None
             self._capture(name, _CL, args[0] if args else None)
             return None

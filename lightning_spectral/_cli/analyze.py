@@ -109,7 +109,7 @@ def format_table(rows: list[dict[str, Any]], energy: float) -> str:
     pct = f"{energy * 100:g}"
     cap = f"capacity_k@{pct}%"
     header = ["name", "shape", "params", "sv_max", "stable_rank", "erank", cap, "EY_rel_err",
-              "param_ratio"]
+              "param_ratio", "alpha", "alpha_w"]
     body = [
         [
             r["name"],
@@ -121,6 +121,8 @@ def format_table(rows: list[dict[str, Any]], energy: float) -> str:
             _fmt(r["rank_at_energy"]),
             _fmt(r["eckart_young_rel_error"], 3),
             _fmt(r["param_ratio"], 3),
+            _fmt(r["alpha"], 3),
+            _fmt(r["alpha_weighted"], 3),
         ]
         for r in rows
     ]

@@ -53,8 +53,9 @@ Tags (``i = 1 … k``, ``λ_1`` the largest)
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -70,6 +71,7 @@ from lightning_spectral.callbacks._base import (
     logging_step,
 )
 from lightning_spectral.callbacks.penalty import unwrapped_training_step
+from lightning_spectral.capture import paused
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError
 from lightning_spectral.functional.curvature import (
     flat_gradients,
@@ -81,6 +83,25 @@ from lightning_spectral.functional.curvature import (
 __all__ = ["CurvatureMonitor"]
 
 _BUILTIN_LOSSES = ("training_step", "cross_entropy", "mse")
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Scaled-dot-product attention through its math kernel: the fused kernels (flash, memory
+    efficient, the CPU flash kernel) have no second derivative, which Hessian products need.
+    The same values as the math kernel the fused ones stand in for."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        ctx: Any = contextlib.nullcontext()
+        legacy = getattr(torch.backends.cuda, "sdp_kernel", None)
+        if legacy is not None:
+            ctx = legacy(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+        with ctx:
+            yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -395,7 +416,7 @@ class CurvatureMonitor(SpectralCallback):
             return torch.stack([loss.reshape(()) for loss in losses]).mean()
 
         try:
-            with _Preserve(pl_module, self.mode), torch.enable_grad():
+            with _Preserve(pl_module, self.mode), torch.enable_grad(), paused(), math_attention():
                 vals, vecs = hessian_eigenpairs(closure, params, k=self.k, max_iter=self.max_iter,
                                                 tol=self.tol, generator=gen)
                 # Lanczos synchronises every iteration anyway; one more check is free

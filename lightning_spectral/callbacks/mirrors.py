@@ -27,6 +27,7 @@ from lightning_spectral.callbacks._base import (
     check_int,
     logging_step,
 )
+from lightning_spectral.capture import paused
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
     MirrorFit,
@@ -229,7 +230,7 @@ class MirrorCertificate(SpectralCallback):
             values = dict.fromkeys(TAGS, float("nan"))
         else:
             try:
-                with torch.no_grad():
+                with torch.no_grad(), paused():
                     dev = net.w.device
                     J = network_objective(net, self._x.to(dev), self._y.to(dev), self.beta,
                                           dtype=torch.float64)
@@ -269,7 +270,7 @@ class MirrorCertificate(SpectralCallback):
             lo, hi = float(xs.min()), float(xs.max())
             pad = 0.05 * (hi - lo)
             grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
-            with torch.no_grad():
+            with torch.no_grad(), paused():
                 f_net = _forward(net, grid.to(net.w.device), torch.float64).cpu().numpy()
                 net_bp = net.breakpoints().numpy()
             fig = mirror_overlay(xs, self._y.numpy(), grid.numpy(), f_net,

@@ -53,6 +53,7 @@ from lightning_spectral.functional.spectrum import (
     effective_rank,
     spectral_distribution,
 )
+from lightning_spectral.functional.powerlaw import powerlaw_alpha
 from lightning_spectral.functional.weights import singular_values_many, truncation_rank
 
 __all__ = [
@@ -77,6 +78,8 @@ WEIGHT_QUANTITIES = (
     "weight_sv_max",
     "weight_rank90",
     "weight_rank99",
+    "weight_alpha",
+    "weight_alpha_weighted",
 )
 _MAX_HISTORY = 512  # heatmap rows kept per layer (thinned by 2 when full)
 #: default of ``figure_budget``: the per-event spectra figure is skipped while figure rendering
@@ -137,8 +140,9 @@ class SpectralMonitor(SpectralCallback):
 
     Logged tags (docs/metrics.md): ``vne/``, ``erank/``, ``eig_max/``, ``condition/`` and
     ``rows/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
-    ``weight_sv_max/``, ``weight_rank90/``, ``weight_rank99/`` per weight matrix (the layer
-    name, or ``<layer>.<parameter>`` for attention and recurrent layers).
+    ``weight_sv_max/``, ``weight_rank90/``, ``weight_rank99/``, ``weight_alpha/``,
+    ``weight_alpha_weighted/`` per weight matrix (the layer name, or ``<layer>.<parameter>`` for
+    attention and recurrent layers).
     """
 
     def __init__(
@@ -517,8 +521,11 @@ class SpectralMonitor(SpectralCallback):
             nan = torch.isnan(s).any(dim=-1)
             ranks = [truncation_rank(s, tau).to(s.dtype) for tau in (0.9, 0.99)]
             ranks = [torch.where(nan, torch.full_like(k, math.nan), k) for k in ranks]
+            # heavy-tailed exponent of σ² (zero padding lies below the fit's threshold)
+            fit = powerlaw_alpha(s2)
             block = torch.stack(
-                [_stable_rank_from_singular_values(s), effective_rank(s2), s.amax(dim=-1), *ranks],
+                [_stable_rank_from_singular_values(s), effective_rank(s2), s.amax(dim=-1), *ranks,
+                 fit.alpha.to(s.dtype), fit.alpha_weighted.to(s.dtype)],
                 dim=-1,
             )
             packed["w"] = block

@@ -360,3 +360,32 @@ def test_noise_failure_warning_says_what_is_logged():
     message = next(str(w.message) for w in caught if issubclass(w.category, SpectralWarning))
     assert "eigenvalues, trace and loss as computed" in message
     assert math.isfinite(float(out["hessian/eig_1"]))
+
+
+def test_attention_hessian_through_the_math_kernel_in_eval_mode():
+    """The fused attention kernels have no second derivative: the monitor runs the math kernel,
+    which gives the same loss and gradient as the fused one, and finite curvature."""
+    from lightning_spectral.callbacks.curvature import math_attention
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    head = torch.nn.Linear(16, 3)
+    model = torch.nn.ModuleDict({"layer": layer, "head": head})
+    x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(layer(x).mean(1)), y)
+
+    params = list(model.parameters())
+    fused = torch.autograd.grad(loss(), params)
+    with math_attention():
+        math_grads = torch.autograd.grad(loss(), params)
+    for a, b in zip(fused, math_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monitor = CurvatureMonitor(k=1, trace_probes=2, noise_samples=0, loss="cross_entropy")
+    lit = torch.nn.Module()
+    lit.forward = lambda inp: head(layer(inp).mean(1))  # type: ignore[method-assign]
+    lit.layer, lit.head = layer, head
+    out = monitor.compute(lit, batches=[(x, y)])
+    assert math.isfinite(float(out["hessian/eig_1"])) and math.isfinite(float(out["hessian/trace"]))

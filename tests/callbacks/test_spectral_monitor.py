@@ -29,7 +29,8 @@ from lightning_spectral.errors import SpectralComputeError, SpectralConfigError,
 pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent
 ACT = ("vne", "erank", "eig_max", "condition")
-WTS = ("weight_stable_rank", "weight_erank", "weight_sv_max", "weight_rank90", "weight_rank99")
+WTS = ("weight_stable_rank", "weight_erank", "weight_sv_max", "weight_rank90", "weight_rank99",
+       "weight_alpha", "weight_alpha_weighted")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -70,13 +71,36 @@ def np_weight_stats(w: np.ndarray) -> dict[str, float]:
     p = s2 / s2.sum()
     p = p[p > s2.max() / s2.sum() * s.size * 2.0**-23]
     cum = np.cumsum(s2) / s2.sum()
+    alpha, alpha_w = np_powerlaw_alpha(s2)
     return {
+        "weight_alpha": alpha,
+        "weight_alpha_weighted": alpha_w,
         "weight_stable_rank": float(s2.sum() / s2.max()),
         "weight_erank": float(np.exp(-(p * np.log(p)).sum())),
         "weight_sv_max": float(s.max()),
         "weight_rank90": float(np.argmax(cum >= 0.9 - 1e-12) + 1),
         "weight_rank99": float(np.argmax(cum >= 0.99 - 1e-12) + 1),
     }
+
+
+def np_powerlaw_alpha(lam: np.ndarray) -> tuple[float, float]:
+    """Heavy-tailed exponent of ``lam`` in float64: for each candidate ``xmin`` (every kept value
+    but the largest) the continuous MLE on the tail and the KS distance of the fitted power law;
+    the candidate with the smallest distance wins; ``alpha_weighted = α·log10 λ_max``."""
+    x = np.sort(lam[lam > 1e-5])
+    best = (math.inf, math.nan)
+    for k in range(len(x) - 1):
+        tail = x[k:]
+        n = tail.size
+        a = 1 + n / np.log(tail / tail[0]).sum() if len(x) >= 20 else (
+            1 + (n - 1) / np.log(tail / tail[0]).sum())
+        if len(x) < 20 and n < 8:
+            continue
+        cdf = 1 - (tail / tail[0]) ** (1 - a)
+        d = np.abs(cdf - np.arange(n) / n).max()
+        if d < best[0]:
+            best = (d, a)
+    return best[1], best[1] * math.log10(x[-1])
 
 
 class Recorder:

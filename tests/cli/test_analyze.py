@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from lightning_spectral.cli import main
+from lightning_spectral.functional.powerlaw import weight_alpha
 
 KEYS = ["name", "shape", "params", "sv_max", "stable_rank", "erank", "rank_at_energy", "energy",
-        "eckart_young_rel_error", "param_ratio"]
+        "eckart_young_rel_error", "param_ratio", "alpha", "alpha_weighted"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,10 @@ def test_json_lightning_ckpt_keys_and_values(capsys, lightning_ckpt):
         assert row["rank_at_energy"] == ref["rank_at_energy"]
         for key in ("sv_max", "stable_rank", "eckart_young_rel_error", "param_ratio"):
             assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+        # the heavy-tailed exponent of σ², as weight_alpha computes it from the weight itself
+        fit = weight_alpha(w.double())
+        assert row["alpha"] == pytest.approx(float(fit.alpha), rel=1e-4)
+        assert row["alpha_weighted"] == pytest.approx(float(fit.alpha_weighted), rel=1e-4)
     conv = rows[1]
     assert conv["shape"] == [32, 16, 3, 3]  # read as 32 × 144 (SPEC.md §0.1)
     assert conv["param_ratio"] == pytest.approx(conv["rank_at_energy"] * (32 + 144) / (32 * 144))
@@ -86,7 +91,7 @@ def test_plain_state_dict_table_and_csv(capsys, tmp_path):
     assert code == 0 and err == ""
     header = out.splitlines()[0].split()
     assert header == ["name", "shape", "params", "sv_max", "stable_rank", "erank",
-                      "capacity_k@99%", "EY_rel_err", "param_ratio"]
+                      "capacity_k@99%", "EY_rel_err", "param_ratio", "alpha", "alpha_w"]
     assert "memory-capacity estimate (SPEC.md 5.3)" in out
     assert "weight_rank99" in out
     body = [line.split() for line in out.splitlines()[2:4]]

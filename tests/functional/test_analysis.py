@@ -25,7 +25,7 @@ from lightning_spectral.analysis import (
 )
 
 KEYS = {"name", "shape", "params", "sv_max", "stable_rank", "erank", "rank_at_energy", "energy",
-        "eckart_young_rel_error", "param_ratio"}
+        "eckart_young_rel_error", "param_ratio", "alpha", "alpha_weighted"}
 
 
 def reference_row(w: np.ndarray, tau: float) -> dict:
