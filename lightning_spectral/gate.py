@@ -1,22 +1,33 @@
 """Threshold rules over logged runs: the engine of ``lightning-spectral check`` and SpectralAlarm.
 
-A rule is ``TAG_PATTERN [REDUCER] OP VALUE``::
+A rule is ``TAG_PATTERN [REDUCER] OP THRESHOLD``::
 
     vne/encoder.* >= 2.0
     collapse/nc1 last < 0.5
     erank/* min > 4
     weight_stable_rank/fc2 mean(last=5) <= 30
+    vne/* drop_from_max_rel <= 0.3
+    erank/* last >= 0.8 * baseline
+    vne/classifier mean(last=5) >= baseline - 0.1
 
 * ``TAG_PATTERN`` is a shell-style glob (``*``, ``?``, ``[...]``; ``*`` also crosses ``/``);
   it expands to one check per matching scalar tag.
 * ``REDUCER`` turns a tag's series (ordered by step) into one number: ``last`` (the default),
-  ``first``, ``min``, ``max``, ``mean``, or ``mean(last=K)`` (mean of the last ``K`` values).
-* ``OP`` is one of ``< <= > >= == !=``; ``VALUE`` a number (``inf`` and ``-inf`` allowed).
+  ``first``, ``min``, ``max``, ``mean``, ``mean(last=K)`` (mean of the last ``K`` values),
+  ``slope(last=K)`` (least-squares slope per step of the last ``K`` values),
+  ``drop_from_max`` (``max - last``) or ``drop_from_max_rel`` (``(max - last) / |max|``);
+  see :mod:`lightning_spectral.reduce`.
+* ``OP`` is one of ``< <= > >= == !=``.
+* ``THRESHOLD := NUMBER | [NUMBER '*'] 'baseline' [('+' | '-') NUMBER]``: a number (``inf``
+  and ``-inf`` allowed), or an affine function of the same reducer applied to the same tag in
+  a **baseline run** (``check(..., baseline=...)``, ``--baseline``). A tag the baseline lacks
+  fails the check (skips it for an optional rule), with a note; it is never silently passed.
 
-A NaN reduced value fails every operator (a gate treats a NaN metric as a failure); NaN
-propagates through ``min``, ``max`` and ``mean``. Runs are read by :func:`read_run` with every
-logged value counted (no sampling). This module only compares what was logged (docs/gate.md).
-Only the standard library and NumPy are imported here, so the command line starts fast.
+A NaN reduced value (or a NaN baseline value) fails every operator (a gate treats a NaN metric
+as a failure); NaN propagates through ``min``, ``max``, ``mean`` and the trend reducers. Runs
+are read by :func:`read_run` with every logged value counted (no sampling). This module only
+compares what was logged (docs/gate.md). Only the standard library and NumPy are imported here,
+so the command line starts fast.
 
 Hostile input is bad input, never a hang or a crash: only regular files and directories are
 read (FIFOs, sockets and devices inside a run are skipped with a warning in ``Run.warnings``),
@@ -48,7 +59,7 @@ import numpy as np
 
 from lightning_spectral._eventfile import file_kind, open_regular
 from lightning_spectral.errors import SpectralConfigError, SpectralError
-from lightning_spectral.reduce import reduce_values
+from lightning_spectral.reduce import REDUCERS, WINDOWED, reduce_values
 
 __all__ = [
     "Rule",
@@ -59,17 +70,18 @@ __all__ = [
     "RuleSyntaxError",
     "RunReadError",
     "NoMatchingTagError",
+    "MissingBaselineError",
     "parse_rule",
     "load_rules",
     "read_run",
     "evaluate",
     "check",
+    "require_baseline",
     "REDUCERS",
     "OPS",
     "printable",
 ]
 
-REDUCERS: tuple[str, ...] = ("last", "first", "min", "max", "mean")
 OPS: dict[str, Any] = {
     "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b,
@@ -118,6 +130,10 @@ class NoMatchingTagError(GateInputError):
     """A non-optional rule matched no tag; the message lists the nearest existing tags."""
 
 
+class MissingBaselineError(GateInputError):
+    """A rule compares with a baseline (``... >= 0.8 * baseline``) but none was given."""
+
+
 # --------------------------------------------------------------------------- safe text
 
 # C0/C1 controls, line/paragraph separators, bidirectional overrides, BOM, surrogates (from
@@ -162,7 +178,11 @@ def safe_line(text: object) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """One parsed rule: ``pattern reducer op threshold`` (see the module docstring)."""
+    """One parsed rule: ``pattern reducer op threshold`` (see the module docstring).
+
+    A baseline rule (``factor`` is not None) compares with ``factor * baseline + offset``,
+    ``baseline`` being the same reducer applied to the same tag in a baseline run; its
+    ``threshold`` is NaN (it depends on the baseline)."""
 
     text: str
     pattern: str
@@ -173,25 +193,56 @@ class Rule:
     optional: bool = False
     name: str | None = None
     source: str | None = None  # "file.toml:LINE" when read from a rules file
+    factor: float | None = None  # baseline rules: threshold = factor * baseline + offset
+    offset: float = 0.0
 
     @property
     def reducer_label(self) -> str:
-        return f"mean(last={self.window})" if self.window is not None else self.reducer
+        return f"{self.reducer}(last={self.window})" if self.window is not None else self.reducer
 
     @property
     def label(self) -> str:
         return self.name or self.text
 
-    def reduce(self, values: np.ndarray) -> float:
-        """Apply the reducer to a series (ordered by step, one value per step); NaN for an empty
-        series (:func:`lightning_spectral.reduce.reduce_values`)."""
-        return reduce_values(values, self.reducer, self.window)
+    @property
+    def relative(self) -> bool:
+        """Whether the threshold depends on a baseline run."""
+        return self.factor is not None
 
-    def compare(self, value: float) -> bool:
-        """``value OP threshold``; False whenever ``value`` is NaN."""
-        if math.isnan(value):
+    @property
+    def threshold_label(self) -> str:
+        """The threshold as written: ``2``, ``baseline``, ``0.8 * baseline - 0.1``."""
+        if self.factor is None:
+            return _fmt(self.threshold)
+        text = "baseline" if self.factor == 1.0 else f"{_fmt(self.factor)} * baseline"
+        if self.offset:
+            text += f" {'-' if self.offset < 0 else '+'} {_fmt(abs(self.offset))}"
+        return text
+
+    def threshold_for(self, baseline: float | None) -> float:
+        """The number to compare with: ``threshold``, or ``factor * baseline + offset`` for a
+        baseline rule (NaN when the baseline value is missing or NaN)."""
+        if self.factor is None:
+            return self.threshold
+        if baseline is None or math.isnan(baseline):
+            return math.nan
+        if self.factor == 1.0:  # exact: `== baseline` holds on identical runs
+            return baseline + self.offset
+        return self.factor * baseline + self.offset
+
+    def reduce(self, values: np.ndarray, steps: np.ndarray | None = None) -> float:
+        """Apply the reducer to a series (ordered by step, one value per step; ``steps`` for
+        ``slope``, positions if omitted); NaN for an empty series
+        (:func:`lightning_spectral.reduce.reduce_values`)."""
+        return reduce_values(values, self.reducer, self.window, steps)
+
+    def compare(self, value: float, threshold: float | None = None) -> bool:
+        """``value OP threshold`` (the rule's own threshold unless one is given); False
+        whenever ``value`` or the threshold is NaN."""
+        limit = self.threshold if threshold is None else threshold
+        if math.isnan(value) or math.isnan(limit):
             return False
-        return bool(OPS[self.op](value, self.threshold))
+        return bool(OPS[self.op](value, limit))
 
     def matches(self, tag: str) -> bool:
         return fnmatch.fnmatchcase(tag, self.pattern)
@@ -199,7 +250,7 @@ class Rule:
 
 _WS = re.compile(r"\s*")
 _PATTERN = re.compile(r"[^\s<>=!]+")
-_REDUCER = re.compile(r"(last|first|min|max|mean)\b(?!/)")
+_REDUCER = re.compile(r"(last|first|min|max|mean|slope|drop_from_max_rel|drop_from_max)\b(?!/)")
 _WINDOW = re.compile(r"\s*\(\s*last\s*=\s*")
 _PAREN = re.compile(r"\s*\(")
 _INT = re.compile(r"[0-9]+")
@@ -207,11 +258,17 @@ _CLOSE = re.compile(r"\s*\)")
 _OP = re.compile(r"<=|>=|==|!=|<|>")
 _NUMBER = re.compile(r"[+-]?(?:inf(?:inity)?|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)",
                      re.IGNORECASE)
+_BASELINE = re.compile(r"baseline\b")
+_TIMES = re.compile(r"\s*\*\s*")
+_SIGN = re.compile(r"\s*([+-])\s*")
+_REDUCER_HELP = "last, first, min, max, mean, mean(last=K), slope(last=K), drop_from_max, " \
+                "drop_from_max_rel"
 
 
 def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
                source: str | None = None) -> Rule:
-    """Parse ``TAG_PATTERN [REDUCER] OP VALUE`` into a :class:`Rule`.
+    """Parse ``TAG_PATTERN [REDUCER] OP THRESHOLD`` into a :class:`Rule`, where
+    ``THRESHOLD := NUMBER | [NUMBER '*'] 'baseline' [('+' | '-') NUMBER]``.
 
     Raises :class:`RuleSyntaxError` (with the 1-based column of the problem) when malformed.
     """
@@ -222,6 +279,18 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
 
     def fail(at: int, expected: str) -> RuleSyntaxError:
         return RuleSyntaxError(rule, at + 1, expected, source)
+
+    def number(at: int, follow: str, finite: bool) -> tuple[float, int]:
+        """The number at ``at`` (followed by whitespace, the end or a character of
+        ``follow``) and the offset after it."""
+        m = _NUMBER.match(rule, at)
+        if not m or (m.end() < len(rule) and not rule[m.end()].isspace()
+                     and rule[m.end()] not in follow):
+            raise fail(at, "expected a number")
+        value = float(m.group(0))
+        if finite and not math.isfinite(value):
+            raise fail(at, "expected a finite number")
+        return value, m.end()
 
     m = _PATTERN.match(rule, pos)
     if not m:
@@ -235,42 +304,74 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
         pos = m.end()
         w = _WINDOW.match(rule, pos)
         if w:
-            if reducer != "mean":
+            if reducer not in WINDOWED:
                 raise fail(_WS.match(rule, pos).end(),
-                           f"only 'mean' takes a window, not {reducer!r}")
+                           f"only 'mean' and 'slope' take a window, not {reducer!r}")
             pos = w.end()
             k = _INT.match(rule, pos)
-            if not k or len(k.group(0).lstrip("0")) > 18 or int(k.group(0)) < 1:
-                raise fail(pos, "expected a positive integer K (at most 18 digits) in "
-                                "mean(last=K)")
+            least = 2 if reducer == "slope" else 1
+            if not k or len(k.group(0).lstrip("0")) > 18 or int(k.group(0)) < least:
+                what = "a positive integer K" if least == 1 else "an integer K >= 2"
+                raise fail(pos, f"expected {what} (at most 18 digits) in {reducer}(last=K)")
             window = int(k.group(0))
             c = _CLOSE.match(rule, k.end())
             if not c:
-                raise fail(_WS.match(rule, k.end()).end(), "expected ')' closing mean(last=K)")
+                raise fail(_WS.match(rule, k.end()).end(),
+                           f"expected ')' closing {reducer}(last=K)")
             pos = c.end()
         elif _PAREN.match(rule, pos):
-            raise fail(_WS.match(rule, pos).end(), "expected 'mean(last=K)'")
+            raise fail(_WS.match(rule, pos).end(), f"expected '{reducer}(last=K)'"
+                       if reducer in WINDOWED else f"{reducer!r} takes no window")
+        elif reducer == "slope":
+            raise fail(pos, "expected '(last=K)': slope needs a window, slope(last=K)")
         pos = _WS.match(rule, pos).end()
     m = _OP.match(rule, pos)
     if not m:
         if pos < len(rule) and rule[pos].isalpha():
-            raise fail(pos, f"expected a reducer ({', '.join(REDUCERS)}, mean(last=K)) "
+            raise fail(pos, f"expected a reducer ({_REDUCER_HELP}) "
                             "or an operator (< <= > >= == !=)")
         raise fail(pos, "expected an operator (< <= > >= == !=)")
     op = m.group(0)
     pos = _WS.match(rule, m.end()).end()
-    m = _NUMBER.match(rule, pos)
-    if not m:
-        raise fail(pos, "expected a number")
-    end = m.end()
-    if end < len(rule) and not rule[end].isspace():
-        raise fail(pos, "expected a number")
-    threshold = float(m.group(0))
-    rest = _WS.match(rule, end).end()
+    threshold, factor, offset = 0.0, None, 0.0
+    if _BASELINE.match(rule, pos):
+        factor, pos = 1.0, _BASELINE.match(rule, pos).end()
+    else:
+        if not _NUMBER.match(rule, pos):
+            raise fail(pos, "expected a number or 'baseline' (e.g. 2.0, 0.8 * baseline, "
+                            "baseline - 0.1)")
+        value, end = number(pos, "*", finite=False)
+        times = _TIMES.match(rule, end)
+        if times and times.end() > end and rule[end:times.end()].strip() == "*":
+            b = _BASELINE.match(rule, times.end())
+            if not b:
+                raise fail(times.end(), "expected 'baseline' after '*'")
+            if not math.isfinite(value):
+                raise fail(pos, "expected a finite number")
+            factor, pos = value, b.end()
+        else:
+            threshold, pos = value, end
+    if factor is not None:
+        threshold = math.nan
+        sign = _SIGN.match(rule, pos)
+        if sign:
+            offset, pos = number(sign.end(), "", finite=True)
+            if sign.group(1) == "-":
+                offset = -offset
+            if rule[sign.end()] in "+-":
+                raise fail(sign.end(), "expected a number without a sign after "
+                                       f"'{sign.group(1)}'")
+        elif pos < len(rule) and not rule[pos].isspace():
+            raise fail(pos, "expected '+ NUMBER', '- NUMBER' or the end of the rule")
+    rest = _WS.match(rule, pos).end()
     if rest != len(rule):
+        if factor is not None:
+            raise fail(rest, "expected '+ NUMBER', '- NUMBER' or the end of the rule"
+                       if not offset else "expected the end of the rule")
         raise fail(rest, "expected the end of the rule")
     return Rule(text=rule.strip(), pattern=pattern, reducer=reducer, window=window, op=op,
-                threshold=threshold, optional=bool(optional), name=name, source=source)
+                threshold=threshold, optional=bool(optional), name=name, source=source,
+                factor=factor, offset=offset)
 
 
 def _as_rules(rules: str | Rule | Iterable[str | Rule] | Mapping[str, Any]) -> list[Rule]:
@@ -296,7 +397,8 @@ def _rule_from_table(table: Mapping[str, Any], source: str | None, text: str | N
         raise GateInputError(f"{where}unknown key(s) {', '.join(unknown)} in [[rule]] "
                              "(allowed: check, optional, name)")
     if "check" not in table or not isinstance(table["check"], str):
-        raise GateInputError(f"{where}[[rule]] needs check = \"TAG_PATTERN [REDUCER] OP VALUE\"")
+        raise GateInputError(f"{where}[[rule]] needs check = "
+                             "\"TAG_PATTERN [REDUCER] OP THRESHOLD\"")
     optional = table.get("optional", False)
     if not isinstance(optional, bool):
         raise GateInputError(f"{where}optional must be true or false, got {optional!r}")
@@ -438,7 +540,7 @@ def _rule_lines(text: str) -> list[int]:
 def load_rules(path: str | Path) -> list[Rule]:
     """Read a TOML rules file: one ``[[rule]]`` table per rule.
 
-    Each table has ``check = "TAG_PATTERN [REDUCER] OP VALUE"`` and optionally
+    Each table has ``check = "TAG_PATTERN [REDUCER] OP THRESHOLD"`` and optionally
     ``optional = true`` (no error when nothing matches) and ``name = "..."``. Every rule
     remembers ``file:line`` (the line of its ``check`` key) for error messages and GitHub
     annotations. Only a regular file is read (a FIFO or device is refused, never opened).
@@ -833,10 +935,20 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
 
 # --------------------------------------------------------------------------- evaluation
 
+#: the note of a baseline check whose tag the baseline run lacks (and the reverse)
+NOT_IN_BASELINE = "not in the baseline run"
+NOT_IN_RUN = "not in this run (only in the baseline run)"
+
 
 @dataclass(frozen=True)
 class CheckResult:
-    """The verdict of one rule on one tag of one run (``status`` pass / fail / skip)."""
+    """The verdict of one rule on one tag of one run (``status`` pass / fail / skip).
+
+    ``threshold`` is the number the value was compared with (for a baseline rule,
+    ``factor * baseline + offset``; NaN when the baseline lacks the tag); ``baseline`` is the
+    same reducer on the same tag of the baseline run (``None`` without a baseline, or when the
+    baseline lacks the tag); ``note`` says why a check could not compare (a tag missing from
+    the baseline or from the run)."""
 
     run: str
     rule: Rule
@@ -845,13 +957,25 @@ class CheckResult:
     status: str
     n_values: int = 0
     last_step: int | None = None
+    baseline: float | None = None
+    threshold: float | None = None  # None: the rule's own threshold
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", self.rule.threshold)
 
     @property
     def passed(self) -> bool:
         return self.status != "fail"
 
+    @property
+    def has_value(self) -> bool:
+        """Whether the run had the tag (not an optional rule's 'no tag matched', not a tag
+        that only the baseline has)."""
+        return self.note != NOT_IN_RUN and not (self.status == "skip" and self.note is None)
+
     def as_dict(self) -> dict[str, Any]:
-        finite = self.value if math.isfinite(self.value) else None
         return {
             "run": self.run,
             "rule": self.rule.text,
@@ -859,15 +983,28 @@ class CheckResult:
             "source": self.rule.source,
             "tag": self.tag,
             "reducer": self.rule.reducer_label,
-            "value": finite if finite is not None else _nonfinite(self.value),
+            "value": _json_number(self.value),
             "op": self.rule.op,
-            "threshold": self.rule.threshold if math.isfinite(self.rule.threshold)
-            else _nonfinite(self.rule.threshold),
+            "threshold": _json_number(self.threshold),
+            "baseline": None if self.baseline is None else _json_number(self.baseline),
             "status": self.status,
             "passed": self.passed,
             "n_values": self.n_values,
             "last_step": self.last_step,
+            "note": self.note,
         }
+
+    def expected(self) -> str:
+        """``>= 2.3`` or, for a baseline rule, ``>= 2.3 (0.8 * baseline, baseline 2.875)``."""
+        text = f"{self.rule.op} {_fmt(self.threshold)}"  # type: ignore[arg-type]
+        if self.rule.relative:
+            base = "missing" if self.baseline is None else _fmt(self.baseline)
+            text += f" ({self.rule.threshold_label}, baseline {base})"
+        return text
+
+
+def _json_number(x: float) -> float | str | None:
+    return x if math.isfinite(x) else _nonfinite(x)
 
 
 def _nonfinite(x: float) -> str | None:
@@ -921,38 +1058,122 @@ class _TagIndex:
         return hit
 
 
-def evaluate(run: Run, rules: Sequence[Rule]) -> list[CheckResult]:
+class _Reduced:
+    """A run with its tag index and its reductions, each computed once per (tag, reducer)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.index = _TagIndex(run.tags)
+        self.cache: dict[tuple[str, str, int | None], float] = {}
+
+    def value(self, tag: str, rule: Rule) -> float | None:
+        """The rule's reducer on ``tag`` (None when the run lacks the tag)."""
+        series = self.run.scalars.get(tag)
+        if series is None:
+            return None
+        key = (tag, rule.reducer, rule.window)
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = rule.reduce(series.values, series.steps)
+        return value
+
+
+def _baseline_run(baseline: str | Path | Run | Mapping[str, Any]) -> Run:
+    """Read a baseline run; a reading error names it as the baseline."""
+    if isinstance(baseline, Run):
+        return baseline
+    if isinstance(baseline, Mapping):
+        return Run.from_mapping(baseline, label="baseline")
+    try:
+        return read_run(baseline)
+    except RunReadError as exc:
+        raise RunReadError(f"baseline {exc}") from exc
+
+
+def require_baseline(rules: Sequence[Rule], what: str = "a baseline run") -> None:
+    """Raise :class:`MissingBaselineError` naming the first rule that compares with a baseline
+    (``... * baseline``) when no baseline was given; ``what`` says how to give one."""
+    for rule in rules:
+        if rule.relative:
+            where = f" ({rule.source})" if rule.source else ""
+            raise MissingBaselineError(
+                f"rule {rule.text!r}{where} compares with a baseline, but no baseline was "
+                f"given ({what})")
+
+
+def evaluate(run: Run, rules: Sequence[Rule],
+             baseline: str | Path | Run | Mapping[str, Any] | None = None
+             ) -> list[CheckResult]:
     """Check every rule against ``run`` (one result per matching tag, in tag order).
 
-    Raises :class:`NoMatchingTagError` for a non-optional rule that matches no tag; an
-    optional one gives a single ``skip`` result. Time is linear in the number of rules plus
-    the number of checks (a pattern is matched once; a reduction is computed once per tag).
+    With a ``baseline`` run, a baseline rule compares each tag with ``factor * b + offset``,
+    ``b`` being the same reducer on the same tag of the baseline; a tag only one of the two
+    runs has fails (skips, for an optional rule) with a note. Every result also carries the
+    baseline's value of its tag, when it has one.
+
+    Raises :class:`NoMatchingTagError` for a non-optional rule that matches no tag (in the run,
+    nor in the baseline for a baseline rule); an optional one gives a single ``skip`` result.
+    Raises :class:`MissingBaselineError` for a baseline rule without a baseline. Time is
+    linear in the number of rules plus the number of checks (a pattern is matched once; a
+    reduction is computed once per tag).
     """
-    index = _TagIndex(run.tags)
-    reduced: dict[tuple[str, str, int | None], float] = {}
+    base = _as_reduced(baseline)
+    if base is None:
+        require_baseline(rules, "pass baseline=...")
+    here = _Reduced(run)
+    return _evaluate(here, rules, base)
+
+
+def _as_reduced(baseline: Any) -> _Reduced | None:
+    if baseline is None or isinstance(baseline, _Reduced):
+        return baseline
+    return _Reduced(baseline if isinstance(baseline, Run) else _baseline_run(baseline))
+
+
+def _evaluate(here: _Reduced, rules: Sequence[Rule], base: _Reduced | None
+              ) -> list[CheckResult]:
+    run, index = here.run, here.index
     results: list[CheckResult] = []
+    nan = math.nan
     for rule in rules:
         matched = index.matching(rule.pattern)
-        if not matched:
+        only_base: list[str] = []
+        if rule.relative and base is not None:
+            only_base = [t for t in base.index.matching(rule.pattern) if t not in index.known]
+        if not matched and not only_base:
             if rule.optional:
-                results.append(CheckResult(run.label, rule, rule.pattern, float("nan"), "skip"))
+                results.append(CheckResult(run.label, rule, rule.pattern, nan, "skip",
+                                           threshold=nan if rule.relative else None))
                 continue
             near = _nearest(rule.pattern, index.tags)
             where = f" ({rule.source})" if rule.source else ""
+            also = f" nor in the baseline {base.run.label}" if rule.relative and base else ""
             raise NoMatchingTagError(
-                f"rule {rule.text!r}{where}: no tag matches {rule.pattern!r} in {run.label}; "
-                f"nearest tags: {', '.join(near) if near else '(none)'}"
+                f"rule {rule.text!r}{where}: no tag matches {rule.pattern!r} in {run.label}"
+                f"{also}; nearest tags: {', '.join(near) if near else '(none)'}"
             )
-        for tag in matched:
-            series = run.scalars[tag]
-            key = (tag, rule.reducer, rule.window)
-            value = reduced.get(key)
-            if value is None:
-                value = reduced[key] = rule.reduce(series.values)
+        missing = "skip" if rule.optional else "fail"
+        tags = sorted(matched + only_base) if only_base else matched
+        for tag in tags:
+            b = base.value(tag, rule) if base is not None else None
+            series = run.scalars.get(tag)
+            if series is None:  # a baseline rule's tag that only the baseline has
+                results.append(CheckResult(run.label, rule, tag, nan, missing, baseline=b,
+                                           threshold=rule.threshold_for(b), note=NOT_IN_RUN))
+                continue
+            value = here.value(tag, rule)
+            assert value is not None
+            threshold = rule.threshold_for(b)
+            if rule.relative and b is None:
+                status, note = missing, NOT_IN_BASELINE
+            else:
+                status = "pass" if rule.compare(value, threshold) else "fail"
+                note = "the baseline value is NaN" if rule.relative and math.isnan(b) else None
             results.append(CheckResult(
-                run.label, rule, tag, value, "pass" if rule.compare(value) else "fail",
+                run.label, rule, tag, value, status,
                 n_values=len(series),
                 last_step=int(series.steps[-1]) if len(series) else None,
+                baseline=b, threshold=threshold, note=note,
             ))
     return results
 
@@ -968,6 +1189,17 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+def _change(value: float, baseline: float | None) -> str:
+    """The relative change from ``baseline`` to ``value`` (``+12.5%``), or '' when undefined."""
+    if baseline is None or not (math.isfinite(value) and math.isfinite(baseline)) \
+            or baseline == 0:
+        return ""
+    change = 100.0 * (value - baseline) / abs(baseline)
+    if abs(change) < 0.05:
+        return "0.0%"
+    return f"{change:+.1f}%" if abs(change) < 1e6 else f"{change:+.3g}%"
+
+
 def _gh_escape(text: str, prop: bool = False) -> str:
     """Data (or, with ``prop``, a property value) of a GitHub workflow command: control
     characters shown escaped, then ``%``, CR and LF (and ``:``, ``,`` in properties) encoded
@@ -979,13 +1211,34 @@ def _gh_escape(text: str, prop: bool = False) -> str:
     return text
 
 
+_BACKTICKS = re.compile("`+")
+
+
+def _md_code(text: object) -> str:
+    """``text`` as a Markdown code span that stays one table cell: control characters shown
+    escaped, ``|`` written ``\\|`` (GitHub's tables unescape it inside code), a fence longer
+    than any run of backticks in the text. Nothing in a code span is markup (no links,
+    mentions, emphasis or HTML)."""
+    body = printable(text).replace("|", "\\|")
+    if not body:
+        return "` `"
+    fence = "`" * (max((len(m) for m in _BACKTICKS.findall(body)), default=0) + 1)
+    pad = " " if body[0] in "` " or body[-1] in "` " else ""
+    return f"{fence}{pad}{body}{pad}{fence}"
+
+
+_STATUS_MD = {"fail": "❌ fail", "skip": "⚪ skip", "pass": "✅ pass"}
+
+
 @dataclass
 class GateReport:
     """All check results; ``passed`` is True when no check failed. ``warnings`` lists what the
-    readers skipped or ignored (special files, an incomplete last record)."""
+    readers skipped or ignored (special files, an incomplete last record); ``baseline`` is the
+    label of the baseline run the rules compared with, if any."""
 
     results: list[CheckResult]
     warnings: list[str] = field(default_factory=list)
+    baseline: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -1005,34 +1258,97 @@ class GateReport:
         verdict = "PASSED" if self.passed else "FAILED"
         return f"{verdict}: {n} checks, {n - f - s} passed, {f} failed, {s} skipped"
 
+    def _show_baseline(self) -> bool:
+        return self.baseline is not None or any(r.rule.relative for r in self.results)
+
     def to_text(self) -> str:
-        """A table: (run,) tag, reducer, value, op, threshold, verdict; then a summary line.
+        """A table: (run,) tag, reducer, (baseline,) value, op, threshold, verdict (, note);
+        then a summary line. The baseline column appears when a baseline was given; the
+        threshold of a baseline rule is the number it works out to.
 
         Control characters in tags and run names are shown escaped (``\\n``, ``\\x1b``), and no
         line can be taken for a CI workflow command."""
         runs = {r.run for r in self.results}
-        head = (["run"] if len(runs) > 1 else []) + ["tag", "reducer", "value", "op",
-                                                      "threshold", "verdict"]
+        several = len(runs) > 1
+        show_base = self._show_baseline()
+        notes = any(r.note for r in self.results)
+        head = (["run"] if several else []) + ["tag", "reducer"] \
+            + (["baseline"] if show_base else []) + ["value", "op", "threshold", "verdict"] \
+            + (["note"] if notes else [])
         rows = []
         for r in self.results:
-            row = [printable(r.run)] if len(runs) > 1 else []
-            row += [printable(r.tag), r.rule.reducer_label,
-                    _fmt(r.value) if r.status != "skip" else "-",
-                    r.rule.op, _fmt(r.rule.threshold), r.status.upper()]
+            row = [printable(r.run)] if several else []
+            row += [printable(r.tag), r.rule.reducer_label]
+            if show_base:
+                row.append("-" if r.baseline is None else _fmt(r.baseline))
+            row += [_fmt(r.value) if r.has_value else "-", r.rule.op,
+                    "-" if r.rule.relative and r.baseline is None
+                    else _fmt(r.threshold), r.status.upper()]  # type: ignore[arg-type]
+            if notes:
+                row.append(r.note or "")
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
         lines = [_no_commands("  ".join(str(x).ljust(w)
                                         for x, w in zip(row, widths, strict=True)).rstrip())
                  for row in [head, ["-" * w for w in widths], *rows]]
-        return "\n".join(lines + ["", self.summary()])
+        tail = [""]
+        if self.baseline is not None:
+            tail.append(safe_line(f"baseline: {self.baseline}"))
+        return "\n".join(lines + tail + [self.summary()])
 
     def to_json(self, indent: int | None = 2) -> str:
-        """``{"passed", "summary", "checks": [...], "warnings": [...]}`` (NaN as null,
-        infinities as strings; ``[`` after ``##`` is written ``\\u005b``, the same string)."""
+        """``{"passed", "summary", "baseline", "checks": [...], "warnings": [...]}`` (NaN as
+        null, infinities as strings; ``[`` after ``##`` is written ``\\u005b``, the same
+        string)."""
         text = json.dumps({"passed": self.passed, "summary": self.summary(),
+                           "baseline": self.baseline,
                            "checks": [r.as_dict() for r in self.results],
                            "warnings": list(self.warnings)}, indent=indent)
         return text.replace("##[", "##\\u005b")
+
+    def to_markdown(self) -> str:
+        """A compact Markdown table for a pull-request comment or ``$GITHUB_STEP_SUMMARY``:
+        a heading with the verdict, the summary, then one row per check, failures first (then
+        skipped, then passed checks, each in report order), with the baseline and current
+        values side by side and the relative change.
+
+        Tags and run names are untrusted: each is a code span with control characters shown
+        escaped and ``|`` escaped, so one tag is one cell and nothing in it is markup."""
+        several = len({r.run for r in self.results}) > 1
+        show_base = self._show_baseline()
+        notes = any(r.note for r in self.results)
+        icon = "✅" if self.passed else "❌"
+        lines = [f"### {icon} Spectral gate {'passed' if self.passed else 'failed'}", ""]
+        about = self.summary()
+        if self.baseline is not None:
+            about += f" · baseline {_md_code(self.baseline)}"
+        if not several and self.results:
+            about += f" · run {_md_code(self.results[0].run)}"
+        lines += [about, ""]
+        head = ["", *(["run"] if several else []), "tag", "reducer",
+                *(["baseline"] if show_base else []), "value",
+                *(["change"] if show_base else []), "check", *(["note"] if notes else [])]
+        align = ["---" if h in ("", "run", "tag", "reducer", "check", "note") else "---:"
+                 for h in head]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+        order = {"fail": 0, "skip": 1, "pass": 2}
+        for r in sorted(self.results, key=lambda r: order.get(r.status, 3)):
+            shown = r.has_value
+            check = _md_code(f"{r.rule.op} {r.rule.threshold_label}")
+            if r.rule.relative and not math.isnan(r.threshold):  # type: ignore[arg-type]
+                check += f" = {_fmt(r.threshold)}"  # type: ignore[arg-type]
+            row = [_STATUS_MD.get(r.status, r.status), *([_md_code(r.run)] if several else []),
+                   _md_code(r.tag), _md_code(r.rule.reducer_label)]
+            if show_base:
+                row.append("–" if r.baseline is None else _fmt(r.baseline))
+            row.append(_fmt(r.value) if shown else "–")
+            if show_base:
+                row.append(_change(r.value, r.baseline) if shown else "")
+            row.append(check)
+            if notes:
+                row.append(r.note or "")
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(_no_commands(line) for line in lines)
 
     def to_github(self) -> str:
         """GitHub Actions workflow commands: one ``::error`` per failed check, then a notice."""
@@ -1043,8 +1359,11 @@ class GateReport:
                 file, _, line = r.rule.source.rpartition(":")
                 if line.isdigit():
                     props = [f"file={_gh_escape(file, True)}", f"line={line}", *props]
-            msg = (f"{r.tag}: {r.rule.reducer_label} = {_fmt(r.value)}, expected "
-                   f"{r.rule.op} {_fmt(r.rule.threshold)} (run {r.run})")
+            if r.note:
+                msg = f"{r.tag}: {r.note} (rule {r.rule.text}; run {r.run})"
+            else:
+                msg = (f"{r.tag}: {r.rule.reducer_label} = {_fmt(r.value)}, expected "
+                       f"{r.expected()} (run {r.run})")
             lines.append(f"::error {','.join(props)}::{_gh_escape(msg)}")
         level = "notice" if self.passed else "error"
         lines.append(f"::{level} title=spectral gate::{_gh_escape(self.summary())}")
@@ -1068,17 +1387,19 @@ class GateReport:
             for r in results:
                 case = ET.SubElement(suite, "testcase", classname=p(run),
                                      name=p(f"{r.tag} {r.rule.reducer_label} {r.rule.op} "
-                                            f"{_fmt(r.rule.threshold)}"))
+                                            f"{r.rule.threshold_label}"))
                 if r.status == "fail":
-                    failure = ET.SubElement(
-                        case, "failure", type="SpectralGateFailure",
-                        message=p(f"{r.rule.reducer_label}({r.tag}) = {_fmt(r.value)}, "
-                                  f"expected {r.rule.op} {_fmt(r.rule.threshold)}"))
+                    message = (f"{r.tag}: {r.note}" if r.note else
+                               f"{r.rule.reducer_label}({r.tag}) = {_fmt(r.value)}, "
+                               f"expected {r.expected()}")
+                    failure = ET.SubElement(case, "failure", type="SpectralGateFailure",
+                                            message=p(message))
                     failure.text = (f"rule: {p(r.rule.text)}\nsource: {p(r.rule.source or '-')}"
                                     f"\nvalues: {r.n_values}, last step: {r.last_step}")
                 elif r.status == "skip":
-                    ET.SubElement(case, "skipped", message=p(f"optional rule {r.rule.text!r} "
-                                                             "matched no tag"))
+                    why = r.note or "matched no tag"
+                    ET.SubElement(case, "skipped", message=p(f"optional rule {r.rule.text!r}: "
+                                                             f"{why}"))
         ET.indent(root)
         return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, "unicode") + "\n"
 
@@ -1086,25 +1407,37 @@ class GateReport:
 def check(
     run: str | Path | Run | Mapping[str, Any] | Sequence[str | Path | Run],
     rules: str | Rule | Iterable[str | Rule],
+    baseline: str | Path | Run | Mapping[str, Any] | None = None,
 ) -> GateReport:
     """Evaluate ``rules`` on one or several runs and return a :class:`GateReport`.
 
     ``run`` is a path (see :func:`read_run`), a :class:`Run`, a ``{tag: values}`` mapping, or a
-    list of those. ``rules`` are rule strings or :class:`Rule` objects. Bad input raises a
-    :class:`GateInputError`; a failed check does not raise — test ``report.passed``::
+    list of those. ``rules`` are rule strings or :class:`Rule` objects. ``baseline`` (a path,
+    a :class:`Run` or a mapping) is the run that baseline rules (``erank/* last >= 0.8 *
+    baseline``) compare with; every run is compared with it. Bad input raises a
+    :class:`GateInputError` (a baseline rule without ``baseline`` a
+    :class:`MissingBaselineError`); a failed check does not raise — test ``report.passed``::
 
         report = check("runs/mlp/version_0", ["vne/* >= 1.0", "collapse/nc1 < 0.5"])
         assert report.passed, report.to_text()
+        report = check("runs/pr", ["erank/* last >= 0.8 * baseline"], baseline="runs/main")
     """
     parsed = _as_rules(rules)
     if not parsed:
         raise GateInputError("no rules given")
+    base = None
+    if baseline is None:
+        require_baseline(parsed, "pass baseline=...")
+    else:
+        base = _as_reduced(baseline)
     if isinstance(run, (str, Path, Run, Mapping)):
         runs: list[Any] = [run]
     else:
         runs = list(run)
     results: list[CheckResult] = []
     warnings: list[str] = []
+    if base is not None:
+        warnings.extend(f"baseline {w}" for w in base.run.warnings)
     for item in runs:
         if isinstance(item, Run):
             loaded = item
@@ -1113,5 +1446,5 @@ def check(
         else:
             loaded = read_run(item)
         warnings.extend(loaded.warnings)
-        results.extend(evaluate(loaded, parsed))
-    return GateReport(results, warnings)
+        results.extend(_evaluate(_Reduced(loaded), parsed, base))
+    return GateReport(results, warnings, baseline=base.run.label if base is not None else None)

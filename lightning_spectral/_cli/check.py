@@ -1,7 +1,10 @@
 """``lightning-spectral check``: gate a CI job on the spectral metrics a training logged.
 
-Exit status: 0 every check passed; 1 a check failed; 2 bad input (malformed rule, rule matching
-no tag, unreadable, corrupt, special or empty run, bad rules file), reported as one line on
+Rules compare with numbers or, with ``--baseline BASE_RUN``, with the same tag's reduced value in
+a baseline run (``erank/* last >= 0.8 * baseline``). Exit status: 0 every check passed; 1 a check
+failed (a tag missing from the baseline fails a baseline rule unless it is optional); 2 bad
+input (malformed rule, rule matching no tag, unreadable, corrupt, special or empty run or
+baseline, a baseline rule without ``--baseline``, bad rules file), reported as one line on
 stderr naming the file, tag or rule. Special files inside a run (FIFOs, sockets, devices) are
 skipped and an event file's incomplete last record is ignored, each with a one-line warning on
 stderr. Every line written is escaped (control characters as ``\\n``, ``\\x1b``) so a tag can
@@ -22,10 +25,15 @@ __all__ = ["add_parser", "run"]
 
 _PROG = "lightning-spectral check"
 _EPILOG = """\
-rules: TAG_PATTERN [REDUCER] OP VALUE, e.g.
+rules: TAG_PATTERN [REDUCER] OP THRESHOLD, e.g.
   'vne/encoder.* >= 2.0'   'collapse/nc1 last < 0.5'   'erank/* min > 4'
-  'weight_stable_rank/fc2 mean(last=5) <= 30'
-reducers: last (default), first, min, max, mean, mean(last=K); ops: < <= > >= == !=
+  'weight_stable_rank/fc2 mean(last=5) <= 30'   'vne/* drop_from_max_rel <= 0.3'
+  'erank/* last >= 0.8 * baseline'   'vne/classifier mean(last=5) >= baseline - 0.1'
+reducers: last (default), first, min, max, mean, mean(last=K), slope(last=K),
+  drop_from_max (max - last), drop_from_max_rel ((max - last) / |max|)
+ops: < <= > >= == !=
+threshold: NUMBER | [NUMBER '*'] baseline [(+|-) NUMBER]   (baseline: the same reducer on the
+  same tag of --baseline BASE_RUN; a tag the baseline lacks fails, or skips if optional)
 rules file (TOML): [[rule]] check = "..."  [optional = true]  [name = "..."]
 exit status: 0 all passed, 1 a check failed, 2 bad input
 """
@@ -48,8 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="a rule (repeatable)")
     parser.add_argument("--rules", action="append", default=[], metavar="FILE.toml",
                         type=Path, help="a TOML rules file (repeatable)")
-    parser.add_argument("--format", choices=("text", "json", "github"), default="text",
-                        help="report format on stdout (default: text)")
+    parser.add_argument("--baseline", type=Path, metavar="BASE_RUN",
+                        help="a run to compare with: rules may use 'baseline', the same "
+                        "reducer on the same tag of this run (every RUN is compared with it)")
+    parser.add_argument("--format", choices=("text", "json", "github", "markdown"),
+                        default="text",
+                        help="report format on stdout (default: text; markdown: a table for a "
+                        "pull-request comment or $GITHUB_STEP_SUMMARY)")
     parser.add_argument("--junit", type=Path, metavar="FILE.xml",
                         help="also write a JUnit XML report (one test case per check)")
     parser.set_defaults(func=run)
@@ -125,10 +138,18 @@ def run(args: argparse.Namespace) -> int:
         for path in args.rules:
             rules.extend(gate.load_rules(path))
         if not rules:
-            return _bad_input("no rules: give --rule 'TAG_PATTERN [REDUCER] OP VALUE' "
+            return _bad_input("no rules: give --rule 'TAG_PATTERN [REDUCER] OP THRESHOLD' "
                               "or --rules FILE.toml")
+        if args.baseline is None:
+            gate.require_baseline(rules, "give --baseline BASE_RUN")
+            baseline = None
+        else:
+            try:
+                baseline = gate.read_run(args.baseline)
+            except gate.RunReadError as exc:
+                return _bad_input(f"baseline {exc}")
         runs = [gate.read_run(path) for path in args.runs]
-        report = gate.check(runs, rules)
+        report = gate.check(runs, rules, baseline=baseline)
     except gate.GateInputError as exc:
         return _bad_input(str(exc))
     for warning in report.warnings:
@@ -137,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         out = report.to_json()
     elif args.format == "github":
         out = report.to_github()
+    elif args.format == "markdown":
+        out = report.to_markdown()
     else:
         out = report.to_text()
     try:

@@ -7,12 +7,15 @@ into ``trainer.callback_metrics``), and every other number in ``trainer.callback
 (what ``self.log`` produced) when it changes. At each evaluation point (end of a training
 batch, of validation, of a training epoch) every check whose tag received a new value is
 evaluated with the same rule semantics as ``lightning-spectral check`` (see
-:mod:`lightning_spectral.gate`; a NaN value fails). A check failing ``patience`` consecutive
+:mod:`lightning_spectral.gate`; a NaN value fails; the reducers are those of
+:mod:`lightning_spectral.reduce`, trends included). Rules may compare with a reference run given
+as ``baseline=`` (``"vne/* mean(last=3) >= 0.9 * baseline"``): it is read once at setup with
+the gate's reader and reduced like the gate reduces it. A check failing ``patience`` consecutive
 evaluations triggers ``action``: ``"stop"`` sets ``trainer.should_stop`` (like
 ``EarlyStopping``; under DDP the decision is shared by all ranks), ``"raise"`` raises
 :class:`SpectralAlarmError`, ``"warn"`` emits one
-:class:`~lightning_spectral.errors.SpectralWarning` per failing streak. The rule grammar and the
-quantities' definitions are in docs/gate.md and SPEC.md; the alarm computes no mathematics.
+:class:`~lightning_spectral.errors.SpectralWarning` per failing streak. The rule grammar is in
+docs/gate.md; the alarm computes no mathematics of its own.
 
 Every fit starts from an empty history (an alarm reused with a new ``Trainer`` counts its
 strikes from zero again); only a ``ckpt_path`` resume, which restores the alarm's state,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -39,7 +43,15 @@ from lightning_spectral.callbacks._base import (
     warn_rank_zero,
 )
 from lightning_spectral.errors import SpectralConfigError, SpectralError
-from lightning_spectral.gate import GateInputError, Rule, parse_rule
+from lightning_spectral.gate import (
+    GateInputError,
+    Rule,
+    Run,
+    _baseline_run,
+    _fmt,
+    _Reduced,
+    parse_rule,
+)
 from lightning_spectral.reduce import StreamingSeries
 
 __all__ = ["SpectralAlarm", "SpectralAlarmError"]
@@ -57,34 +69,59 @@ class SpectralAlarm(SpectralCallback):
     """Stop, raise or warn during training when a gate rule fails ``patience`` times in a row.
 
     Args:
-        rules: gate rules, ``"TAG_PATTERN [REDUCER] OP VALUE"`` (see
+        rules: gate rules, ``"TAG_PATTERN [REDUCER] OP THRESHOLD"`` (see
             :mod:`lightning_spectral.gate`), e.g.
-            ``["vne/* >= 1.0", "collapse/nc1 mean(last=3) < 0.5"]``. A glob gives one check per
-            matching tag, tags being discovered as they are logged.
+            ``["vne/* >= 1.0", "collapse/nc1 mean(last=3) < 0.5", "vne/* drop_from_max_rel
+            <= 0.3", "erank/* mean(last=3) >= 0.8 * baseline"]``, or :class:`Rule` objects
+            (:func:`~lightning_spectral.gate.load_rules`; ``optional`` is honoured for tags
+            missing from the baseline). A glob gives one check per matching tag, tags being
+            discovered as they are logged.
         patience: consecutive failing evaluations of a check before the action fires. A check is
             evaluated only when its tag received a new value.
         action: ``"stop"`` (``trainer.should_stop = True``), ``"raise"`` (
             :class:`SpectralAlarmError`) or ``"warn"``.
         watch_callback_metrics: also follow ``trainer.callback_metrics`` (``self.log`` values).
+        baseline: a reference run (a log directory, an event file or a ``metrics.csv``, as
+            ``lightning-spectral check --baseline`` reads it; or a
+            :class:`~lightning_spectral.gate.Run`) for the rules that compare with
+            ``baseline``: the same reducer on the same tag of that run, over the whole run. Read
+            once, at setup; an unreadable run raises :class:`SpectralConfigError` there. A tag
+            the baseline lacks fails its check (for an optional :class:`Rule`: one warning, and
+            the check is skipped).
+
+    A ``slope(last=K)`` check waits for the tag's second value (a slope needs two points).
     """
 
     def __init__(
         self,
-        rules: list[str],
+        rules: list[str | Rule],
         patience: int = 1,
         action: Literal["stop", "raise", "warn"] = "stop",
         watch_callback_metrics: bool = True,
+        baseline: str | os.PathLike | Run | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(rules, str):
+        if isinstance(rules, (str, Rule)):
             rules = [rules]
         if not rules:
             raise SpectralConfigError("SpectralAlarm needs at least one rule, e.g. "
                                       "rules=['vne/* >= 1.0']")
         try:
-            self.rules: list[Rule] = [parse_rule(r) for r in rules]
+            self.rules: list[Rule] = [r if isinstance(r, Rule) else parse_rule(r)
+                                      for r in rules]
         except GateInputError as exc:
             raise SpectralConfigError(f"SpectralAlarm: {exc}") from exc
+        if baseline is not None and not isinstance(baseline, (str, os.PathLike, Run)):
+            raise SpectralConfigError("SpectralAlarm: baseline must be a path to a run (or a "
+                                      f"gate Run), got {type(baseline).__name__}")
+        if baseline is None:
+            for rule in self.rules:
+                if rule.relative:
+                    raise SpectralConfigError(
+                        f"SpectralAlarm: rule {rule.text!r} compares with a baseline, but no "
+                        "baseline was given (pass baseline='path/to/reference/run')")
+        self.baseline = baseline
+        self._baseline: _Reduced | None = None  # read at setup
         self.patience = check_int("patience", patience)
         self.action: Literal["stop", "raise", "warn"] = check_choice("action", action, _ACTIONS)
         self.watch_callback_metrics = check_bool("watch_callback_metrics",
@@ -104,6 +141,7 @@ class SpectralAlarm(SpectralCallback):
         self._dirty: set[str] = set()  # tags with values not yet evaluated
         self.triggered: list[str] = []  # messages of the checks that fired
         self.stopped_step: int | None = None
+        self._skipped: set[tuple[int, str]] = set()  # optional checks missing from the baseline
 
     # ------------------------------------------------------------------ state
     @property
@@ -148,8 +186,20 @@ class SpectralAlarm(SpectralCallback):
         return None  # the alarm writes no tags
 
     def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._load_baseline()
         # read only what this fit logs from now on
         self._published_seq = report.published_since(trainer, 1 << 62)[0]
+
+    def _load_baseline(self) -> _Reduced | None:
+        """Read the baseline run once (the gate's reader); SpectralConfigError if it cannot."""
+        if self._baseline is None and self.baseline is not None:
+            try:
+                run = (self.baseline if isinstance(self.baseline, Run)
+                       else _baseline_run(self.baseline))
+            except GateInputError as exc:
+                raise SpectralConfigError(f"SpectralAlarm: {exc}") from exc
+            self._baseline = _Reduced(run)
+        return self._baseline
 
     def _drain_published(self, trainer: Any) -> None:
         """Record every value the library's callbacks logged since the last evaluation."""
@@ -224,20 +274,51 @@ class SpectralAlarm(SpectralCallback):
                 if self._seen.get(key) == hist.version:
                     continue
                 self._seen[key] = hist.version
+                if rule.reducer == "slope" and len(hist) < 2:
+                    continue  # a slope needs two points: not evaluated yet
                 value = hist.reduce(rule.reducer, rule.window)
-                if rule.compare(value):
+                threshold = rule.threshold
+                if rule.relative:
+                    base = self._baseline_value(tag, rule)
+                    if base is None and rule.optional:
+                        if key not in self._skipped:
+                            self._skipped.add(key)
+                            warn_rank_zero(f"SpectralAlarm: {tag} is not in the baseline run "
+                                           f"{self._baseline_label()}; optional rule "
+                                           f"{rule.text!r} skips it")
+                        continue
+                    threshold = rule.threshold_for(base)
+                    if base is None:
+                        failure = (f"{tag} is not in the baseline run "
+                                   f"{self._baseline_label()}")
+                    else:
+                        failure = (f"{rule.reducer_label} = {_fmt(value)}, expected {rule.op} "
+                                   f"{_fmt(threshold)} ({rule.threshold_label}, baseline "
+                                   f"{_fmt(base)})")
+                else:
+                    failure = (f"{rule.reducer_label} = {_fmt(value)}, expected {rule.op} "
+                               f"{_fmt(threshold)}")
+                if rule.compare(value, threshold):
                     self._strikes[key] = 0
                     continue
                 strikes = self._strikes.get(key, 0) + 1
                 self._strikes[key] = strikes
                 if strikes == self.patience or (strikes > self.patience and self.action != "warn"):
                     fired.append(
-                        f"SpectralAlarm: rule {rule.text!r} failed on {tag}: "
-                        f"{rule.reducer_label} = {value:.6g}, expected {rule.op} "
-                        f"{rule.threshold:g} ({strikes} consecutive evaluation"
-                        f"{'s' if strikes > 1 else ''}, step {hist.step})"
+                        f"SpectralAlarm: rule {rule.text!r} failed on {tag}: {failure} "
+                        f"({strikes} consecutive evaluation{'s' if strikes > 1 else ''}, "
+                        f"step {hist.step})"
                     )
         return fired
+
+    def _baseline_value(self, tag: str, rule: Rule) -> float | None:
+        """The rule's reducer on ``tag`` over the whole baseline run (None: not in it)."""
+        base = self._load_baseline()
+        return None if base is None else base.value(tag, rule)
+
+    def _baseline_label(self) -> str:
+        base = self._load_baseline()
+        return base.run.label if base is not None else "-"
 
     def _check(self, trainer: Any) -> None:
         if getattr(trainer, "sanity_checking", False):

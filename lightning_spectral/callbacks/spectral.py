@@ -47,13 +47,13 @@ from lightning_spectral.callbacks._base import (
 from lightning_spectral.capture import LayerCapture, weight_matrices
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum, resolve_dtype
+from lightning_spectral.functional.powerlaw import powerlaw_alpha
 from lightning_spectral.functional.spectrum import (
     autocorrelation_eigvals,
     condition_number,
     effective_rank,
     spectral_distribution,
 )
-from lightning_spectral.functional.powerlaw import powerlaw_alpha
 from lightning_spectral.functional.weights import singular_values_many, truncation_rank
 
 __all__ = [

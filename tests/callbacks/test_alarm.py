@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import warnings
 from types import SimpleNamespace
@@ -42,29 +43,48 @@ def feed(alarm: SpectralAlarm, trainer, tag: str, values, start: int = 0):
         alarm.on_train_batch_end(trainer, None, None, None, i)
 
 
-@pytest.mark.parametrize("reducer", ["last", "first", "min", "max", "mean", "mean(last=3)"])
+@pytest.mark.parametrize("reducer", ["last", "first", "min", "max", "mean", "mean(last=3)",
+                                     "slope(last=5)", "slope(last=2)", "drop_from_max",
+                                     "drop_from_max_rel"])
 @pytest.mark.parametrize("rewrites", [False, True], ids=["one-per-step", "rewritten-steps"])
 def test_streaming_reducers_equal_the_gate(reducer, rewrites):
     """After every logged value the alarm's streaming value equals the gate's value on the
-    series read back so far (the last write of a step wins), NaN included."""
+    series read back so far (the last write of a step wins), NaN included; the trend reducers
+    also equal NumPy (np.polyfit against the steps; max - last)."""
     rng = np.random.default_rng(1)
     values = rng.normal(size=40)
     values[17] = math.nan if reducer != "last" else values[17]
-    steps = np.sort(rng.integers(0, 25, size=40)) if rewrites else np.arange(40)
+    steps = np.sort(rng.integers(0, 25, size=40)) if rewrites else 3 * np.arange(40) + 7
     alarm = SpectralAlarm([f"x {reducer} > -100"])
     rule = alarm.rules[0]
     for i in range(40):
         alarm.record({"x": float(values[i])}, step=int(steps[i]))
         got = alarm._history["x"].reduce(rule.reducer, rule.window)
         # the gate on the same series, as a run would hold it: one value per step, the last
-        run = {"x": {int(s): float(v) for s, v in zip(steps[: i + 1], values[: i + 1],
-                                                      strict=True)}}
-        series = np.array(list(run["x"].values()))
-        want = check({"x": series}, [f"x {reducer} > -100"]).results[0].value
+        by_step = {int(s): float(v) for s, v in zip(steps[: i + 1], values[: i + 1],
+                                                    strict=True)}
+        xs = np.array(list(by_step), dtype=np.int64)
+        series = np.array(list(by_step.values()))
+        want = check({"x": (xs, series)}, [f"x {reducer} > -100"]).results[0].value
         if math.isnan(want):
             assert math.isnan(got), (i, got)
         else:
             assert got == pytest.approx(want, rel=1e-12, abs=1e-12), i
+        if rule.reducer == "slope":
+            k = rule.window
+            window = series[-k:]
+            if len(window) >= 2 and not np.isnan(window).any():
+                ref = np.polyfit(xs[-k:].astype(np.float64), window, 1)[0]
+                assert got == pytest.approx(ref, rel=1e-9, abs=1e-12), i
+            else:
+                assert math.isnan(got), i
+        elif reducer.startswith("drop_from_max") and not np.isnan(series).any():
+            drop = series.max() - series[-1]
+            ref = drop if reducer == "drop_from_max" else (
+                drop / abs(series.max()) if drop else 0.0)
+            assert got == pytest.approx(ref, rel=1e-12, abs=1e-15), i
+    if rule.reducer == "slope":  # O(k) memory: only the window's values and steps are kept
+        assert len(alarm._history["x"].recent) == len(alarm._history["x"].xs) == rule.window
 
 
 def test_same_step_replaces_like_the_gate():
@@ -162,6 +182,117 @@ def test_state_dict_resume_keeps_history_and_strikes():
     feed(resumed, trainer, "x", [2.0], start=2)  # third strike
     assert trainer.should_stop is True
     assert SpectralAlarm(["x > 1"]).state_key != SpectralAlarm(["x > 2"]).state_key
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+@pytest.fixture
+def reference_run(tmp_path):
+    """A reference run written with the project's event writer: vne/a ends at 2.0 (mean of
+    the last two values 1.9), erank/a at 4.0, train_loss at 0.25."""
+    from lightning_spectral._eventfile import write_scalars
+
+    records = [(tag, step, value) for step, values in enumerate(
+        [(1.0, 3.0, 1.0), (1.8, 3.5, 0.5), (2.0, 4.0, 0.25)])
+        for tag, value in zip(("vne/a", "erank/a", "train_loss"), values, strict=True)]
+    run = tmp_path / "reference"
+    run.mkdir()
+    write_scalars(run / "events.out.tfevents.1700000000.host.1.0", records)
+    return run
+
+
+def test_alarm_stops_when_it_falls_behind_the_baseline(reference_run):
+    alarm = SpectralAlarm(["vne/a mean(last=2) >= 0.9 * baseline"], patience=2,
+                          baseline=reference_run)
+    trainer = fake_trainer()
+    alarm.setup(trainer, None, "fit")  # reads the baseline once
+    assert alarm._baseline is not None and alarm._baseline.run.label == str(reference_run)
+    feed(alarm, trainer, "vne/a", [2.0, 1.8, 1.75])  # mean(last=2) 1.9, 1.775 >= 1.71
+    assert trainer.should_stop is False and not alarm.triggered
+    feed(alarm, trainer, "vne/a", [1.6, 1.6], start=3)  # 1.675, 1.6 < 0.9 * 1.9 = 1.71
+    assert trainer.should_stop is True and alarm.stopped_step == 4
+    (message,) = alarm.triggered
+    assert "vne/a" in message and "0.9 * baseline, baseline 1.9" in message
+    assert "expected >= 1.71" in message and "2 consecutive" in message
+
+
+def test_alarm_baseline_matches_the_gate(reference_run):
+    """The alarm's verdicts equal the gate's on the same series and the same baseline."""
+    rules = ["erank/a last >= 0.8 * baseline", "train_loss mean(last=2) <= 1.5 * baseline",
+             "vne/a drop_from_max_rel <= baseline + 0.1"]
+    rng = np.random.default_rng(0)
+    run = {"erank/a": rng.uniform(2.5, 4.5, 12), "train_loss": rng.uniform(0.1, 0.8, 12),
+           "vne/a": rng.uniform(0.5, 2.5, 12)}
+    alarm = SpectralAlarm(rules, action="warn", baseline=reference_run)
+    for step in range(12):
+        alarm.record({tag: float(v[step]) for tag, v in run.items()}, step=step)
+        seen = {tag: v[: step + 1] for tag, v in run.items()}
+        gate = check(seen, rules, baseline=reference_run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alarm.evaluate()
+        for r in gate.results:
+            i = rules.index(r.rule.text)
+            assert (alarm._strikes.get((i, r.tag), 0) == 0) is r.passed, (step, r.tag)
+
+
+def test_alarm_baseline_errors(tmp_path):
+    with pytest.raises(SpectralConfigError, match=r"'x >= 0.8 \* baseline'.*no baseline"):
+        SpectralAlarm(["x > 0", "x >= 0.8 * baseline"])
+    with pytest.raises(SpectralConfigError, match="baseline must be a path"):
+        SpectralAlarm(["x >= baseline"], baseline=3)
+    (tmp_path / "empty").mkdir()
+    for bad, needle in [(tmp_path / "missing", "no such file or directory"),
+                        (tmp_path / "empty", "no TensorBoard event files"),
+                        (os.devnull, "not a regular file or directory")]:
+        alarm = SpectralAlarm(["x >= baseline"], baseline=bad)  # read at setup, not here
+        with pytest.raises(SpectralConfigError, match=f"baseline {bad}: {needle}"):
+            alarm.setup(fake_trainer(), None, "fit")
+
+
+def test_alarm_tag_missing_from_the_baseline(reference_run):
+    trainer = fake_trainer()
+    alarm = SpectralAlarm(["vne/* last >= 0.5 * baseline"], baseline=reference_run)
+    alarm.setup(trainer, None, "fit")
+    feed(alarm, trainer, "vne/b", [5.0])  # never silently passed
+    assert trainer.should_stop is True
+    assert "vne/b is not in the baseline run" in alarm.triggered[0]
+    from lightning_spectral.gate import Rule, parse_rule
+
+    optional = Rule(**{**parse_rule("vne/* last >= 0.5 * baseline").__dict__,
+                       "optional": True})
+    alarm = SpectralAlarm([optional], baseline=reference_run)
+    trainer = fake_trainer()
+    alarm.setup(trainer, None, "fit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feed(alarm, trainer, "vne/b", [5.0, 4.0])
+        feed(alarm, trainer, "vne/a", [0.5], start=2)  # 0.5 < 0.5 * 2.0: a real failure
+    msgs = [str(w.message) for w in caught if issubclass(w.category, SpectralWarning)]
+    assert len(msgs) == 1 and "vne/b is not in the baseline run" in msgs[0]
+    assert trainer.should_stop is True and "vne/a" in alarm.triggered[0]
+
+
+def test_alarm_slope_waits_for_two_values():
+    alarm = SpectralAlarm(["val_loss slope(last=3) <= 0"], action="raise")
+    trainer = fake_trainer()
+    feed(alarm, trainer, "val_loss", [1.0])  # one value: no slope yet, no strike
+    feed(alarm, trainer, "val_loss", [0.9], start=1)
+    with pytest.raises(SpectralAlarmError, match=r"slope\(last=3\) = 0.05"):
+        feed(alarm, trainer, "val_loss", [1.1], start=2)  # slope of 1, .9, 1.1 = +0.05
+
+
+def test_fit_stops_behind_a_reference_run(tmp_path):
+    """A real fit with a baseline that trains far better than it can: the alarm stops it."""
+    from lightning_spectral.gate import Run
+
+    reference = Run.from_mapping({"train_loss": [1e-6] * 5}, label="reference")
+    alarm = SpectralAlarm(["train_loss mean(last=2) <= 10 * baseline"], patience=2,
+                          baseline=reference)
+    trainer = _tiny_fit(alarm, _Logs(), tmp_path, steps=10)
+    assert trainer.global_step == 2 == alarm.stopped_step  # two strikes: two batches
+    assert "10 * baseline, baseline 1e-06" in alarm.triggered[0]
 
 
 @pytest.mark.parametrize(

@@ -430,7 +430,7 @@ def write_rules(root: Path) -> Path:
 
 @fuzz(120)
 @given(data=st.data(), which=st.sampled_from(["summarywriter", "own", "tensor"]),
-       fmt=st.sampled_from(["text", "json", "github"]))
+       fmt=st.sampled_from(["text", "json", "github", "markdown"]))
 def test_mutated_event_file_bytes(seeds, data, which, fmt):
     blob = data.draw(byte_mutations(seeds[which]), label="file")
     with example_dir() as root:
@@ -533,7 +533,7 @@ def csv_files(draw) -> bytes:
 
 
 @fuzz(150)
-@given(blob=csv_files(), fmt=st.sampled_from(["text", "json", "github"]))
+@given(blob=csv_files(), fmt=st.sampled_from(["text", "json", "github", "markdown"]))
 def test_generated_csv_logs(blob, fmt):
     with example_dir() as root:
         path = root / "metrics.csv"
@@ -594,7 +594,12 @@ def test_csv_values_are_reported_exactly(rows, bom):
 # ----------------------------------------------------------------------------- TOML rules
 
 RULE_TEXTS = ["vne/* > 1", "collapse/nc1 last < 0.5", "a mean(last=3) <= 2", "* min >= 0",
-              "b != inf"]
+              "b != inf", "* slope(last=3) < 1e9", "vne/* drop_from_max_rel <= 0.3",
+              "* drop_from_max >= 0"]
+# rules that compare with a baseline run (--baseline)
+BASELINE_TEXTS = ["* last >= 0.8 * baseline", "* mean(last=2) <= baseline + 1",
+                  "a drop_from_max_rel <= 2 * baseline - 0.5", "b/c slope(last=4) == baseline",
+                  "* >= baseline"]
 
 
 @fuzz(100)
@@ -610,17 +615,45 @@ def test_mutated_rules_files(seeds, data):
 
 @fuzz(80)
 @given(rule=st.one_of(st.text(max_size=30),
-                      st.sampled_from(RULE_TEXTS).map(lambda r: r.replace(" ", "\t")),
-                      st.builds(lambda a, b: a + b, st.sampled_from(RULE_TEXTS),
+                      st.sampled_from(RULE_TEXTS + BASELINE_TEXTS).map(
+                          lambda r: r.replace(" ", "\t")),
+                      st.builds(lambda a, b: a + b, st.sampled_from(RULE_TEXTS + BASELINE_TEXTS),
                                 st.text(max_size=8)),
                       st.just("a mean(last=" + "9" * 40 + ") > 1"),
-                      st.just("a > " + "1" * 5000)))
-def test_arbitrary_rule_strings(seeds, rule):
+                      st.just("a slope(last=" + "9" * 18 + ") > 1"),
+                      st.just("a >= " + "9" * 400 + " * baseline - " + "9" * 400),
+                      st.just("a > " + "1" * 5000)),
+       baseline=st.booleans())
+def test_arbitrary_rule_strings(seeds, rule, baseline):
     if "\x00" in rule:  # argv cannot hold NUL; the library refuses it as any bad rule
         rule = rule.replace("\x00", "?")
     with example_dir() as root:
         run = write_run(root, seeds["own"])
-        check(root, run, "--rule", rule, "--format", "json")
+        extra = ["--baseline", run] if baseline else []
+        code, out, err = check(root, run, "--rule", rule, "--format", "json", *extra)
+        if "baseline" in rule and not baseline and code == 2:
+            assert "baseline" in err
+
+
+@fuzz(60)
+@given(data=st.data(), which=st.sampled_from(["summarywriter", "own", "csv"]),
+       fmt=st.sampled_from(["text", "json", "github", "markdown"]))
+def test_mutated_baseline_runs(seeds, data, which, fmt):
+    """A damaged baseline is bad input naming the baseline (or reads and compares): the run
+    itself is intact."""
+    with example_dir() as root:
+        run = write_run(root, seeds["own"])
+        blob = data.draw(byte_mutations(seeds[which]), label="baseline")
+        base = root / "base"
+        base.mkdir()
+        (base / ("metrics.csv" if which == "csv" else EVENTS)).write_bytes(blob)
+        rules = [arg for text in data.draw(st.lists(st.sampled_from(BASELINE_TEXTS),
+                                                    min_size=1, max_size=3))
+                 for arg in ("--rule", text)]
+        code, _, err = check(root, run, "--baseline", base, *rules, "--format", fmt,
+                             junit=root / "junit.xml")
+        if code == 2 and "no tag matches" not in err:
+            assert "baseline" in err, err
 
 
 @st.composite
