@@ -14,6 +14,11 @@ reported as medians of per-round ratios with their range:
    against the bare batched kernels.
 3. Weights: ``singular_values`` against bare ``torch.linalg.svdvals`` on the same matrix, and
    ``singular_values_many`` on a dozen equal-shape weights against a loop of ``singular_values``.
+4. Accumulation of the Gram product, tall and wide layers: the same per-layer computation with
+   the Gram formed as the library does (float32 chunks of ``4·min(n, d)`` terms added in
+   float64, or a float64 product for sides below 32) against a plain float32 product (how the
+   spectrum was formed before; its round-off grows with ``max(n, d)``), and against the float64
+   product the library falls back to when float32 matmuls may be TF32/bfloat16.
 
 Run ``python benchmarks/bench_functional.py [--quick] [--device cuda] [--threads N]``; writes
 ``benchmarks/results/bench_functional.md``.
@@ -45,6 +50,7 @@ from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectr
 from lightning_spectral.functional.spectrum import (  # noqa: E402
     autocorrelation_eigvals,
     effective_rank,
+    vne,
 )
 from lightning_spectral.functional.weights import (  # noqa: E402
     singular_values,
@@ -90,6 +96,75 @@ def naive_layer(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lam = torch.linalg.eigvalsh(g / n).flip(-1)
     lam = torch.where(bad[..., None], torch.full_like(lam, math.nan), lam)
     return entropy_of_spectrum(apply_cutoff(lam)), effective_rank(lam)
+
+
+def plain_float32_layer(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-layer computation with a plain float32 Gram product (the previous formation)."""
+    n, d = h.shape[-2], h.shape[-1]
+    if n <= d:
+        g = h @ h.mT
+        sq = g.diagonal(dim1=-2, dim2=-1)
+        inv = sq.masked_fill(sq < 1e-24, math.inf).rsqrt()
+        g = g * (inv.unsqueeze(-1) * inv.unsqueeze(-2))
+    else:
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        z = h * norm.masked_fill(norm < 1e-12, math.inf).reciprocal()
+        g = z.mT @ z
+    lam = torch.linalg.eigvalsh(g).flip(-1) / n
+    return entropy_of_spectrum(apply_cutoff(lam)), effective_rank(lam)
+
+
+class _LoweredFloat32Matmuls:
+    """Within: ``torch.set_float32_matmul_precision("high")``, so the library takes its float64
+    fallback (on CPU the float32 matmuls themselves are unchanged)."""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_float32_matmul_precision(self.before)
+
+
+def float64_product_layer(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with _LoweredFloat32Matmuls():
+        return ours_layer(h)
+
+
+def rank_one_error(n: int, d: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """``|VNE|`` of a rank-one batch with positive entries (exact value 0)."""
+    gen = torch.Generator().manual_seed(n + d)
+    h = (torch.rand(n, 1, generator=gen) + 0.5) * (torch.rand(1, d, generator=gen) + 0.5)
+    return abs(float(fn(h)))
+
+
+def bench_accumulation(shapes: list[tuple[int, int]], device: str, repeats: int,
+                       gen: torch.Generator) -> str:
+    lines = [
+        row(["n×d", "plain float32 Gram", "ours", "ours / plain", "float64 product / plain",
+             "VNE of rank one: plain", "ours"]),
+        row(["---"] * 7),
+    ]
+    for n, d in shapes:
+        h = torch.randn(n, d, generator=gen).to(device)
+        fns = {
+            "plain": lambda h=h: plain_float32_layer(h),
+            "ours": lambda h=h: ours_layer(h),
+            "f64": lambda h=h: float64_product_layer(h),
+        }
+        inner = inner_for(fns["plain"], device)
+        t = interleaved(fns, repeats=repeats, device=device, inner=inner)
+        err_plain = rank_one_error(n, d, lambda x: plain_float32_layer(x.to(device))[0])
+        err_ours = rank_one_error(n, d, lambda x: vne(x.to(device)))
+        lines.append(row([
+            f"{n}×{d}", fmt_ms(statistics.median(t["plain"])),
+            fmt_ms(statistics.median(t["ours"])),
+            fmt_ratio(ratio_summary(t["ours"], t["plain"])),
+            fmt_ratio(ratio_summary(t["f64"], t["plain"])),
+            f"{err_plain:.1e}", f"{err_ours:.1e}",
+        ]))
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def row(cells: list[str]) -> str:
@@ -206,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         [(64, 64), (128, 64, 3, 3)] if args.quick
         else [(64, 64), (256, 256), (512, 512), (1024, 1024), (128, 64, 3, 3), (256, 128, 3, 3)]
     )
+    acc_shapes = (
+        [(4096, 8), (4096, 64), (256, 1024)] if args.quick
+        else [(4096, 8), (4096, 64), (16384, 64), (4096, 256), (16384, 512), (256, 1024),
+              (256, 4096), (512, 4096)]
+    )
     gen = torch.Generator().manual_seed(0)
 
     print(f"per-layer spectrum, n = {N}", flush=True)
@@ -214,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     batched = bench_batched(batch_dims, device, repeats, gen)
     print("weights", flush=True)
     weights = bench_weights(w_shapes, device, repeats, gen)
+    print("accumulation of the Gram product", flush=True)
+    accumulation = bench_accumulation(acc_shapes, device, repeats, gen)
 
     quick = " (quick smoke run: small sizes, few rounds)" if args.quick else ""
     body = f"""
@@ -240,6 +322,15 @@ same matrix; `singular_values_many` on {LAYERS} equal-shape weights against a lo
 `singular_values`.
 
 {weights}
+
+**Accumulation of the Gram product** (tall and wide layers): the per-layer computation above
+with the Gram formed as the library does (*ours*: float32 chunks of `4·min(n, d)` terms added
+in float64; sides below 32 as one float64 product) against a *plain float32* product, the
+previous formation, whose round-off grows with `max(n, d)`; and the *float64 product* the
+library uses when float32 matmuls may be TF32/bfloat16 (autocast, lowered matmul precision).
+The last two columns are the VNE of a rank-one batch with positive entries (exact value 0).
+
+{accumulation}
 """
     write_section("bench_functional", "Functional core vs bare kernels (bench_functional.py)",
                   body, device=device, out=args.out)

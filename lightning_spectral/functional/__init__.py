@@ -5,7 +5,8 @@ Every function documents its formula and the SPEC.md section it implements, vali
 inputs, and computes on its input's device in float32 by default (``dtype`` for float64).
 
 Modules: ``spectrum`` (§1, §2), ``weights`` (§1.4, §5), ``interplay`` (§3), ``collapse`` (§4),
-``curvature`` and ``symmetry`` (§6), ``mirrors`` (§7). Names are imported lazily.
+``curvature`` and ``symmetry`` (§6), ``mirrors`` (§7), ``powerlaw`` (heavy-tailed α),
+``selfsupervised`` (the I-VNE⁺ objective). Names are imported lazily.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _LAZY: dict[str, str] = {
     "covariance_eigvals": "spectrum",
     "vne": "spectrum",
     "effective_rank": "spectrum",
+    "rankme": "spectrum",
+    "rankme_from_eigvals": "spectrum",
     "stable_rank": "spectrum",
     "condition_number": "spectrum",
     "spectral_distribution": "spectrum",
@@ -62,12 +65,23 @@ _LAZY: dict[str, str] = {
     "lasso_mirror_fit": "mirrors",
     "MirrorFit": "mirrors",
     "MirrorNet": "mirrors",
+    "ReluMirrorNet": "mirrors",
     "mirror_network": "mirrors",
     "network_objective": "mirrors",
     "convex_gap": "mirrors",
+    # heavy-tailed self-regularisation
+    "PowerLawFit": "powerlaw",
+    "powerlaw_alpha": "powerlaw",
+    "weight_alpha": "powerlaw",
+    # self-supervised objective
+    "ivne_loss": "selfsupervised",
+    "ivne_terms": "selfsupervised",
 }
 
-_MODULES = ("spectrum", "weights", "interplay", "collapse", "curvature", "symmetry", "mirrors")
+_MODULES = (
+    "spectrum", "weights", "interplay", "collapse", "curvature", "symmetry", "mirrors",
+    "selfsupervised", "powerlaw",
+)
 
 __all__ = sorted(_LAZY)
 

@@ -73,11 +73,94 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def apply_cutoff(eigvals: torch.Tensor) -> torch.Tensor:
-    """Clip at 0 and zero every ``λ_i <= λ_max · m · ε`` (SPEC.md §0.3).
+def gram_round_off(m: int, summed: int, work: torch.dtype) -> int:
+    """The factor ``k`` of the cutoff ``λ_max · k · ε`` for a spectrum taken from a Gram product.
 
-    Works on the last dimension (the ``m`` computed values); differentiable through the values
-    that are kept (the threshold itself is treated as a constant). Non-finite spectra stay
+    ``m`` is the side of the Gram matrix and ``summed`` the length of the sums that formed its
+    entries (the other side of the factor). With a float32 working precision the product comes
+    from :func:`gram_matmul`, whose float32 sums never run over more than ``4m`` terms (the
+    partial sums are added in float64): its round-off stays at the level of the eigensolver's,
+    so ``k = m``, as for any given matrix. With a float64 working precision there is no wider
+    type to accumulate in; the round-off of a sum of ``summed`` terms is up to ``summed · ε`` of
+    the largest entry, so ``k = max(m, summed)`` (at most ``16384 · 2⁻⁵² ≈ 3.6e-12`` of
+    ``λ_max`` for 16,384 rows: nothing a float64 entropy or rank resolves is lost).
+    """
+    return m if work == torch.float32 else max(m, summed)
+
+
+# Gram sides below this are formed in float64 directly (as cheap as the chunked float32 product,
+# and there the cutoff m·ε leaves too little room for float32 sums of 4m terms)
+_MIN_SIDE = 32
+_CHUNK_PER_SIDE = 4
+
+
+def _float32_matmul_is_ieee(device_type: str) -> bool:
+    """True only when float32 matmuls on ``device_type`` are plain IEEE float32 products.
+
+    False under autocast, and when the float32 matmul precision was lowered (TF32, bfloat16
+    passes: ``torch.set_float32_matmul_precision``, ``allow_tf32``, the ``fp32_precision``
+    settings) or cannot be read (PyTorch raises when legacy and new settings are mixed).
+    Reads Python-side flags only: no host synchronisation.
+    """
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return False
+        return torch.get_float32_matmul_precision() == "highest"
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def gram_matmul(a: torch.Tensor, b: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """``a @ b`` (``(..., p, L) @ (..., L, q)``) with float64 accumulation, returned in float64.
+
+    A float32 product summed over ``L`` terms in float32 has a round-off that grows with ``L``:
+    the ``d×d`` Gram of a tall batch (``L = n`` rows) left spurious eigenvalues far above the
+    cutoff ``λ_max · m · ε`` of an ``m×m`` spectrum (a rank-one 4096×8 batch had VNE 3.4e-4).
+    Here the float32 sums never run over more than ``4m`` terms, ``m = side`` the side of the
+    spectrum the product feeds (default ``max(p, q)``): the ``L`` terms are split into chunks of
+    that length, each chunk's product is a float32 matmul (one batched call, at float32 speed:
+    1.0–1.2× the plain product on CPU), and the partial products are added in float64. The
+    round-off of a float32 sum of ``4m`` terms (typically ``~(4m)^{1/2} ε`` relative) stays
+    below the cutoff ``m ε`` for ``m ≥ 32``, whatever ``L`` and whatever the order in which the
+    matmul kernel accumulates. Sides below 32, float64 inputs, and float32 inputs whose matmuls
+    may not be IEEE float32 (autocast, TF32 or bfloat16 matmul precision; see
+    :func:`_float32_matmul_is_ieee`) are computed directly in float64 instead, which is exact to
+    float32 rounding (products of float32 numbers are exact in float64) but 1.5–6× the cost of
+    a float32 product on CPU (and far more on GPUs with slow float64 units).
+    Differentiable; no host synchronisation (every choice depends on shapes and global flags).
+    """
+    length = a.shape[-1]
+    side = max(a.shape[-2], b.shape[-1]) if side is None else side
+    c = _CHUNK_PER_SIDE * side
+    chunked = (
+        a.dtype == torch.float32
+        and b.dtype == torch.float32
+        and side >= _MIN_SIDE
+        and _float32_matmul_is_ieee(a.device.type)
+    )
+    if not chunked:
+        return a.to(torch.float64) @ b.to(torch.float64)
+    if length <= c:
+        return (a @ b).to(torch.float64)  # a single chunk
+    count = length // c
+    cut = count * c
+    # splitting a dimension is always a view: a (..., p, L) -> (..., count, p, c) and
+    # b (..., L, q) -> (..., count, c, q); one batched float32 matmul gives the partial products
+    a_chunks = a[..., :cut].unflatten(-1, (count, c)).movedim(-2, -3)
+    b_chunks = b[..., :cut, :].unflatten(-2, (count, c))
+    out = (a_chunks @ b_chunks).sum(dim=-3, dtype=torch.float64)
+    if cut < length:
+        out = out + (a[..., cut:] @ b[..., cut:, :]).to(torch.float64)
+    return out
+
+
+def apply_cutoff(eigvals: torch.Tensor, factor: int | None = None) -> torch.Tensor:
+    """Clip at 0 and zero every ``λ_i <= λ_max · k · ε`` (SPEC.md §0.3).
+
+    Works on the last dimension (the ``m`` computed values); ``k = factor``, by default ``m``
+    (the round-off of an eigendecomposition of a given matrix, or of an SVD); pass
+    :func:`gram_round_off` for a spectrum formed from a Gram product. Differentiable through the
+    values that are kept (the threshold itself is treated as a constant). Non-finite spectra stay
     non-finite: a NaN propagates, and a ``+inf`` value is kept (the threshold is computed from
     ``λ_max`` clamped to the largest finite number), so the entropy of such a spectrum is NaN.
     """
@@ -85,10 +168,11 @@ def apply_cutoff(eigvals: torch.Tensor) -> torch.Tensor:
     m = lam.shape[-1]
     if m == 0:
         return lam
+    k = m if factor is None else factor
     finfo = torch.finfo(lam.dtype)
     lam_max = lam.detach().amax(dim=-1, keepdim=True).clamp_max(finfo.max)
     # ``<=`` is false for NaN, so a NaN (a non-finite input) propagates instead of being zeroed
-    return lam.masked_fill(lam <= lam_max * (m * finfo.eps), 0.0)
+    return lam.masked_fill(lam <= lam_max * (k * finfo.eps), 0.0)
 
 
 def entropy_and_total(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,10 @@ scalar loss, and ``params`` the list of tensors (requiring grad) the Hessian is 
 parameter vector is flattened over ``params`` in the order given (``P`` = total count).
 
 * :func:`hessian_vector_product` — ``H v`` by double backward (Pearlmutter's trick).
-* :func:`hessian_eigenpairs` — the ``k`` algebraically largest eigenpairs of ``H`` by Lanczos with
-  full re-orthogonalisation (exact in exact arithmetic once the Krylov space is exhausted).
+* :func:`hessian_eigenpairs` — the ``k`` algebraically largest eigenpairs of ``H``
+  (``which="largest"``, sharpness) or the ``k`` largest in magnitude (``which="magnitude"``,
+  PyHessian's "top eigenvalues", which include strong negative curvature), by Lanczos with full
+  re-orthogonalisation (exact in exact arithmetic once the Krylov space is exhausted).
 * :func:`hessian_trace` — Hutchinson's estimator ``tr H ≈ mean_j z_jᵀ H z_j`` with Rademacher
   probes, and its standard error.
 * :func:`objective_noise` — SPEC.md §6.4: the gradient-noise energy ``s_i²`` along each
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ __all__ = [
     "objective_noise",
     "ObjectiveNoise",
 ]
+
+#: the orders :func:`hessian_eigenpairs` can pick its ``k`` eigenpairs by
+_WHICH: tuple[str, ...] = ("largest", "magnitude")
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -141,6 +146,15 @@ def _random(
     return v.to(device)
 
 
+def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` Ritz values ``which`` picks, in the order they are returned:
+    descending ``θ`` (``"largest"``), or descending ``|θ|`` with the larger ``θ`` first on ties
+    (``"magnitude"``)."""
+    if which == "largest":
+        return np.argsort(-theta, kind="stable")[:k]
+    return np.lexsort((-theta, -np.abs(theta)))[:k]
+
+
 def hessian_eigenpairs(
     loss_fn: LossFn,
     params: Sequence[torch.Tensor],
@@ -150,13 +164,24 @@ def hessian_eigenpairs(
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
     seed: int = 0,
+    which: Literal["largest", "magnitude"] = "largest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` algebraically largest Hessian eigenpairs, by Lanczos (SPEC.md §6.4).
+    """The ``k`` algebraically largest (or largest-magnitude) Hessian eigenpairs, by Lanczos.
+
+    ``which`` says which end of the spectrum "top ``k``" means:
+
+    - ``"largest"`` (default): the ``k`` algebraically largest eigenvalues, in descending order
+      (``λ_1 = λ_max``, the sharpness). For ``H = diag(1, −5, 0.5, 0.2)`` and ``k = 2``:
+      ``[1, 0.5]``.
+    - ``"magnitude"``: the ``k`` eigenvalues of largest ``|λ|``, in descending order of ``|λ|``
+      (ties: the positive one first), as PyHessian's ``hessian.eigenvalues(top_n=k)`` (power
+      iteration with deflation) reports them; a strongly negative eigenvalue (a saddle
+      direction) is then among them. For the same ``H``: ``[−5, 1]``.
 
     Lanczos with full re-orthogonalisation (classical Gram–Schmidt applied twice) builds an
     orthonormal Krylov basis ``Q_m`` and the tridiagonal ``T_m = Q_mᵀ H Q_m``; the Ritz pairs of
-    ``T_m`` approximate the extreme eigenpairs of ``H``. Iteration stops when each of the top
-    ``k`` Ritz pairs has residual ``‖H y − θ y‖ = β_m |e_mᵀ s| ≤ tol · max|θ|``, when the Krylov
+    ``T_m`` approximate the extreme eigenpairs of ``H``. Iteration stops when each of the ``k``
+    selected Ritz pairs has residual ``‖H y − θ y‖ = β_m |e_mᵀ s| ≤ tol · max|θ|``, when the Krylov
     space is exhausted (``m = P``, exact), or after ``max_iter`` products (default
     ``min(P, 20 + 4k)``). The eigenvalue error is then at most the residual (and typically its
     square over the spectral gap).
@@ -167,10 +192,16 @@ def hessian_eigenpairs(
     breaks down before ``k`` values are found, a new random block is started (this recovers repeated
     eigenvalues such as the zeros of a low-rank Hessian).
 
-    Returns ``(eigenvalues, eigenvectors)``: shapes ``(k,)`` descending and ``(k, P)`` with unit
-    rows (the sign of each eigenvector is arbitrary); all NaN when a product is not finite
-    (NaN/Inf loss).
+    Convergence is tested on the ``k`` Ritz pairs that ``which`` selects: each must have
+    residual ``‖H y − θ y‖ = β_m |e_mᵀ s| ≤ tol · max|θ|`` (both ends of the spectrum converge
+    first in Lanczos, so either order costs about the same number of products).
+
+    Returns ``(eigenvalues, eigenvectors)``: shapes ``(k,)`` in the order ``which`` defines and
+    ``(k, P)`` with unit rows (the sign of each eigenvector is arbitrary); all NaN when a product
+    is not finite (NaN/Inf loss).
     """
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {list(_WHICH)}, got {which!r}")
     op = _HessianOperator(loss_fn, params)
     P = op.numel
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -237,8 +268,9 @@ def hessian_eigenpairs(
         if m >= k:
             theta, S = ritz(m)
             # host-side convergence test on the small tridiagonal problem (numpy, no device)
-            top = theta.numpy()[-k:]
-            resid = (0.0 if breakdown else beta) * np.abs(S.numpy()[-1, -k:])
+            sel = _select(theta.numpy(), k, which)
+            top = theta.numpy()[sel]
+            resid = (0.0 if breakdown else beta) * np.abs(S.numpy()[-1, sel])
             if bool((resid <= tol * max(float(np.abs(top).max()), 1e-300)).all()):
                 break
         if m == m_max:
@@ -255,7 +287,7 @@ def hessian_eigenpairs(
     theta, S = ritz(m)
     if m < k:  # pragma: no cover - guarded by the k <= P and m_max >= k checks
         raise RuntimeError("Lanczos produced fewer Ritz values than requested")
-    order = torch.argsort(theta, descending=True)[:k]
+    order = torch.from_numpy(_select(theta.numpy(), k, which))
     vals = theta[order].to(dtype=dtype, device=device)
     vecs = (S[:, order].T.to(dtype=dtype, device=device)) @ Q[:m]
     vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)

@@ -1,11 +1,14 @@
-"""One-dimensional absolute-value networks as Lasso problems ("mirrors"), SPEC.md §7.
+"""One-dimensional absolute-value and ReLU networks as Lasso problems ("mirrors"), SPEC.md §7.
 
 For 1-D data, a two-layer network ``f(x) = Σ α_k |w_k x + b_k| + ξ`` trained with weight decay
-(§7.2), and a three-layer network of parallel units ``f(x) = Σ α_k |v_k |w_k x + b_k| + c_k| + ξ``
-with the cubic penalty of §7.4, have global minima equal to a *convex* Lasso (§7.1) over a fixed
-dictionary built from the data:
+(§7.2), its ReLU counterpart ``f(x) = Σ α_k (w_k x + b_k)₊ + ξ``, and a three-layer
+network of parallel units ``f(x) = Σ α_k |v_k |w_k x + b_k| + c_k| + ξ`` with the cubic penalty
+of §7.4, have global minima equal to a *convex* Lasso (§7.1) over a fixed dictionary built from
+the data:
 
 - depth 2: ``A_nj = |x_n − x_j|``, one column per distinct data point (``P ≤ N``);
+- depth 2, ReLU: ``A = [(x_n − x_j)₊ | (x_j − x_n)₊]``, two columns per distinct data point
+  (``P ≤ 2N``);
 - depth 3: ``φ_{a₁,a₂}(x) = ||x − a₁| − a₂|`` at the vertices of the breakpoint arrangement —
   reflection features ``(x_i, |x_j − x_i|)`` and midpoint features ``((x_i+x_j)/2, |x_i−x_j|/2)``
   (``P ≤ 1.5 N² − 0.5 N``).
@@ -15,7 +18,9 @@ So "is my network at its global optimum?" becomes a number: :func:`convex_gap` i
 stated tolerance) for a network of the stated form of any width.
 
 Every feature is stored as a pair ``(a₁, a₂)``: the two-layer feature ``|x − a₁|`` is
-``φ_{a₁,0}``, so both depths share one representation (``params`` of shape ``(P, 2)``).
+``φ_{a₁,0}``, so both depths share one representation (``params`` of shape ``(P, 2)``). A ReLU
+feature ``(s (x − a))₊`` is stored as ``(a, s)``, ``s ∈ {+1, −1}`` its direction
+(``activation="relu"`` throughout).
 
 The Lasso solver is our own: a primal–dual interior-point method on a working set of columns,
 grown from the KKT violators of the full dictionary, snapped to an exact sparse solution (a
@@ -44,6 +49,7 @@ from torch import nn
 __all__ = [
     "MirrorFit",
     "MirrorNet",
+    "ReluMirrorNet",
     "reflection_dictionary",
     "mirror_features",
     "lasso_mirror_fit",
@@ -53,6 +59,7 @@ __all__ = [
 ]
 
 _DEPTHS = (2, 3)
+_ACTIVATIONS = ("abs", "relu")
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,6 +88,17 @@ def _check_depth(depth: int) -> int:
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth not in _DEPTHS:
         raise ValueError(f"depth must be 2 or 3 (SPEC.md §7.2 / §7.4), got {depth!r}")
     return int(depth)
+
+
+def _check_activation(activation: str, depth: int) -> str:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be 'abs' or 'relu', got {activation!r}")
+    if activation == "relu" and depth != 2:
+        raise ValueError(
+            f"the ReLU dictionary is that of the two-layer ReLU network: pass depth=2 "
+            f"with activation='relu', got depth={depth}"
+        )
+    return activation
 
 
 def _check_beta(beta: float) -> float:
@@ -142,6 +160,31 @@ def _feature_params(x: np.ndarray, depth: int) -> np.ndarray:
     return params[np.sort(first)]
 
 
+def _relu_params(x: np.ndarray) -> np.ndarray:
+    """``(P, 2)`` array of ``(a, s)``: every ``(x − x_j)₊`` (``s = +1``), then every
+    ``(x_j − x)₊`` (``s = −1``), ``x_j`` the distinct values in order of first occurrence."""
+    u = _distinct_in_order(x)
+    return np.concatenate(
+        [np.stack([u, np.ones(u.size)], axis=1), np.stack([u, -np.ones(u.size)], axis=1)]
+    )
+
+
+def _relu_features(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """``(s_j (x_n − a_j))₊`` as an ``(N, P)`` float64 array."""
+    out = np.subtract.outer(x, params[:, 0])
+    out *= params[:, 1]
+    np.maximum(out, 0.0, out=out)
+    return out
+
+
+def _params_for(x: np.ndarray, depth: int, activation: str) -> np.ndarray:
+    return _relu_params(x) if activation == "relu" else _feature_params(x, depth)
+
+
+def _features_for(x: np.ndarray, params: np.ndarray, activation: str) -> np.ndarray:
+    return _relu_features(x, params) if activation == "relu" else _phi(x, params)
+
+
 def _phi(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     """``φ_{a₁,a₂}(x_n) = ||x_n − a₁| − a₂|`` as an ``(N, P)`` float64 array."""
     out = np.subtract.outer(x, params[:, 0])
@@ -152,25 +195,29 @@ def _phi(x: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 
 def mirror_features(
-    x: torch.Tensor | np.ndarray, params: torch.Tensor | np.ndarray
+    x: torch.Tensor | np.ndarray, params: torch.Tensor | np.ndarray, activation: str = "abs"
 ) -> torch.Tensor:
     """The features ``φ_{a₁,a₂}(x) = ||x − a₁| − a₂|`` (SPEC.md §7.4) at arbitrary points.
 
     ``params`` is ``(P, 2)`` (as returned by :func:`reflection_dictionary`); ``a₂ = 0`` gives the
-    two-layer feature ``|x − a₁|`` (§7.2). Returns a float64 ``(N, P)`` tensor on the host.
+    two-layer feature ``|x − a₁|`` (§7.2). With ``activation="relu"`` the rows are ``(a, s)``
+    and the features ``(s (x − a))₊``. Returns a float64 ``(N, P)`` tensor on the host.
     """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be 'abs' or 'relu', got {activation!r}")
     xs = _as_numpy_1d(x, "x")
     p = params.detach().cpu().double().numpy() if isinstance(params, torch.Tensor) else (
         np.asarray(params, dtype=np.float64))
     if p.ndim != 2 or p.shape[1] != 2:
         raise ValueError(f"params must have shape (P, 2), got shape {tuple(p.shape)}")
-    return torch.from_numpy(_phi(xs, p))
+    return torch.from_numpy(_features_for(xs, p, activation))
 
 
 def reflection_dictionary(
-    x: torch.Tensor | np.ndarray, depth: int = 3
+    x: torch.Tensor | np.ndarray, depth: int = 3, activation: str = "abs"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Lasso dictionary of a depth-``depth`` absolute-value network (SPEC.md §7.2, §7.4).
+    """The Lasso dictionary of a depth-``depth`` network (SPEC.md §7.2, §7.4), or of the
+    two-layer ReLU network (``activation="relu"``).
 
     Returns ``(A, params)``: ``A`` (float64, ``N × P``) with ``A[n, j] = φ_{params[j]}(x_n)``
     and ``params`` (float64, ``P × 2``) holding ``(a₁, a₂)`` of each column.
@@ -181,18 +228,24 @@ def reflection_dictionary(
       ``(x_i, |x_j − x_i|)`` for ``i ≠ j``, then the midpoint features
       ``((x_i + x_j)/2, |x_i − x_j|/2)`` for ``i < j``; duplicate ``(a₁, a₂)`` pairs are dropped
       (first kept). ``P ≤ 1.5 M² − 0.5 M`` for ``M`` distinct points (growth O(N²)).
+    - ``depth=2, activation="relu"`` (the two-layer ReLU network, :class:`ReluMirrorNet`):
+      ``A = [(x_n − x_j)₊ | (x_j − x_n)₊]`` — first ``(x − x_j)₊`` for every distinct ``x_j``
+      (``params[j] = (x_j, +1)``), then ``(x_j − x)₊`` (``params = (x_j, −1)``); ``P = 2M``.
+      The columns ``(x − max x)₊`` and ``(min x − x)₊`` are zero on the data; the Lasso keeps
+      their coefficients at 0.
 
     ``x`` must be 1-D (``(N,)`` or ``(N, 1)``) with at least 2 distinct finite values; repeated
     values are allowed (they add no feature). Raises ``ValueError`` otherwise.
     """
     depth = _check_depth(depth)
+    activation = _check_activation(activation, depth)
     xs = _as_numpy_1d(x, "x")
     if np.unique(xs).size < 2:
         raise ValueError(
             f"need at least 2 distinct x values to build a dictionary, got {xs.size} point(s)"
         )
-    params = _feature_params(xs, depth)
-    return torch.from_numpy(_phi(xs, params)), torch.from_numpy(params)
+    params = _params_for(xs, depth, activation)
+    return torch.from_numpy(_features_for(xs, params, activation)), torch.from_numpy(params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -451,7 +504,9 @@ class MirrorFit:
     how far ``objective`` is above the true optimum (``gap ≤ tol · objective`` when
     ``converged``). ``kkt`` is the largest KKT violation relative to ``β``:
     ``max_j`` of ``(|a_jᵀr| − β)₊`` off the support and ``|a_jᵀr − β sign z_j|`` on it, and
-    ``|1ᵀr|``, all divided by ``β``. Tensors are float64 on the host.
+    ``|1ᵀr|``, all divided by ``β``. ``activation`` is ``"abs"`` (§7.2, §7.4) or ``"relu"``
+    (the two-layer ReLU network; ``params`` rows are then ``(a, s)``). Tensors are float64 on
+    the host.
     """
 
     objective: float
@@ -470,6 +525,7 @@ class MirrorFit:
     tol: float
     rounds: int
     converged: bool
+    activation: str = "abs"
 
     @property
     def support(self) -> torch.Tensor:
@@ -486,11 +542,14 @@ class MirrorFit:
         s = self.support
         if s.numel() == 0:
             return torch.full((_as_numpy_1d(x, "x").size,), self.intercept, dtype=torch.float64)
-        return mirror_features(x, self.params[s]) @ self.coef[s] + self.intercept
+        return mirror_features(x, self.params[s], self.activation) @ self.coef[s] + self.intercept
 
     def breakpoints(self) -> torch.Tensor:
-        """Sorted kink positions of the active features: ``a₁`` and ``a₁ ± a₂`` (``a₂ > 0``)."""
+        """Sorted kink positions of the active features: ``a₁`` and ``a₁ ± a₂`` (``a₂ > 0``);
+        for ReLU features ``(a, s)`` the ``a``."""
         p = self.params[self.support]
+        if self.activation == "relu":
+            return torch.unique(p[:, 0])
         a1, a2 = p[:, 0], p[:, 1]
         pos = a2 > 0
         pts = torch.cat([a1, (a1 + a2)[pos], (a1 - a2)[pos]])
@@ -505,13 +564,15 @@ def lasso_mirror_fit(
     tol: float = 1e-9,
     max_iter: int = 100,
     keep_dictionary: bool = True,
+    activation: str = "abs",
 ) -> MirrorFit:
     """Solve the Lasso of SPEC.md §7.1 over the depth-``depth`` dictionary of ``x``.
 
     ``min_{z, ξ} ½‖A z + ξ1 − y‖² + β‖z‖₁`` with ``A`` from :func:`reflection_dictionary` and
     the intercept ``ξ`` unpenalised. Its optimum equals the global minimum of the network
-    objective of §7.2 (``depth=2``) or §7.4 (``depth=3``) for any width at least the support
-    size; :func:`mirror_network` rebuilds such a network.
+    objective of §7.2 (``depth=2``), of the ReLU network (``depth=2, activation="relu"``) or §7.4
+    (``depth=3``) for any width at least the support size; :func:`mirror_network` rebuilds such
+    a network.
 
     Stopping rule: the relative duality gap ``(P − D)/P ≤ tol`` over the *whole* dictionary,
     ``D`` the dual value of the rescaled residual; the achieved gap and KKT violation are in the
@@ -519,15 +580,16 @@ def lasso_mirror_fit(
     reached first, ``converged`` is False and a ``RuntimeWarning`` is emitted.
     ``keep_dictionary=False`` drops the ``N × P`` matrix from the result (it can be rebuilt from
     ``params``). Raises ``ValueError`` on non-1-D input, ``beta ≤ 0``, fewer than 2 distinct
-    points, mismatched lengths or non-finite values.
+    points, mismatched lengths, non-finite values, or ``activation="relu"`` with ``depth=3``.
     """
     depth = _check_depth(depth)
+    activation = _check_activation(activation, depth)
     beta = _check_beta(beta)
     xs, ys = _check_xy(x, y)
     if not (isinstance(tol, (int, float)) and 0 < float(tol) < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-    params = _feature_params(xs, depth)
-    A = _phi(xs, params)
+    params = _params_for(xs, depth, activation)
+    A = _features_for(xs, params, activation)
     sol = _solve(A, ys, beta, float(tol), int(max_iter))
     if not sol.converged:
         warnings.warn(
@@ -554,6 +616,7 @@ def lasso_mirror_fit(
         tol=float(tol),
         rounds=sol.rounds,
         converged=sol.converged,
+        activation=activation,
     )
 
 
@@ -577,6 +640,8 @@ class MirrorNet(nn.Module):
     in ``x_range``, second-layer offsets ``−c/(v|w|)`` uniform in ``[0, (hi − lo)/2]``,
     ``α ~ N(0, 1)/√width``, ``ξ = 0``; pass ``generator`` to keep the global RNG untouched.
     """
+
+    activation = "abs"
 
     def __init__(
         self,
@@ -648,8 +713,82 @@ class MirrorNet(nn.Module):
         return f"width={self.width}, depth={self.depth}"
 
 
-def _forward(model: MirrorNet, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``f(x)`` of §7.2/§7.4, optionally with parameters cast to ``dtype`` (differentiable)."""
+class ReluMirrorNet(nn.Module):
+    """The 1-D two-layer ReLU network ``f(x) = Σ_k α_k (w_k x + b_k)₊ + ξ``.
+
+    The ReLU counterpart of ``MirrorNet(width, depth=2)``: same parameters (``w``, ``b``,
+    ``alpha`` of length ``width`` and the scalar ``xi``), same initialisation (``w ~ N(0, 1)``,
+    kinks ``−b/w`` uniform in ``x_range``, ``α ~ N(0, 1)/√width``, ``ξ = 0``), same objective
+    ``½‖f(x) − y‖² + (β/2) Σ_k (w_k² + α_k²)`` (:func:`network_objective`), certified by the
+    Lasso over ``[(x_n − x_j)₊ | (x_j − x_n)₊]``
+    (``lasso_mirror_fit(x, y, beta, depth=2, activation="relu")``, :func:`convex_gap`).
+    ``forward`` accepts ``(N,)`` or ``(N, 1)`` and returns the same shape. A separate class, not
+    a ``MirrorNet``, so that code looking for absolute-value networks never mistakes it for one.
+    """
+
+    depth = 2
+    activation = "relu"
+
+    def __init__(
+        self,
+        width: int,
+        x_range: tuple[float, float] = (-1.0, 1.0),
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, got {width!r}")
+        self.width = int(width)
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.w = nn.Parameter(torch.empty(width, **kw))
+        self.b = nn.Parameter(torch.empty(width, **kw))
+        self.alpha = nn.Parameter(torch.empty(width, **kw))
+        self.xi = nn.Parameter(torch.zeros((), **kw))
+        self.reset_parameters(x_range=x_range, generator=generator)
+
+    @torch.no_grad()
+    def reset_parameters(
+        self, x_range: tuple[float, float] = (-1.0, 1.0), generator: torch.Generator | None = None
+    ) -> None:
+        """Draw fresh parameters (see the class docstring); ``generator`` for reproducibility."""
+        lo, hi = float(x_range[0]), float(x_range[1])
+        if not hi > lo:
+            raise ValueError(f"x_range must be (low, high) with low < high, got {x_range!r}")
+        m = self.width
+
+        def draw(fn: Any, *shape: int) -> torch.Tensor:
+            out = fn(*shape, generator=generator, dtype=torch.float64)
+            return out.to(self.w.device, self.w.dtype)
+
+        self.w.copy_(draw(torch.randn, m))
+        self.b.copy_(-self.w * (lo + (hi - lo) * draw(torch.rand, m)))
+        self.alpha.copy_(draw(torch.randn, m) / math.sqrt(m))
+        self.xi.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self, x, None)
+
+    def breakpoints(self) -> torch.Tensor:
+        """Kinks of the network function, ``−b/w`` (units with ``w = 0`` are constant)."""
+        with torch.no_grad():
+            w = self.w.double()
+            ok = w != 0
+            return torch.sort(-self.b.double()[ok] / w[ok]).values.cpu()
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, activation=relu"
+
+
+_NETS = (MirrorNet, ReluMirrorNet)
+
+
+def _forward(
+    model: MirrorNet | ReluMirrorNet, x: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``f(x)`` of §7.2/§7.4 or of the ReLU network, optionally with parameters cast to
+    ``dtype`` (differentiable)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     squeeze_back = False
@@ -665,14 +804,15 @@ def _forward(model: MirrorNet, x: torch.Tensor, dtype: torch.dtype | None) -> to
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     w, b, alpha, xi = cast(model.w), cast(model.b), cast(model.alpha), cast(model.xi)
     flat = flat.to(device=w.device, dtype=w.dtype)
-    h = torch.abs(flat[:, None] * w + b)
+    pre = flat[:, None] * w + b
+    h = torch.relu(pre) if model.activation == "relu" else torch.abs(pre)
     if model.depth == 3:
         h = torch.abs(h * cast(model.v) + cast(model.c))
     f = h @ alpha + xi
     return f[:, None] if squeeze_back else f
 
 
-def _penalty(model: MirrorNet, dtype: torch.dtype | None) -> torch.Tensor:
+def _penalty(model: MirrorNet | ReluMirrorNet, dtype: torch.dtype | None) -> torch.Tensor:
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     w, alpha = cast(model.w), cast(model.alpha)
     if model.depth == 2:
@@ -682,22 +822,23 @@ def _penalty(model: MirrorNet, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def network_objective(
-    model: MirrorNet,
+    model: MirrorNet | ReluMirrorNet,
     x: torch.Tensor,
     y: torch.Tensor,
     beta: float,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The training objective of a :class:`MirrorNet` (SPEC.md §7.2 / §7.4), differentiable.
+    """The training objective of a :class:`MirrorNet` (SPEC.md §7.2 / §7.4) or of a
+    :class:`ReluMirrorNet`, differentiable.
 
-    depth 2: ``J = ½‖f(x) − y‖² + (β/2) Σ_k (w_k² + α_k²)``;
+    depth 2 (absolute value or ReLU): ``J = ½‖f(x) − y‖² + (β/2) Σ_k (w_k² + α_k²)``;
     depth 3: ``J = ½‖f(x) − y‖² + (β/3) Σ_k (|w_k|³ + |v_k|³ + |α_k|³)``.
     A sum over the data (not a mean); biases ``b``, ``c``, ``ξ`` are unpenalised. Computed in
     the parameters' dtype, or in ``dtype`` (e.g. ``torch.float64``) when given.
     Raises ``ValueError`` for ``beta < 0``, non-1-D ``x`` or mismatched lengths.
     """
-    if not isinstance(model, MirrorNet):
-        raise TypeError(f"model must be a MirrorNet, got {type(model).__name__}")
+    if not isinstance(model, _NETS):
+        raise TypeError(f"model must be a MirrorNet or ReluMirrorNet, got {type(model).__name__}")
     try:
         b = float(beta)
     except (TypeError, ValueError) as exc:
@@ -715,21 +856,40 @@ def network_objective(
     return 0.5 * (f - yt).square().sum() + b * _penalty(model, dtype)
 
 
-def mirror_network(fit: MirrorFit, dtype: torch.dtype = torch.float64) -> MirrorNet:
-    """Rebuild a :class:`MirrorNet` from a Lasso solution (SPEC.md §7.2, §7.4 reconstruction).
+def mirror_network(
+    fit: MirrorFit, dtype: torch.dtype = torch.float64
+) -> MirrorNet | ReluMirrorNet:
+    """Rebuild the network of a Lasso solution (SPEC.md §7.2, §7.4 reconstruction).
 
     One unit per non-zero coefficient ``z_j`` with feature ``(a₁, a₂)``:
     depth 2: ``t = |z|^{1/2}``, ``(w, b, α) = (t, −t a₁, sign(z) t)``;
     depth 3: ``t = |z|^{1/3}``, ``(w, b, v, c, α) = (t, −t a₁, t, −t² a₂, sign(z) t)``;
-    and ``ξ`` = the intercept. Then ``network_objective(net, fit.x, fit.y, fit.beta)`` equals
-    ``fit.objective`` (up to rounding). A solution with no non-zero coefficient gives one unit
-    with all-zero parameters.
+    ReLU (feature ``(a, s)``, a :class:`ReluMirrorNet`): ``t = |z|^{1/2}``,
+    ``(w, b, α) = (s t, −s t a, sign(z) t)``, so that ``α (w x + b)₊ = z (s (x − a))₊``;
+    and ``ξ`` = the intercept. Then the network reproduces ``fit.predict`` everywhere and
+    ``network_objective(net, fit.x, fit.y, fit.beta)`` equals ``fit.objective`` (up to
+    rounding). A solution with no non-zero coefficient gives one unit with all-zero parameters.
     """
     s = fit.support
     z = fit.coef[s]
     p = fit.params[s]
     width = max(int(s.numel()), 1)
-    net = MirrorNet(width, fit.depth, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    if fit.activation == "relu":
+        relu = ReluMirrorNet(width, dtype=dtype, generator=gen)
+        with torch.no_grad():
+            for prm in relu.parameters():
+                prm.zero_()
+            k = int(s.numel())
+            if k:
+                t = z.abs().sqrt()
+                st = p[:, 1] * t
+                relu.w[:k] = st.to(dtype)
+                relu.b[:k] = (-st * p[:, 0]).to(dtype)
+                relu.alpha[:k] = (torch.sign(z) * t).to(dtype)
+            relu.xi.fill_(fit.intercept)
+        return relu
+    net = MirrorNet(width, fit.depth, dtype=dtype, generator=gen)
     with torch.no_grad():
         for prm in net.parameters():
             prm.zero_()
@@ -748,7 +908,7 @@ def mirror_network(fit: MirrorFit, dtype: torch.dtype = torch.float64) -> Mirror
 
 
 def convex_gap(
-    model: MirrorNet,
+    model: MirrorNet | ReluMirrorNet,
     x: torch.Tensor | np.ndarray,
     y: torch.Tensor | np.ndarray,
     beta: float,
@@ -761,17 +921,21 @@ def convex_gap(
     and ``J* = fit.objective`` the Lasso optimum (solved here when ``fit`` is not given, with
     ``tol``). No network of the stated form reaches below ``J*``, so the value is ``≥ −fit.gap /
     J*`` (``≥ −tol``). Returns ``0.0`` if both are 0 and ``inf`` if only ``J* = 0``.
-    Raises ``ValueError`` when ``fit`` was solved for other data, ``beta`` or depth.
+    Raises ``ValueError`` when ``fit`` was solved for other data, ``beta``, depth or activation.
     """
-    if not isinstance(model, MirrorNet):
-        raise TypeError(f"model must be a MirrorNet, got {type(model).__name__}")
+    if not isinstance(model, _NETS):
+        raise TypeError(f"model must be a MirrorNet or ReluMirrorNet, got {type(model).__name__}")
     beta = _check_beta(beta)
     xs, ys = _check_xy(x, y)
     if fit is None:
-        fit = lasso_mirror_fit(xs, ys, beta, model.depth, tol=tol, keep_dictionary=False)
+        fit = lasso_mirror_fit(xs, ys, beta, model.depth, tol=tol, keep_dictionary=False,
+                               activation=model.activation)
     else:
         if fit.depth != model.depth:
             raise ValueError(f"fit has depth {fit.depth} but the model has depth {model.depth}")
+        if fit.activation != model.activation:
+            raise ValueError(f"fit was solved for activation={fit.activation!r} but the model "
+                             f"uses {model.activation!r}")
         if fit.beta != beta:
             raise ValueError(f"fit was solved for beta={fit.beta}, got beta={beta}")
         if fit.x.shape[0] != xs.size or not (

@@ -17,6 +17,8 @@ from lightning_spectral.functional._utils import (
     check_matrix,
     check_vector,
     entropy_and_total,
+    gram_matmul,
+    gram_round_off,
     resolve_dtype,
 )
 
@@ -27,12 +29,15 @@ __all__ = [
     "covariance_eigvals",
     "vne",
     "effective_rank",
+    "rankme",
+    "rankme_from_eigvals",
     "stable_rank",
     "condition_number",
     "spectral_distribution",
 ]
 
 _ROW_NORM_FLOOR = 1e-12
+RANKME_EPS = 1e-7  # the ε of Garrido et al. (2023)
 
 
 def normalize_rows(h: torch.Tensor) -> torch.Tensor:
@@ -54,6 +59,11 @@ def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> tor
     as few other tensor operations as possible (each costs a dispatch, which for small layers is
     comparable to the kernels themselves):
 
+    * The Gram product comes from :func:`~._utils.gram_matmul`: float32 sums over at most
+      ``4·min(n, d)`` terms, added in float64 (or a float64 product), rounded once to the
+      working precision before ``eigvalsh``. A plain float32 product sums ``max(n, d)`` terms
+      in float32, and its round-off, which grows with that length, left spurious eigenvalues
+      above the cutoff: a rank-one 4096×8 batch had VNE 3.4e-4 instead of 0.
     * ``n <= d`` with ``normalize``: the rows are never normalised explicitly. The ``n×n`` Gram
       ``G = z zᵀ`` holds the squared row norms on its diagonal, so ``Z Zᵀ = D G D`` with
       ``D = diag(1/‖z_i‖)`` (0 for rows of norm below 1e-12) costs ``O(n²)``, not ``O(n d)``.
@@ -62,13 +72,18 @@ def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> tor
       the input: any NaN/Inf in row ``i`` makes ``G_ii`` (the trace), resp. ``‖z_i‖`` (the sum
       of the row norms), non-finite. That problem is zeroed before ``eigvalsh`` (which would
       raise) and its result set to NaN. A finite input so large that the Gram or a row norm
-      overflows (|h| ≳ 1e19 in float32) is reported the same way, never silently dropped.
+      overflows the working precision (|h| ≳ 1e19 in float32) is reported the same way, never
+      silently dropped.
+    * The result is clipped at 0 and every value at or below the round-off level of this
+      computation, ``λ_max · k · ε`` with ``k`` from :func:`~._utils.gram_round_off`, is set to
+      exactly 0 (zero gradient): ``k = min(n, d)`` in float32, ``max(n, d)`` in float64.
     """
     n, d = z.shape[-2], z.shape[-1]
+    work = z.dtype
     if n <= d:
-        g = z @ z.mT
+        g = gram_matmul(z, z.mT)  # float64
         sq = g.diagonal(dim1=-2, dim2=-1)
-        check = sq.sum(dim=-1)
+        check = sq.sum(dim=-1).to(work)  # overflows exactly when a float32 Gram would
         if normalize:
             # rsqrt(inf) = 0 turns rows below the floor into zero rows with a zero gradient
             inv = sq.masked_fill(sq < _ROW_NORM_FLOOR**2, float("inf")).rsqrt()
@@ -78,14 +93,16 @@ def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> tor
             norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
             check = norm.sum(dim=(-2, -1))
             z = z * norm.masked_fill(norm < _ROW_NORM_FLOOR, float("inf")).reciprocal()
-            g = z.mT @ z
+            g = gram_matmul(z.mT, z)
         else:
-            g = z.mT @ z
-            check = g.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+            g = gram_matmul(z.mT, z)
+            check = g.diagonal(dim1=-2, dim2=-1).sum(dim=-1).to(work)
     bad = (check * 0.0) != 0.0  # true exactly for NaN and ±Inf
+    g = g.to(work)
     # in place: ``g`` is always a fresh product that no backward formula saved
     g.masked_fill_(bad.unsqueeze(-1).unsqueeze(-1), 0.0)
     ev = torch.linalg.eigvalsh(g).flip(-1) * scale
+    ev = apply_cutoff(ev, gram_round_off(min(n, d), max(n, d), work))
     return ev.masked_fill(bad.unsqueeze(-1), float("nan"))
 
 
@@ -95,7 +112,8 @@ def gram_eigvals(z: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     ``z`` has shape ``(..., n, d)``; returns ``(..., min(n, d))``. With ``n <= d`` the ``n×n``
     matrix ``z zᵀ`` is used, otherwise ``zᵀ z`` (``d×d``); their non-zero eigenvalues coincide.
     Non-finite problems give NaN without raising. Computed in float64 for float64 ``z``, else
-    in float32 (see :func:`resolve_dtype`).
+    in float32 (see :func:`resolve_dtype`); clipped at 0 and cut at round-off level as in
+    :func:`autocorrelation_eigvals`.
     """
     check_matrix(z, "z")
     return _smaller_side_eigvals(z.to(resolve_dtype(None, z)), scale, normalize=False)
@@ -114,9 +132,13 @@ def autocorrelation_eigvals(
     ``Z = normalize_rows(h)`` when ``normalize`` (then, without zero rows, the eigenvalues sum
     to 1), else ``Z = h``. Returns the ``min(n, d)`` leading eigenvalues, descending, computed
     on the smaller Gram side with one matmul and one ``eigvalsh`` (SPEC.md §0.5); shape
-    ``(..., min(n, d))``, a leading batch being solved in one batched call. Eigenvalues are
-    returned as computed (tiny negative round-off included); entropies and ranks apply the
-    cutoff of §0.3. A problem whose input holds NaN/Inf gives NaN values (no exception).
+    ``(..., min(n, d))``, a leading batch being solved in one batched call. The Gram product is
+    accumulated so that its round-off does not grow with ``max(n, d)`` (float32 sums over at
+    most ``4·min(n, d)`` terms, added in float64); the eigenvalues are returned clipped at 0,
+    with every value at or below the round-off of their computation (``λ_max · k · ε``,
+    ``k = min(n, d)`` in float32, ``max(n, d)`` in float64) set to exactly 0, so the eigenvalues
+    a rank-deficient input does not have come out as zeros, not as round-off. A problem whose
+    input holds NaN/Inf gives NaN values (no exception).
     """
     z = _working(h, dtype)
     n, d = z.shape[-2], z.shape[-1]
@@ -129,8 +151,9 @@ def covariance_eigvals(h: torch.Tensor, dtype: torch.dtype | str | None = None) 
     """Eigenvalues of the unbiased covariance ``H_cᵀH_c / (n − 1)`` (SPEC.md §1.2), descending.
 
     ``H_c = H − 1μᵀ`` is ``h`` minus its row mean (centred explicitly, before the Gram product,
-    to avoid cancellation); no row normalisation. Shape ``(..., min(n, d))``; every entry is NaN
-    when ``n < 2`` or the input holds NaN/Inf.
+    to avoid cancellation); no row normalisation. Shape ``(..., min(n, d))``, clipped at 0 and
+    cut at round-off level as in :func:`autocorrelation_eigvals`; every entry is NaN when
+    ``n < 2`` or the input holds NaN/Inf.
     """
     x = _working(h, dtype)
     n, d = x.shape[-2], x.shape[-1]
@@ -175,6 +198,62 @@ def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
     entropy, total = entropy_and_total(lam)
     # ``== 0`` is false for NaN, so a NaN total keeps its NaN entropy
     return torch.exp(entropy).masked_fill(total == 0, 0.0)
+
+
+def rankme_from_eigvals(eigvals: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
+    """RankMe from the eigenvalues of ``HᵀH`` (or of any positive multiple, e.g. ``HᵀH/n``).
+
+    The singular values of ``H`` are ``σ_k = (n λ_k)^{1/2}`` for ``λ`` the eigenvalues of
+    ``HᵀH/n``; the formula only uses ``σ/‖σ‖₁``, so the scale of ``λ`` (hence ``n``) drops out
+    and no SVD is needed: ``p_k = √λ_k / Σ_j √λ_j + ε`` and ``RankMe = exp(−Σ_k p_k log p_k)``
+    over all ``m`` given values (the ``min(n, d)`` of :func:`autocorrelation_eigvals`).
+    The round-off cutoff of :func:`effective_rank` is applied to ``λ`` first (values at
+    round-off level count as ``σ = 0``, i.e. ``p = ε``). Pass the spectrum of the
+    *unnormalised* rows (``autocorrelation_eigvals(h, normalize=False)``) to get the published
+    quantity; see :func:`rankme`. ``eigvals`` ``(..., m)``; returns ``(...)``: 0 for zero total
+    mass or an empty spectrum, NaN for NaN/Inf values. Differentiable (cut values get zero
+    gradient).
+    """
+    check_vector(eigvals, "eigvals")
+    lam = apply_cutoff(as_spectrum(eigvals))
+    if lam.shape[-1] == 0:
+        return lam.sum(dim=-1)
+    zero = lam == 0
+    # √λ with value and gradient 0 where λ = 0 (the square root never sees 0)
+    sigma = lam.masked_fill(zero, 1.0).sqrt().masked_fill(zero, 0.0)
+    total = sigma.sum(dim=-1, keepdim=True)
+    p = sigma / total.clamp_min(torch.finfo(lam.dtype).tiny) + eps
+    # with ``eps=0`` some p are 0: the log only ever sees positive values (0 log 0 = 0)
+    value = torch.exp(0.0 - (p * p.masked_fill(p == 0, 1.0).log()).sum(dim=-1))
+    # ``== 0`` is false for NaN, so a NaN spectrum keeps its NaN
+    return value.masked_fill(total[..., 0] == 0, 0.0)
+
+
+def rankme(
+    h: torch.Tensor, eps: float = RANKME_EPS, dtype: torch.dtype | str | None = None
+) -> torch.Tensor:
+    """RankMe of an embedding batch (Garrido, Balestriero, Najman & LeCun, ICML 2023).
+
+    ``RankMe(H) = exp(−Σ_k p_k log p_k)``, ``p_k = σ_k / ‖σ‖₁ + ε``, where ``σ`` are the
+    ``min(n, d)`` singular values of the embedding matrix ``H`` ``(n, d)`` itself — rows
+    **neither normalised nor centred**, as in the paper's definition — and ``ε = 1e-7`` as in the
+    paper. It is Roy & Vetterli's effective rank of ``σ``, whereas :func:`effective_rank` is the
+    one of ``σ²`` of the row-normalised batch (``exp(VNE)``); the two differ on the same batch
+    (RankMe ≥ erank for the same rows without ``ε``, since ``σ/‖σ‖₁`` is flatter than
+    ``σ²/‖σ‖²``). Known values: ``H = I_d`` gives ``d`` and a rank-one ``H`` gives 1, each up
+    to the ``ε`` terms (exactly with ``eps=0``): ``ε`` adds ``−ε log ε ≈ 1.6e-6`` nats per
+    value, so rank one reads ``≈ 1 + 1.6e-6·(m − 1)``. RankMe grows with ``n`` until
+    ``n ≫ d``: compare values over the same number of rows (the paper uses 25,600).
+
+    Computed from the eigenvalues of ``HᵀH/n`` on the smaller Gram side (one matmul, one
+    ``eigvalsh``, no SVD; :func:`rankme_from_eigvals`), in float32 by default. Singular values
+    below ``(k ε)^{1/2} σ_max`` (≈ 3.5e-4·√k·σ_max in float32, ``k = min(n, d)``) are not
+    resolved by a Gram spectrum and count as 0; use ``dtype="float64"`` for embeddings that
+    ill-conditioned. ``h`` ``(..., n, d)``; returns ``h.shape[:-2]``; 0 for ``H = 0``, NaN
+    where the input holds NaN/Inf. Differentiable.
+    """
+    lam = autocorrelation_eigvals(h, normalize=False, dtype=dtype)
+    return rankme_from_eigvals(lam, eps)
 
 
 def stable_rank(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
