@@ -9,6 +9,24 @@ rank-``k`` approximation, and ``‖W − BA‖_F = (Σ_{i>k} σ_i²)^{1/2}`` by 
 
 :func:`compression_curve` measures a task metric (accuracy by default) against parameter count
 over several truncation energies.
+
+PyTorch's fused inference paths read some weights directly instead of calling the module that
+holds them. :func:`compress` keeps those models working:
+
+- ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``, ``nn.Transformer``) in eval
+  mode run one fused kernel, ``torch._transformer_encoder_layer_fwd``, that takes
+  ``linear1.weight`` and ``linear2.weight`` as dense matrices. A layer whose ``linear1`` or
+  ``linear2`` was factored gets that fast path switched off (on the copy, per layer: its
+  ``activation_relu_or_gelu`` flag, which only gates the fast path, is set to 0), and an
+  ``nn.TransformerEncoder`` holding such a layer stops converting padded batches to nested
+  tensors (``use_nested_tensor = False``). The layer then runs PyTorch's standard path, which
+  calls ``linear1``/``linear2`` as modules: the same function, with the factored layers' savings.
+  Handing the fused kernel the product ``BA`` instead would rebuild a full-size matrix at every
+  call and undo the saving the factorisation is for. :attr:`CompressionReport.fused_path_off`
+  names the layers changed.
+- ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly on every path (fused or not), so
+  its projections are never factored (naming one in ``layers`` raises
+  :class:`SpectralConfigError`); the rest of the model is compressed as usual.
 """
 
 from __future__ import annotations
@@ -76,6 +94,9 @@ class CompressionReport:
     params_after: int
     flops_per: str
     selection: dict[str, Any] = field(default_factory=dict)
+    #: modules of the copy whose PyTorch fused fast path was switched off because a layer they
+    #: read directly was factored (``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``)
+    fused_path_off: list[str] = field(default_factory=list)
 
     @property
     def param_ratio(self) -> float:
@@ -99,7 +120,55 @@ class CompressionReport:
             f"\nModel parameters {self.params_before} → {self.params_after} "
             f"({self.param_ratio:.3f}); FLOPs {self.flops_per}."
         )
+        if self.fused_path_off:
+            lines.append(
+                "PyTorch's fused fast path switched off (factored layers inside): "
+                + ", ".join(self.fused_path_off) + "."
+            )
         return "\n".join(lines)
+
+
+def _attention_owned(named: Mapping[str, nn.Module]) -> set[str]:
+    """Names of the modules owned by an ``nn.MultiheadAttention`` (its ``out_proj``): attention
+    reads their weights directly, so they can never be replaced by two layers."""
+    owned: set[str] = set()
+    for name, mod in named.items():
+        if isinstance(mod, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            owned.update(f"{prefix}{sub}" for sub, _ in mod.named_modules() if sub)
+    return owned
+
+
+def _factored(module: Any) -> bool:
+    """True when a fused path's weight holder was replaced (it has no dense ``weight``)."""
+    return not isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _keep_fused_paths_working(model: nn.Module) -> list[str]:
+    """Switch PyTorch's fused fast path off wherever it would read a factored layer's weight.
+
+    ``nn.TransformerEncoderLayer.forward`` takes its fast path only while
+    ``activation_relu_or_gelu`` is non-zero (the flag is read for nothing else: the standard
+    path calls ``self.activation``); ``nn.TransformerEncoder.forward`` builds nested tensors
+    (and reads ``layers[0].linear1.weight``) only while ``use_nested_tensor`` is true. Returns
+    the names of the modules changed.
+    """
+    changed: list[str] = []
+    off: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and (
+            _factored(mod.linear1) or _factored(mod.linear2)
+        ):
+            if getattr(mod, "activation_relu_or_gelu", 0):
+                mod.activation_relu_or_gelu = 0
+                changed.append(name)
+            off.add(id(mod))
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(id(m) in off for m in mod.layers):
+            if getattr(mod, "use_nested_tensor", False):
+                mod.use_nested_tensor = False
+                changed.append(name)
+    return sorted(changed)
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -240,7 +309,11 @@ def compress(
     ``max_error`` — the smallest ``k`` whose relative Eckart–Young error
     ``(Σ_{i>k} σ_i²)^{1/2} / ‖W‖_F`` is at most ``max_error``.
 
-    ``layers`` names the modules to factor (default: every ``nn.Linear`` and ``nn.Conv2d``).
+    ``layers`` names the modules to factor (default: every ``nn.Linear`` and ``nn.Conv2d``
+    except the projections owned by an ``nn.MultiheadAttention``, which reads their weights
+    directly). A factored ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` switches
+    that layer's fused eval-mode fast path off (module docstring), so the copy runs in eval mode
+    as in training mode; the report's ``fused_path_off`` names the modules changed.
     A Conv2d with ``groups != 1`` is skipped (``status="skipped: groups=…"``), as is a weight
     holding NaN/Inf (``"skipped: non-finite weight"``) and a layer
     whose factorization would not reduce its parameters, ``k·(out + cols) + bias >=
@@ -254,11 +327,20 @@ def compress(
     """
     _validate(energy, rank, max_error)
     named = dict(model.named_modules())
-    candidates = [n for n, m in named.items() if _kind(m) is not None]
+    owned = _attention_owned(named)
+    candidates = [n for n, m in named.items() if _kind(m) is not None and n not in owned]
     if layers is None:
         chosen = candidates
     else:
         chosen = list(layers)
+        attention = [n for n in chosen if n in owned]
+        if attention:
+            raise SpectralConfigError(
+                f"compress: {attention} belong to an nn.MultiheadAttention, which reads their "
+                "weight directly (out_proj.weight in F.multi_head_attention_forward and its "
+                "fused fast path), so they cannot be factored; available: "
+                f"{candidates}"
+            )
         unknown = [n for n in chosen if n not in candidates]
         if unknown:
             raise SpectralConfigError(
@@ -318,12 +400,13 @@ def compress(
         reports.append(LayerCompression(
             name, kind, tuple(w.shape), r, k, "compressed", before, after, flops_before,
             2 * k * (out_dim + cols) * per, bound, measured, rel(bound), rel(measured)))
+    fused_off = _keep_fused_paths_working(new_model)
     params_after = sum(p.numel() for p in new_model.parameters())
     selection = {"energy": energy, "rank": rank, "max_error": max_error}
     flops_per = "per example" if example_input is not None else (
         "per input row (Linear) / per output position (Conv2d)")
     return new_model, CompressionReport(reports, params_before, params_after, flops_per,
-                                        selection)
+                                        selection, fused_off)
 
 
 # ------------------------------------------------------------------------------------------

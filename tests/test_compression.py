@@ -249,3 +249,133 @@ def test_compression_curve_custom_metric_and_accuracy():
     assert accuracy(torch.tensor([[0.0, 1.0], [2.0, 1.0]]), torch.tensor([1, 1])) == 0.5
     with pytest.raises(SpectralConfigError, match="energies"):
         compression_curve(model, loader, energies=[0.0])
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch's fused fast paths: TransformerEncoder(Layer) and MultiheadAttention
+
+
+class TransformerClassifier(nn.Module):
+    """Linear embedding → 2-layer ``nn.TransformerEncoder`` → masked mean → Linear head."""
+
+    def __init__(self, d_in: int = 5, d_model: int = 16, classes: int = 3, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embed = nn.Linear(d_in, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=48, dropout=0.1,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2)
+        self.head = nn.Linear(d_model, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.encoder(self.embed(x), src_key_padding_mask=pad)
+        keep = torch.ones(h.shape[:2]) if pad is None else (~pad).to(h.dtype)
+        return self.head((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True))
+
+
+def _tokens(n: int = 6, length: int = 7, d_in: int = 5) -> torch.Tensor:
+    return torch.randn(n, length, d_in, generator=torch.Generator().manual_seed(4))
+
+
+def test_transformer_encoder_full_rank_matches_in_eval_mode():
+    model = TransformerClassifier().eval()
+    x = _tokens()
+    with torch.no_grad():
+        want = model(x)  # PyTorch's fused encoder-layer kernel
+    small, report = compress(model, rank=10_000, skip_if_larger=False)
+    factored = [c.name for c in report.layers if c.compressed]
+    assert "encoder.layers.0.linear1" in factored and "encoder.layers.1.linear2" in factored
+    assert not any("self_attn" in name for name in factored)
+    assert report.fused_path_off == ["encoder", "encoder.layers.0", "encoder.layers.1"]
+    assert "fused fast path switched off" in report.to_markdown()
+    small.eval()
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the original keeps its fast path
+    assert model.encoder.use_nested_tensor and model.encoder.layers[0].activation_relu_or_gelu
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_transformer_encoder_padding_mask_full_rank_matches_in_eval_mode():
+    """A padding mask makes the uncompressed encoder run on nested tensors (reading
+    ``layers[0].linear1.weight``); the compressed one must not, and agrees on the output."""
+    model = TransformerClassifier().eval()
+    x = _tokens()
+    pad = torch.zeros(6, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    pad[3, 2:] = True
+    with torch.no_grad():
+        want = model(x, pad)
+    small, _ = compress(model, rank=10_000, skip_if_larger=False)
+    with torch.no_grad():
+        got = small.eval()(x, pad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_transformer_encoder_compressed_runs_in_eval_and_train_mode(rank):
+    model = TransformerClassifier()
+    x = _tokens()
+    small, report = compress(model, rank=rank)
+    assert report.params_after < report.params_before
+    small.eval()
+    with torch.no_grad():
+        out = small(x)
+        out_padded = small(x, torch.arange(7).expand(6, 7) >= 5)
+    assert out.shape == (6, 3) and torch.isfinite(out).all() and torch.isfinite(out_padded).all()
+    small.train()  # training mode: the standard path, gradients reach the factors
+    small(x).square().sum().backward()
+    assert small.encoder.layers[0].linear1[0].weight.grad is not None
+
+
+def test_transformer_encoder_eval_output_equals_its_training_path():
+    """The compressed layers run PyTorch's standard path in eval mode: with dropout off it is
+    the same computation as a forward with the fast path disabled globally."""
+    model = TransformerClassifier()
+    small, _ = compress(model, rank=3)
+    small.eval()
+    x = _tokens()
+    with torch.no_grad():
+        got = small(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            ref = small(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_compression_curve_on_a_transformer_encoder_classifier():
+    model = TransformerClassifier()
+    x = torch.randn(48, 7, 5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model.eval()(x).argmax(-1)
+    model.train()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    curve = compression_curve(model, loader, energies=[0.5, 0.9, 1.0])
+    assert curve.baseline["metric"] == 1.0
+    assert [r["energy"] for r in curve.rows] == [0.5, 0.9, 1.0]
+    assert all(0.0 <= r["metric"] <= 1.0 for r in curve.rows)
+    assert curve.rows[0]["layers_compressed"] > 0
+    assert model.training
+
+
+def test_multihead_attention_projections_are_never_factored():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    model = nn.ModuleDict({"attn": mha, "out": nn.Linear(8, 8)})
+    with pytest.raises(SpectralConfigError, match=r"MultiheadAttention.*out_proj\.weight"):
+        compress(model, rank=1, layers=["attn.out_proj"])
+    _, report = compress(model, rank=1)
+    assert [c.name for c in report.layers] == ["out"]
+    # a layer owning the attention keeps the attention's fused path
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    small, report = compress(layer, rank=2)
+    assert [c.name for c in report.layers] == ["linear1", "linear2"]
+    x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert small.eval()(x).shape == (3, 4, 8)
+    assert isinstance(small.self_attn.out_proj, nn.Linear)

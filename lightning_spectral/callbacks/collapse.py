@@ -12,18 +12,30 @@ are computed by :mod:`lightning_spectral.functional.collapse` (SPEC.md §4) and
 :mod:`lightning_spectral.functional.interplay` (SPEC.md §3.3), and logged through
 :mod:`lightning_spectral.report` as ``collapse/<key>`` with a figure and a custom-scalars
 category.
+
+Three sources of forward passes: ``"train"`` streams the epoch's training forwards (weights
+change under it), ``"val"`` the validation forwards, and ``"train_eval"`` runs one extra no-grad,
+eval-mode pass over the training dataset with the end-of-epoch weights (Papyan, Han & Donoho's
+protocol), in dataset order through the monitor's own sequential loader, with every other
+capture paused and every RNG state restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
+import random
+from collections.abc import Iterator
 from importlib import import_module
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_spectral import capture as _capture_module
 from lightning_spectral import report
 from lightning_spectral._compat import FLAVOUR
 from lightning_spectral.callbacks._base import (
@@ -33,7 +45,9 @@ from lightning_spectral.callbacks._base import (
     logging_step,
     warn_rank_zero,
 )
-from lightning_spectral.capture import LayerCapture, resolve_layers, resolve_one
+from lightning_spectral.callbacks.curvature import _Silenced
+from lightning_spectral.callbacks.penalty import unwrapped_training_step
+from lightning_spectral.capture import LayerCapture, paused, resolve_layers, resolve_one
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.collapse import _collapse_compute, collapse_keys
 from lightning_spectral.functional.interplay import information_interplay
@@ -77,8 +91,38 @@ def _describe(module: nn.Linear) -> str:
     return f"{type(module).__name__} {width_in}→{module.out_features}"
 
 
+#: the tag namespace of each source
+NAMESPACES = {"train": "collapse", "val": "collapse_val", "train_eval": "collapse_train_eval"}
+
+
+class _HeadCapture(LayerCapture):
+    """The monitor's capture: a :class:`LayerCapture` that keeps recording inside
+    :func:`~lightning_spectral.capture.paused` while its monitor runs its own ``train_eval``
+    pass, the one forward every *other* capture must not record. The pause is lifted only for
+    the duration of this capture's own hook call."""
+
+    monitor: CollapseMonitor | None = None
+
+    def _make_pre_hook(self, name: str) -> Any:
+        hook = super()._make_pre_hook(name)
+
+        def own_pass_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            monitor = self.monitor
+            if monitor is None or not monitor._own_pass:
+                return hook(mod, args)
+            counter = _capture_module._PAUSED
+            held, counter[0] = counter[0], 0
+            try:
+                return hook(mod, args)
+            finally:
+                counter[0] = held
+
+        return own_pass_hook
+
+
 def layout(namespace: str = "collapse") -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars category of one monitor's tags (``collapse`` or ``collapse_val``)."""
+    """The custom-scalars category of one monitor's tags (``collapse``, ``collapse_val`` or
+    ``collapse_train_eval``)."""
     ns = namespace
     return {
         ns: report.multiline_layout(
@@ -113,9 +157,21 @@ class CollapseMonitor(SpectralCallback):
         labels: where the labels are in a batch: an index (tuple/list batches) or a key (dict
             batches).
         every_n_epochs: log at the end of every n-th epoch (``(epoch + 1) % n == 0``).
-        source: ``"train"`` reuses the training forward passes of the epoch (no extra compute);
-            ``"val"`` uses the validation passes (sanity checking excluded; ``trainer.validate``
-            included).
+        source: ``"train"`` reuses the training forward passes of the epoch (no extra compute;
+            the weights change during the epoch, so the statistics mix the epoch's weight
+            snapshots); ``"val"`` uses the validation passes (sanity checking excluded;
+            ``trainer.validate`` included); ``"train_eval"`` runs, at the end of each due
+            training epoch, one no-grad pass in eval mode over the training dataset with the
+            end-of-epoch weights (the protocol of Papyan, Han & Donoho), see docs/collapse.md.
+        max_batches: ``source="train_eval"`` only: evaluate the first ``max_batches ×
+            batch_size`` samples of the training dataset, in dataset order (default ``None``:
+            all of it).
+        eval_step: ``source="train_eval"`` only: how the pass runs the model on a batch.
+            ``"forward"`` (default): ``pl_module(inputs)`` with ``inputs`` the first item of a
+            tuple/list batch that is not the labels, or the whole batch otherwise (a dict);
+            ``"training_step"``: ``training_step(batch, batch_idx)`` with ``self.log`` silenced
+            (its loss is discarded; it must be free of other side effects such as metric
+            updates); any other string: a LightningModule method called as ``method(batch)``.
         max_samples: bound on the deterministic sample of rows used for NC4, MIR and HDR.
         num_classes: size of the label space ``K`` (default: the head's ``out_features``);
             labels must lie in ``[0, K)``. With ``head="auto"`` the head is the last ``nn.Linear``
@@ -135,7 +191,8 @@ class CollapseMonitor(SpectralCallback):
 
     Logged tags (at the step Lightning's ``self.log`` uses): ``collapse/<key>`` for every key
     of the collapse table in docs/metrics.md, ``collapse/mir`` and ``collapse/hdr`` — under
-    ``collapse_val/`` for ``source="val"``; with TensorBoard also the figure
+    ``collapse_val/`` for ``source="val"`` and ``collapse_train_eval/`` for
+    ``source="train_eval"``; with TensorBoard also the figure
     ``collapse/geometry`` and a ``collapse`` custom-scalars category. Every value also goes
     into ``trainer.callback_metrics`` on every rank (``EarlyStopping(monitor="collapse/nc1")``).
     """
@@ -145,13 +202,15 @@ class CollapseMonitor(SpectralCallback):
         head: str = "auto",
         labels: int | str = 1,
         every_n_epochs: int = 1,
-        source: Literal["train", "val"] = "train",
+        source: Literal["train", "val", "train_eval"] = "train",
         max_samples: int = 4096,
         num_classes: int | None = None,
         strict: bool = False,
         figure_budget: float = 0.01,
         prefix: str = "",
         prog_bar: str | list[str] | None = None,
+        max_batches: int | None = None,
+        eval_step: str = "forward",
     ) -> None:
         super().__init__(
             strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
@@ -167,7 +226,21 @@ class CollapseMonitor(SpectralCallback):
         self.head = head
         self.labels = labels
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1)
-        self.source: Literal["train", "val"] = check_choice("source", source, ("train", "val"))
+        self.source: Literal["train", "val", "train_eval"] = check_choice(
+            "source", source, tuple(NAMESPACES)
+        )
+        self.max_batches = check_int("max_batches", max_batches, 1, optional=True)
+        if not isinstance(eval_step, str) or not eval_step:
+            raise SpectralConfigError(
+                "eval_step must be 'forward', 'training_step' or a LightningModule method name, "
+                f"got {eval_step!r}"
+            )
+        self.eval_step = eval_step
+        if source != "train_eval" and (max_batches is not None or eval_step != "forward"):
+            raise SpectralConfigError(
+                "max_batches and eval_step apply to source='train_eval' only (the other sources "
+                f"read forward passes Lightning runs anyway); got source={source!r}"
+            )
         self.max_samples = check_int("max_samples", max_samples, 1)
         self.num_classes = check_int("num_classes", num_classes, 2, optional=True)
         # the validation passes of ``trainer.validate`` are monitored too
@@ -181,13 +254,15 @@ class CollapseMonitor(SpectralCallback):
         self._candidates: dict[str, nn.Linear] = {}
         self._probe_order: list[str] = []
         self._probe_rows: dict[int, tuple[str, torch.Tensor]] = {}
+        self._own_pass = False  # True while the train_eval pass runs (see _HeadCapture)
         self._reset()
 
     # ------------------------------------------------------------------ identity and state
     @property
     def namespace(self) -> str:
-        """The first part of every tag: ``collapse`` (``source="train"``) or ``collapse_val``."""
-        return "collapse" if self.source == "train" else "collapse_val"
+        """The first part of every tag: ``collapse`` (``source="train"``), ``collapse_val``
+        (``"val"``) or ``collapse_train_eval`` (``"train_eval"``)."""
+        return NAMESPACES[self.source]
 
     def _namespace(self) -> tuple[str, str]:
         return (self.prefix, self.source)
@@ -246,8 +321,25 @@ class CollapseMonitor(SpectralCallback):
         self._layout_done = False
         self._pending_figure: tuple | None = None
 
+    def _open_capture(self, model: nn.Module, **kwargs: Any) -> LayerCapture:
+        """The head's (or the candidates') capture, able to record in the train_eval pass."""
+        kwargs.setdefault("owner", self._owner())
+        kwargs.setdefault("warn", warn_rank_zero)
+        capture = _HeadCapture(model, **kwargs)
+        capture.monitor = self
+        self._captures.append(capture)
+        capture.attach()
+        return capture
+
     def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Resolve the head (or prepare to observe it) and open the capture."""
+        if self.source == "train_eval" and self.eval_step not in ("forward", "training_step"):
+            if not callable(getattr(pl_module, self.eval_step, None)):
+                raise SpectralConfigError(
+                    f"CollapseMonitor(eval_step={self.eval_step!r}): {type(pl_module).__name__} "
+                    f"has no method {self.eval_step!r}; use 'forward', 'training_step' or the "
+                    "name of a method called as method(batch)"
+                )
         self._acc, self._reservoir = None, None  # the head (and its width) may differ
         self._buffer, self._buffered = [], 0
         self._head_name, self._head_module, self._num_labels = None, None, 0
@@ -669,6 +761,140 @@ class CollapseMonitor(SpectralCallback):
         if self.source == "train":
             self._ensure_epoch(trainer, pl_module)
             self._finish_epoch(trainer, pl_module)
+        elif self.source == "train_eval":
+            self._train_eval(trainer, pl_module)
+
+    # ------------------------------------------------------------------ the train_eval pass
+    def _train_eval(self, trainer: Any, pl_module: Any) -> None:
+        """One no-grad, eval-mode pass over the training dataset with the end-of-epoch weights;
+        logs it as the epoch's statistics (every rank takes part, as for the other sources)."""
+        epoch = int(trainer.current_epoch)
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            self._adopt_restored_head(pl_module, restored)
+        if not self._due(epoch) or (self._capture is None and self._probe is None):
+            return
+        loader = self._eval_loader(trainer)
+        if loader is None:
+            self._log_nan(trainer, epoch)
+            return
+        self._collect(epoch, pl_module, None)
+        try:
+            with self._evaluation(trainer, pl_module):
+                for batch_idx, batch in enumerate(loader):
+                    batch = trainer.strategy.batch_to_device(batch)
+                    self._begin_batch(batch)
+                    try:
+                        self._run_step(pl_module, batch, batch_idx)
+                    finally:
+                        self._end_batch(pl_module)
+        except SpectralConfigError:
+            raise
+        except Exception as exc:  # never crash mid-fit unless strict
+            self._abandon_epoch()
+            self._fail.problem(
+                "train_eval",
+                f"epoch {epoch}: the train_eval pass failed: {type(exc).__name__}: {exc}"
+                + (" (pass eval_step='<method>' to say how to run the model on a batch)"
+                   if self.eval_step == "forward" else ""),
+            )
+            self._log_nan(trainer, epoch)
+            return
+        self._finish_epoch(trainer, pl_module)
+
+    def _abandon_epoch(self) -> None:
+        """Drop the statistics of an epoch that cannot be completed."""
+        self._collecting_epoch = None
+        self._pending_labels = None
+        self._buffer, self._buffered = [], 0
+        if self._acc is not None:
+            self._acc.reset()
+        if self._reservoir is not None:
+            self._reservoir.reset()
+
+    def _eval_loader(self, trainer: Any) -> DataLoader | None:
+        """The pass's own loader: the training dataset in order (this rank's share under DDP),
+        the training loader's batch size and collate function, never its sampler."""
+        source = getattr(trainer, "train_dataloader", None)
+        if not isinstance(source, DataLoader):
+            self._fail.problem(
+                "train_eval_loader",
+                "source='train_eval' needs one training torch DataLoader, got "
+                f"{type(source).__name__}",
+            )
+            return None
+        dataset = source.dataset
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            self._fail.problem(
+                "train_eval_loader",
+                "source='train_eval' needs a map-style training dataset (len and indexing), got "
+                f"{type(dataset).__name__}",
+            )
+            return None
+        batch_size = source.batch_size or getattr(source.batch_sampler, "batch_size", None) or 1
+        size = len(dataset)
+        if self.max_batches is not None:
+            size = min(size, self.max_batches * batch_size)
+        world = max(1, int(getattr(trainer, "world_size", 1) or 1))
+        rank = int(getattr(trainer, "global_rank", 0) or 0)
+        workers = int(source.num_workers)
+        extra: dict[str, Any] = {}
+        if workers > 0:
+            extra = {
+                "worker_init_fn": source.worker_init_fn,
+                "multiprocessing_context": source.multiprocessing_context,
+                "prefetch_factor": source.prefetch_factor,
+            }
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=list(range(rank, size, world)),  # this rank's share, in order, no padding
+            collate_fn=source.collate_fn,
+            num_workers=workers,
+            pin_memory=source.pin_memory,
+            drop_last=False,
+            # a loader draws its base seed at each iteration: from this generator, not the RNG
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        )
+
+    @contextlib.contextmanager
+    def _evaluation(self, trainer: Any, pl_module: Any) -> Iterator[None]:
+        """Eval mode, no grad, other captures paused, precision context; every module's mode and
+        every RNG state (torch CPU and accelerator, Python, NumPy) restored afterwards."""
+        flags = [(m, m.training) for m in pl_module.modules()]
+        device = torch.device(pl_module.device)
+        devices = [device.index or 0] if device.type == "cuda" else []
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        plugin = getattr(trainer, "precision_plugin", None)
+        precision = getattr(plugin, "val_step_context", None)
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), paused():
+                pl_module.eval()
+                self._own_pass = True
+                with precision() if callable(precision) else contextlib.nullcontext():
+                    yield
+        finally:
+            self._own_pass = False
+            for module, flag in flags:
+                module.training = flag
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def _run_step(self, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Run the model on one batch of the pass, as ``eval_step`` says."""
+        if self.eval_step == "forward":
+            if isinstance(batch, list | tuple) and len(batch) > 1:
+                skip = self.labels % len(batch) if isinstance(self.labels, int) else None
+                inputs = next(item for i, item in enumerate(batch) if i != skip)
+            else:
+                inputs = batch
+            pl_module(inputs)
+        elif self.eval_step == "training_step":
+            with _Silenced(pl_module):
+                unwrapped_training_step(pl_module)(batch, batch_idx)
+        else:
+            getattr(pl_module, self.eval_step)(batch)
 
     # ------------------------------------------------------------------ validation passes
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:

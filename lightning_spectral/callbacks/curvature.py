@@ -44,8 +44,8 @@ Every fit starts a fresh schedule and keeps fresh batches (a callback reused wit
 the callback's state, continues the schedule of the interrupted run. The kept batches are
 dropped at ``teardown`` and in ``on_exception``.
 
-Tags (``i = 1 … k``, ``λ_1`` the largest)
------------------------------------------
+Tags (``i = 1 … k``, ``λ_1`` the largest; with ``which="magnitude"`` the largest in ``|λ|``)
+------------------------------------------------------------------------------------------
 ``hessian/eig_<i>``, ``hessian/trace``, ``hessian/trace_se``, ``hessian/loss``,
 ``hessian/noise_s2_<i>``, ``hessian/beta_<i>``, ``hessian/sigma_<i>`` — see
 ``docs/metrics.md`` (section "Curvature and objective noise").
@@ -219,7 +219,12 @@ class CurvatureMonitor(SpectralCallback):
     Args:
         every_n_steps: run at optimizer steps that are multiples of this (the first event is at
             step ``every_n_steps``, never at step 0).
-        k: number of top (algebraically largest) eigenpairs, by Lanczos.
+        k: number of top eigenpairs, by Lanczos.
+        which: what "top" means: ``"largest"`` (default) — the ``k`` algebraically largest
+            eigenvalues (``eig_1`` = ``λ_max``, the sharpness); ``"magnitude"`` — the ``k``
+            largest in ``|λ|``, in descending ``|λ|`` (PyHessian's convention), so a strongly
+            negative eigenvalue (negative curvature) can be ``eig_1``. See
+            :func:`~lightning_spectral.functional.curvature.hessian_eigenpairs`.
         batches: number of training batches kept (the first ones seen in the fit) and used at
             every event.
         loss: ``"training_step"``, ``"cross_entropy"``, ``"mse"`` or a LightningModule method
@@ -255,6 +260,7 @@ class CurvatureMonitor(SpectralCallback):
         strict: bool = False,
         prefix: str = "",
         prog_bar: str | list[str] | None = None,
+        which: Literal["largest", "magnitude"] = "largest",
     ) -> None:
         super().__init__(strict=strict, prefix=prefix, prog_bar=prog_bar)
         self.every_n_steps = check_int("every_n_steps", every_n_steps)
@@ -270,6 +276,9 @@ class CurvatureMonitor(SpectralCallback):
         self.loss = loss
         self.tol = check_float("tol", tol, 0.0, low_open=True)
         self.mode: Literal["eval", "train"] = check_choice("mode", mode, ("eval", "train"))
+        self.which: Literal["largest", "magnitude"] = check_choice(
+            "which", which, ("largest", "magnitude")
+        )
         self.seed = int(seed)
         self._schedule = StepSchedule(self.every_n_steps, first=self.every_n_steps)
         self._reset()
@@ -277,7 +286,9 @@ class CurvatureMonitor(SpectralCallback):
     # ------------------------------------------------------------------ Lightning plumbing
     @property
     def state_key(self) -> str:
-        extra = {"prefix": self.prefix} if self.prefix else {}
+        extra: dict[str, Any] = {"prefix": self.prefix} if self.prefix else {}
+        if self.which != "largest":  # only when not the default: older checkpoints still resume
+            extra["which"] = self.which
         return self._generate_state_key(every_n_steps=self.every_n_steps, k=self.k,
                                         loss=self.loss, batches=self.batches, mode=self.mode,
                                         **extra)
@@ -418,7 +429,7 @@ class CurvatureMonitor(SpectralCallback):
         try:
             with _Preserve(pl_module, self.mode), torch.enable_grad(), paused(), math_attention():
                 vals, vecs = hessian_eigenpairs(closure, params, k=self.k, max_iter=self.max_iter,
-                                                tol=self.tol, generator=gen)
+                                                tol=self.tol, generator=gen, which=self.which)
                 # Lanczos synchronises every iteration anyway; one more check is free
                 if not math.isfinite(float(vals[0])):
                     self._fail.problem("non-finite", "non-finite Hessian-vector products (is the "

@@ -389,3 +389,62 @@ def test_attention_hessian_through_the_math_kernel_in_eval_mode():
     lit.layer, lit.head = layer, head
     out = monitor.compute(lit, batches=[(x, y)])
     assert math.isfinite(float(out["hessian/eig_1"])) and math.isfinite(float(out["hessian/trace"]))
+
+
+# ----------------------------------------------------------------------------- which=
+
+
+class _Saddle(pl.LightningModule):
+    """``loss = ½ Σ d_i θ_i²`` with a known diagonal Hessian ``diag(1, −5, 0.5, 0.2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        self.register_buffer("d", torch.tensor([1.0, -5.0, 0.5, 0.2], dtype=torch.float64))
+
+    def saddle_loss(self, batch) -> torch.Tensor:
+        return 0.5 * (self.d * self.theta**2).sum()
+
+    def training_step(self, batch, batch_idx):
+        return self.saddle_loss(batch) + 0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_which_picks_the_largest_or_the_largest_magnitude_eigenvalues():
+    batch = (torch.zeros(2, 1),)
+    out = {}
+    for which in ("largest", "magnitude"):
+        monitor = CurvatureMonitor(k=2, trace_probes=0, noise_samples=0, loss="saddle_loss",
+                                   tol=1e-12, which=which)
+        values = monitor.compute(_Saddle(), step=0, batches=[batch])
+        out[which] = [float(values["hessian/eig_1"]), float(values["hessian/eig_2"])]
+    assert out["largest"] == pytest.approx([1.0, 0.5], abs=1e-12)
+    assert out["magnitude"] == pytest.approx([-5.0, 1.0], abs=1e-12)  # PyHessian's top-2
+
+
+def test_which_magnitude_is_what_a_fit_logs():
+    log = MemoryLogger()
+    monitor = CurvatureMonitor(every_n_steps=2, k=2, trace_probes=0, noise_samples=0,
+                               loss="saddle_loss", tol=1e-12, which="magnitude")
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=log, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    data = DataLoader(TensorDataset(torch.zeros(4, 1, dtype=torch.float64)), batch_size=2)
+    trainer.fit(_Saddle(), train_dataloaders=data)
+    rows = [m for _, m in log.records if "hessian/eig_1" in m]
+    assert len(rows) == 1
+    assert [rows[0]["hessian/eig_1"], rows[0]["hessian/eig_2"]] == pytest.approx([-5.0, 1.0])
+
+
+def test_which_is_validated_and_in_the_state_key_only_when_not_the_default():
+    with pytest.raises(SpectralConfigError, match="which must be one of"):
+        CurvatureMonitor(which="smallest")
+    # the key of checkpoints written before ``which`` existed: they still resume
+    assert CurvatureMonitor().state_key == (
+        "CurvatureMonitor{'every_n_steps': 500, 'k': 5, 'loss': 'training_step', "
+        "'batches': 1, 'mode': 'eval'}"
+    )
+    assert CurvatureMonitor(which="largest").state_key == CurvatureMonitor().state_key
+    assert CurvatureMonitor(which="magnitude").state_key != CurvatureMonitor().state_key

@@ -273,3 +273,99 @@ def test_objective_noise_validation():
         objective_noise(torch.zeros(3, 4), torch.ones(1), torch.zeros(1, 5), 0.1)
     with pytest.raises(ValueError, match="lr must be positive"):
         objective_noise(torch.zeros(3, 4), torch.ones(1), torch.zeros(1, 4), 0.0)
+
+
+# ----------------------------------------------------------------------------- which="magnitude"
+
+
+def _diagonal(diag: list[float]):
+    """``loss(θ) = ½ Σ d_i θ_i²``: the Hessian is ``diag(d)`` exactly."""
+    d = torch.tensor(diag, dtype=torch.float64)
+    theta = torch.ones(len(diag), dtype=torch.float64, requires_grad=True)
+    return (lambda: 0.5 * (d * theta**2).sum()), [theta]
+
+
+def test_which_largest_and_magnitude_on_a_known_diagonal_hessian():
+    # PyHessian's "top-2" of diag(1, −5, 0.5, 0.2) is [−5, 1]; the algebraic top-2 is [1, 0.5]
+    loss_fn, params = _diagonal([1.0, -5.0, 0.5, 0.2])
+    largest, _ = hessian_eigenpairs(loss_fn, params, k=2, tol=1e-12)
+    default, _ = hessian_eigenpairs(loss_fn, params, k=2, tol=1e-12, which="largest")
+    magnitude, vecs = hessian_eigenpairs(loss_fn, params, k=2, tol=1e-12, which="magnitude")
+    f64 = torch.float64
+    torch.testing.assert_close(largest, torch.tensor([1.0, 0.5], dtype=f64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(default, largest, rtol=0, atol=0)
+    torch.testing.assert_close(magnitude, torch.tensor([-5.0, 1.0], dtype=f64), rtol=0,
+                               atol=1e-12)
+    # the eigenvectors are ± the coordinate axes of −5 and 1
+    assert abs(float(vecs[0, 1])) == pytest.approx(1.0, abs=1e-10)
+    assert abs(float(vecs[1, 0])) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_which_magnitude_before_the_krylov_space_is_exhausted():
+    # 60 parameters, k=3, at most 32 products: the two ends converge first
+    rest = [0.01 * i for i in range(1, 56)]
+    loss_fn, params, _, q = _quadratic([4.0, -9.0, 3.0, -2.5, 1.5] + rest, seed=2)
+    vals, vecs = hessian_eigenpairs(loss_fn, params, k=3, tol=1e-10, which="magnitude")
+    torch.testing.assert_close(vals, torch.tensor([-9.0, 4.0, 3.0], dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+    for row, col in ((0, 1), (1, 0), (2, 2)):  # ± the known eigenvectors
+        assert abs(float(vecs[row] @ q[:, col])) == pytest.approx(1.0, abs=1e-6)
+    top, _ = hessian_eigenpairs(loss_fn, params, k=3, tol=1e-10)
+    torch.testing.assert_close(top, torch.tensor([4.0, 3.0, 1.5], dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+
+
+def test_which_magnitude_ties_put_the_positive_eigenvalue_first():
+    loss_fn, params = _diagonal([2.0, -3.0, 3.0, 0.5])
+    vals, _ = hessian_eigenpairs(loss_fn, params, k=3, tol=1e-12, which="magnitude")
+    torch.testing.assert_close(vals, torch.tensor([3.0, -3.0, 2.0], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_which_matches_a_dense_float64_hessian_of_a_tiny_net():
+    """Reference: ``torch.autograd.functional.hessian`` + ``eigh`` (dense, float64)."""
+    gen = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 3)).double()  # 99 params
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(1.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(24, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(24, 3, generator=gen, dtype=torch.float64)
+    params = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    sizes = [p.numel() for p in params]
+
+    def loss_of(*tensors: torch.Tensor) -> torch.Tensor:
+        out = functional_call(net, dict(zip(names, tensors, strict=True)), (x,))
+        return (out - y).pow(2).mean()
+
+    blocks = torch.autograd.functional.hessian(loss_of, tuple(p.detach() for p in params))
+    dense = torch.cat([
+        torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(params))], 1)
+        for i in range(len(params))
+    ])
+    dense = (dense + dense.T) / 2
+    evals, evecs = torch.linalg.eigh(dense)
+    k = 4
+    by_size = sorted(range(len(evals)), key=lambda i: (-abs(float(evals[i])), -float(evals[i])))
+    ref_mag = evals[by_size[:k]]
+    ref_top = evals.flip(0)[:k]
+    assert bool((ref_mag < 0).any()), "the example needs negative curvature among the top |λ|"
+    assert not torch.allclose(ref_mag, ref_top)
+
+    def closure() -> torch.Tensor:
+        return loss_of(*params)
+
+    mag, vecs = hessian_eigenpairs(closure, params, k=k, tol=1e-10, max_iter=99,
+                                   which="magnitude")
+    top, _ = hessian_eigenpairs(closure, params, k=k, tol=1e-10, max_iter=99)
+    torch.testing.assert_close(mag, ref_mag, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(top, ref_top, rtol=1e-8, atol=1e-10)
+    for i in range(k):  # each eigenvector is ± the dense one
+        assert abs(float(vecs[i] @ evecs[:, by_size[i]])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_which_is_validated():
+    loss_fn, params = _diagonal([1.0, 2.0])
+    with pytest.raises(ValueError, match="which must be one of"):
+        hessian_eigenpairs(loss_fn, params, k=1, which="smallest")  # type: ignore[arg-type]
