@@ -52,6 +52,7 @@ from lightning_spectral.functional.spectrum import (
     autocorrelation_eigvals,
     condition_number,
     effective_rank,
+    rankme_from_eigvals,
     spectral_distribution,
 )
 from lightning_spectral.functional.weights import singular_values_many, truncation_rank
@@ -71,7 +72,7 @@ MAX_POSTPONE = 8
 #: a window is short when a layer holds fewer than this fraction of its largest window's rows
 SHORT_FRACTION = 0.5
 
-ACTIVATION_QUANTITIES = ("vne", "erank", "eig_max", "condition")
+ACTIVATION_QUANTITIES = ("vne", "erank", "eig_max", "condition", "rankme")
 WEIGHT_QUANTITIES = (
     "weight_stable_rank",
     "weight_erank",
@@ -138,8 +139,8 @@ class SpectralMonitor(SpectralCallback):
     optimizers), the schedule counts ``trainer.global_step``; the two differ only with several
     optimizers (manual optimization).
 
-    Logged tags (docs/metrics.md): ``vne/``, ``erank/``, ``eig_max/``, ``condition/`` and
-    ``rows/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
+    Logged tags (docs/metrics.md): ``vne/``, ``erank/``, ``eig_max/``, ``condition/``,
+    ``rankme/`` and ``rows/`` per layer (activations); ``weight_stable_rank/``, ``weight_erank/``,
     ``weight_sv_max/``, ``weight_rank90/``, ``weight_rank99/``, ``weight_alpha/``,
     ``weight_alpha_weighted/`` per weight matrix (the layer name, or ``<layer>.<parameter>`` for
     attention and recurrent layers).
@@ -496,9 +497,11 @@ class SpectralMonitor(SpectralCallback):
             for gi, names in enumerate(groups.values()):
                 stack = torch.stack([rows[n] for n in names]).to(self._dtype)
                 lam = autocorrelation_eigvals(stack, normalize=True, dtype=self._dtype)
+                # RankMe is defined on the raw (not row-normalised) rows' singular values
+                raw = autocorrelation_eigvals(stack, normalize=False, dtype=self._dtype)
                 block = torch.stack(
                     [entropy_of_spectrum(apply_cutoff(lam)), effective_rank(lam), lam[..., 0],
-                     condition_number(lam)], dim=-1
+                     condition_number(lam), rankme_from_eigvals(raw)], dim=-1
                 )
                 packed[f"a{gi}"] = block
                 unpack.append((f"a{gi}", names, ACTIVATION_QUANTITIES, None))

@@ -28,7 +28,7 @@ from lightning_spectral.errors import SpectralComputeError, SpectralConfigError,
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent
-ACT = ("vne", "erank", "eig_max", "condition")
+ACT = ("vne", "erank", "eig_max", "condition", "rankme")
 WTS = ("weight_stable_rank", "weight_erank", "weight_sv_max", "weight_rank90", "weight_rank99",
        "weight_alpha", "weight_alpha_weighted")
 
@@ -47,7 +47,7 @@ def mlp(seed: int = 0, **kwargs: Any) -> DigitsClassifier:
     return DigitsClassifier(hidden=(32, 16), **kwargs)
 
 
-def np_vne_erank_max_cond(h: np.ndarray) -> tuple[float, float, float, float]:
+def np_vne_erank_max_cond(h: np.ndarray) -> tuple[float, float, float, float, float]:
     """Float64 reference, written from SPEC.md §1.1, §1.3, §1.5, §2.1 with numpy only."""
     h = np.asarray(h, dtype=np.float64)
     n, d = h.shape
@@ -61,7 +61,11 @@ def np_vne_erank_max_cond(h: np.ndarray) -> tuple[float, float, float, float]:
     p = p[p > 0]
     s = float(-(p * np.log(p)).sum())
     cond = math.inf if lam.min() <= lam.max() * m * eps32 else float(lam.max() / lam.min())
-    return s, math.exp(s), float(lam.max()), cond
+    # RankMe (Garrido et al. 2023): entropy of the raw rows' singular values σ/‖σ‖₁ + 1e-7
+    sv = np.linalg.svd(h, compute_uv=False)
+    q = sv / sv.sum() + 1e-7
+    rankme = float(np.exp(-(q * np.log(q)).sum()))
+    return s, math.exp(s), float(lam.max()), cond, rankme
 
 
 def np_weight_stats(w: np.ndarray) -> dict[str, float]:
@@ -204,6 +208,7 @@ def test_values_equal_functional_and_float64_reference(make_trainer, memory_logg
                 "erank": float(LF.effective_rank(lam)),
                 "eig_max": float(lam[0]),
                 "condition": float(LF.condition_number(lam)),
+                "rankme": float(LF.rankme(h)),
             }
             for q, ref_value in zip(ACT, ref, strict=True):
                 got = logger.series(f"{q}/{n}")[step]
@@ -211,6 +216,9 @@ def test_values_equal_functional_and_float64_reference(make_trainer, memory_logg
                 # float32 vs float64: λ_min carries an error ~ λ_max·ε₃₂, so κ's relative
                 # error grows like κ·ε₃₂ (SPEC §1.5); the other quantities are well conditioned
                 rel = 2e-4 + (ref_value * 2.0**-23 if q == "condition" else 0.0)
+                # RankMe weighs σ = √λ: a float32 eigenvalue near the cutoff carries an absolute
+                # error ~ λ_max·m·ε₃₂, i.e. σ errors ~ 3e-4·σ_max, so ~1e-3 of RankMe
+                rel = 2e-3 if q == "rankme" else rel
                 assert got == pytest.approx(ref_value, rel=rel, abs=1e-5), (q, n, step)
     # weights logged at step 0 are the weights that produced the step-0 forward
     for n in names:
