@@ -48,6 +48,8 @@ __all__ = [
     "check_bool",
     "check_tags",
     "logging_step",
+    "full_tensor",
+    "strategy_kind",
 ]
 
 T = TypeVar("T")
@@ -144,6 +146,30 @@ def logging_step(trainer: Any, after_step: bool = False) -> int:
             stepped = True
         value += int(stepped)
     return value
+
+
+# ------------------------------------------------------------------------------- strategies
+def strategy_kind(trainer: Any) -> str:
+    """``"fsdp2"`` (``ModelParallelStrategy``: DTensor parameters), ``"fsdp"`` (``FSDPStrategy``:
+    flat parameters), ``"deepspeed"``, or ``"plain"`` (single device, DDP: whole parameters)."""
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if name == "ModelParallelStrategy":
+        return "fsdp2"
+    if name.startswith("FSDP"):
+        return "fsdp"
+    if name.startswith("DeepSpeed"):
+        return "deepspeed"
+    return "plain"
+
+
+def full_tensor(t: Any) -> Any:
+    """The whole tensor behind ``t``: a sharded ``DTensor`` (FSDP2) is gathered — a collective,
+    so every rank must call this for the same tensors in the same order; anything else is
+    returned as it is."""
+    gather = getattr(t, "full_tensor", None)
+    if callable(gather):
+        return gather()
+    return t
 
 
 # ------------------------------------------------------------------------------- warnings

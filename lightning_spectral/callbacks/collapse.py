@@ -42,7 +42,9 @@ from lightning_spectral.callbacks._base import (
     SpectralCallback,
     check_choice,
     check_int,
+    full_tensor,
     logging_step,
+    strategy_kind,
     warn_rank_zero,
 )
 from lightning_spectral.callbacks.curvature import _Silenced
@@ -333,6 +335,18 @@ class CollapseMonitor(SpectralCallback):
 
     def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Resolve the head (or prepare to observe it) and open the capture."""
+        if strategy_kind(trainer) in ("fsdp", "deepspeed"):
+            raise SpectralConfigError(
+                f"CollapseMonitor cannot read the classifier head's whole weight under "
+                f"{type(trainer.strategy).__name__} (flat parameter shards); use "
+                "ModelParallelStrategy (FSDP2) or DDP"
+            )
+        if self.source == "train_eval" and strategy_kind(trainer) != "plain":
+            raise SpectralConfigError(
+                "CollapseMonitor(source='train_eval') runs the model on each rank's share of the "
+                "training set, which a sharded model cannot do rank by rank; use source='train' "
+                "or 'val' under sharded strategies"
+            )
         if self.source == "train_eval" and self.eval_step not in ("forward", "training_step"):
             if not callable(getattr(pl_module, self.eval_step, None)):
                 raise SpectralConfigError(
@@ -935,8 +949,9 @@ class CollapseMonitor(SpectralCallback):
         self._flush()
         acc.all_reduce()  # every rank, same order: the statistics ...
         rows, row_labels = res.gather()  # ... then the row sample
-        weight = head.weight.detach()
-        bias = head.bias.detach() if head.bias is not None else None
+        # FSDP2: the head's sharded weight is gathered (every rank computes this, in order)
+        weight = full_tensor(head.weight.detach())
+        bias = full_tensor(head.bias.detach()) if head.bias is not None else None
         # NC4's classifier argmax runs over all rows of the head (SPEC.md §4)
         out = _collapse_compute(
             acc.stats,

@@ -69,6 +69,7 @@ from lightning_spectral.callbacks._base import (
     check_float,
     check_int,
     logging_step,
+    strategy_kind,
 )
 from lightning_spectral.callbacks.penalty import unwrapped_training_step
 from lightning_spectral.capture import paused
@@ -312,6 +313,12 @@ class CurvatureMonitor(SpectralCallback):
         self._layout_done = False
 
     def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if strategy_kind(trainer) != "plain":
+            raise SpectralConfigError(
+                f"CurvatureMonitor computes Hessian products on global rank zero alone, which a "
+                f"sharded model ({type(trainer.strategy).__name__}) cannot run: every forward "
+                "needs all ranks. Use it with a single device or DDP"
+            )
         if self.loss in _BUILTIN_LOSSES:
             return
         if not callable(getattr(pl_module, self.loss, None)):

@@ -41,7 +41,9 @@ from lightning_spectral.callbacks._base import (
     check_choice,
     check_int,
     check_layers,
+    full_tensor,
     logging_step,
+    strategy_kind,
     warn_rank_zero,
 )
 from lightning_spectral.capture import LayerCapture, weight_matrices
@@ -246,6 +248,14 @@ class SpectralMonitor(SpectralCallback):
 
     # -- lifetime --------------------------------------------------------------------------------
     def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        kind = strategy_kind(trainer)
+        if self.weights and kind in ("fsdp", "deepspeed"):
+            raise SpectralConfigError(
+                f"SpectralMonitor(weights=True) cannot read whole weights under "
+                f"{type(trainer.strategy).__name__} (it keeps flat parameter shards): use "
+                "ModelParallelStrategy (FSDP2, whose sharded weights are gathered per event), "
+                "DDP, or SpectralMonitor(weights=False) for activation spectra only"
+            )
         if getattr(pl_module, "_compiler_ctx", None):
             warn_rank_zero(
                 "SpectralMonitor: the LightningModule was torch.compile'd before the monitor's "
@@ -349,19 +359,23 @@ class SpectralMonitor(SpectralCallback):
         """Singular values of every watched weight, one batched SVD per shape (rank zero only).
 
         The parameters are read now (a lazy module's weight once it exists; a weight that is
-        still uninitialised is left out of this event)."""
-        if not trainer.is_global_zero:
-            return {}
+        still uninitialised is left out of this event). Under FSDP2 (``ModelParallelStrategy``)
+        each sharded weight is gathered whole — every rank joins, and holds one whole matrix at
+        a time; only rank zero keeps it and computes."""
         tags: list[str] = []
         mats: list[torch.Tensor] = []
+        zero = bool(trainer.is_global_zero)
         for tag, (owner, pname) in self._weight_layers.items():
             w = getattr(owner, pname, None)
             if not isinstance(w, torch.Tensor) or isinstance(
                 w, nn.parameter.UninitializedParameter
             ) or w.ndim < 2:
                 continue
-            tags.append(tag)
-            mats.append(w.detach())
+            with torch.no_grad():
+                whole = full_tensor(w.detach())  # FSDP2: a gather every rank joins, in order
+            if zero:
+                tags.append(tag)
+                mats.append(whole)
         if not mats:
             return {}
         with torch.no_grad():
