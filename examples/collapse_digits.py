@@ -1,3 +1,5 @@
+# requires: extra=demos  (lightning_spectral.demos reads scikit-learn's digits)
+# smoke: --epochs 2 --every 1 --logdir ""
 """Neural collapse on the digits MLP: train well past zero training error and watch it happen.
 
     python examples/collapse_digits.py                 # 600 epochs, ~5 minutes on 1 core
@@ -21,8 +23,12 @@ from typing import Any
 
 import torch
 
-from lightning_spectral._compat import Callback, pl
-from lightning_spectral.callbacks.collapse import CollapseMonitor
+try:  # either Lightning flavour; import it before lightning_spectral, which follows it
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
+from lightning_spectral import CollapseMonitor
 from lightning_spectral.demos import DigitsClassifier, digits_dataloaders, load_digits_tensors
 
 COLUMNS = ("nc1", "nc2_etf", "nc2_etf_w", "nc3", "nc4", "mir", "hdr")
@@ -53,7 +59,7 @@ class CollapseClassifier(DigitsClassifier):
         )
 
 
-class TrainAccuracy(Callback):
+class TrainAccuracy(pl.Callback):
     """Training-set accuracy at the monitor's epochs (eval mode restored afterwards)."""
 
     def __init__(self, every: int) -> None:
@@ -97,7 +103,7 @@ def main() -> None:
     acc = TrainAccuracy(args.every)
     rows: list[tuple[int, int, float, dict[str, float]]] = []
 
-    class Collect(Callback):
+    class Collect(pl.Callback):
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             if (trainer.current_epoch + 1) % args.every == 0:
                 rows.append(

@@ -1,3 +1,5 @@
+# requires: extra=demos  (lightning_spectral.demos reads scikit-learn's digits)
+# smoke: --quick
 """Truncated-SVD compression of the digits MLP and CNN: accuracy against parameter count.
 
 Trains :class:`lightning_spectral.demos.DigitsClassifier` (``arch="mlp"`` and ``"cnn"``) on
@@ -22,10 +24,13 @@ from pathlib import Path
 
 import torch
 
-from lightning_spectral._compat import pl
-from lightning_spectral.analysis import analyze_state_dict
+try:  # either Lightning flavour; import it before lightning_spectral, which follows it
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
+from lightning_spectral import analyze_state_dict, compress, compression_curve
 from lightning_spectral.cli import main as cli_main
-from lightning_spectral.compression import compress, compression_curve
 from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
 
 ENERGIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)

@@ -1,3 +1,5 @@
+# requires: extra=demos  (lightning_spectral.demos reads scikit-learn's digits)
+# smoke: --epochs 1 --out runs_smoke
 """``make demo``: watch the spectra of a digits MLP and a digits CNN while they train.
 
 Trains ``DigitsClassifier(arch="mlp")`` and ``DigitsClassifier(arch="cnn")`` on scikit-learn's
@@ -6,12 +8,19 @@ bundled 8×8 digits (no download) for a few epochs with :class:`SpectralMonitor`
 TensorBoard logs to ``runs/mlp`` and ``runs/cnn``, and prints the command that opens them.
 The three lines a user adds to an existing trainer are marked ``# <-``.
 
-    python examples/demo.py [--every 5] [--out runs] [--epochs N]
+    python examples/demo.py [--every 5] [--out runs] [--epochs N] [--record-baseline DIR]
+
+``make demo`` then gates both runs (``examples/gates.toml``) and compares each with the run
+recorded in ``examples/baselines/`` (``examples/regression.toml``, ``--baseline``). After an
+intended change of the demo's training, record new baselines with
+``python examples/demo.py --record-baseline examples/baselines`` (it writes
+``DIR/mlp/metrics.csv`` and ``DIR/cnn/metrics.csv``: every scalar the runs logged, exactly).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +33,10 @@ RECIPES = {"mlp": (6, 2e-3), "cnn": (10, 2e-2)}
 
 def train(arch: str, out: Path, every: int, epochs: int | None = None) -> Path:
     """Train one digits model with the monitor on; returns its TensorBoard log directory."""
-    import lightning.pytorch as pl
+    try:  # either Lightning flavour
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
 
     from lightning_spectral import CollapseMonitor, SpectralMonitor  # <- 1. import
     from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
@@ -54,21 +66,54 @@ def train(arch: str, out: Path, every: int, epochs: int | None = None) -> Path:
     return Path(logger.log_dir)
 
 
+def record_baseline(run: Path, path: Path) -> Path:
+    """Write every scalar of ``run`` to ``path`` as a CSVLogger-style ``metrics.csv`` (a
+    ``step`` column, one column per tag, empty cells where a tag was not logged), which
+    ``lightning-spectral check --baseline`` reads. Values are written exactly (the float32
+    values of the event files, as Python's shortest float64 repr)."""
+    from lightning_spectral.gate import read_run
+
+    scalars = read_run(run).scalars
+    tags = sorted(t for t in scalars if t != "hp_metric")
+    rows: dict[int, dict[str, float]] = {}
+    for tag in tags:
+        for step, value in zip(scalars[tag].steps.tolist(), scalars[tag].values.tolist(),
+                               strict=True):
+            rows.setdefault(step, {})[tag] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["step", *tags])
+        for step in sorted(rows):
+            writer.writerow([step, *(repr(rows[step][t]) if t in rows[step] else ""
+                                     for t in tags)])
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="default: 6 (MLP), 10 (CNN)")
     parser.add_argument("--every", type=int, default=5, help="SpectralMonitor every_n_steps")
     parser.add_argument("--out", type=Path, default=Path("runs"))
+    parser.add_argument("--record-baseline", type=Path, metavar="DIR", default=None,
+                        help="also write each run's scalars to DIR/<arch>/metrics.csv, the "
+                        "baselines `make demo` compares with (examples/baselines)")
     args = parser.parse_args(argv)
     # tiny models: one intra-op thread is faster than two (less synchronisation per op)
     torch.set_num_threads(1)
     start = time.perf_counter()
     runs = {arch: train(arch, args.out, args.every, args.epochs) for arch in ("mlp", "cnn")}
     print(f"trained both models in {time.perf_counter() - start:.1f} s")
+    if args.record_baseline is not None:
+        for arch, log_dir in runs.items():
+            path = record_baseline(log_dir, args.record_baseline / arch / "metrics.csv")
+            print(f"[{arch}] recorded the baseline {path}")
     print(f"\nOpen the dashboard:\n    tensorboard --logdir {args.out}\n")
 
     # `make demo` then gates these runs on the command line, as a CI job would:
     #     lightning-spectral check runs/mlp runs/cnn --rules examples/gates.toml
+    #     lightning-spectral check runs/mlp --baseline examples/baselines/mlp \
+    #         --rules examples/regression.toml          (and the same for cnn)
     return runs
 
 

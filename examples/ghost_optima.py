@@ -1,3 +1,5 @@
+# requires: extra=demos  (lightning_spectral.demos reads scikit-learn's digits)
+# smoke: --epochs 1 --every 10
 """Ghost optima: two seeds of the digits MLP, modulo permutations (SPEC.md §6).
 
 Trains the digits MLP twice (two seeds) with :class:`~lightning_spectral.CurvatureMonitor`
@@ -26,22 +28,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+try:  # either Lightning flavour; import it before lightning_spectral, which follows it
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
 
 def train(seed: int, args: argparse.Namespace) -> tuple[nn.Module, list[dict[str, float]]]:
-    import lightning.pytorch as pl
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     from lightning_spectral import CurvatureMonitor
     from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
 
     torch.manual_seed(seed)  # the example's own model initialisation
     model = DigitsClassifier(arch="mlp", hidden=tuple(args.hidden), lr=args.lr)
     train_loader, _ = digits_dataloaders(batch_size=args.batch_size, seed=seed)
-    csv_logger = CSVLogger(args.out, name=f"seed{seed}")
+    csv_logger = pl.loggers.CSVLogger(args.out, name=f"seed{seed}")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
-        logger=[TensorBoardLogger(args.out, name=f"seed{seed}"), csv_logger],
+        logger=[pl.loggers.TensorBoardLogger(args.out, name=f"seed{seed}"), csv_logger],
         callbacks=[CurvatureMonitor(every_n_steps=args.every, k=args.k, trace_probes=32,
                                     noise_samples=64, batches=1)],
         enable_checkpointing=False,

@@ -1,3 +1,5 @@
+# smoke: --steps 200
+# smoke: --lightning --steps 100
 """Two- and three-layer absolute-value networks approach their convex optimum (SPEC.md §7).
 
 Trains a :class:`lightning_spectral.MirrorNet` of depth 2 and of depth 3 on a 1-D regression
@@ -62,10 +64,14 @@ def run_lightning(x: torch.Tensor, y: torch.Tensor, beta: float, steps: int, wid
     """The same training under Lightning with the MirrorCertificate callback."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_spectral import MirrorCertificate
-    from lightning_spectral._compat import LightningModule, Trainer
+    try:  # either Lightning flavour
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
 
-    class Regressor(LightningModule):
+    from lightning_spectral import MirrorCertificate
+
+    class Regressor(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = MirrorNet(width, 3, generator=torch.Generator().manual_seed(0))
@@ -79,9 +85,10 @@ def run_lightning(x: torch.Tensor, y: torch.Tensor, beta: float, steps: int, wid
 
     data = DataLoader(TensorDataset(x.float()[:, None], y.float()[:, None]),
                       batch_size=len(x))
-    trainer = Trainer(max_steps=steps, callbacks=[MirrorCertificate(every_n_steps=50, beta=beta)],
-                      enable_checkpointing=False, enable_progress_bar=False,
-                      default_root_dir="runs_mirror")
+    trainer = pl.Trainer(max_steps=steps,
+                         callbacks=[MirrorCertificate(every_n_steps=50, beta=beta)],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir="runs_mirror")
     trainer.fit(Regressor(), data)
     print("TensorBoard logs under runs_mirror/: tensorboard --logdir runs_mirror")
 

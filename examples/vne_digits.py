@@ -1,3 +1,5 @@
+# requires: extra=demos  (lightning_spectral.demos reads scikit-learn's digits)
+# smoke: --quick --logdir ""
 """VNE⁺ / VNE⁻ on the bundled digits: does the penalty move the representation's entropy?
 
 Trains the same seeded ``DigitsClassifier`` (MLP 64→128→64→10) with
@@ -22,9 +24,13 @@ from pathlib import Path
 
 import torch
 
+try:  # either Lightning flavour; import it before lightning_spectral, which follows it
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
 import lightning_spectral as ls
-from lightning_spectral._compat import pl
-from lightning_spectral.callbacks.penalty import VNEPenalty
+from lightning_spectral import VNEPenalty
 from lightning_spectral.demos import DigitsClassifier, digits_dataloaders, load_digits_tensors
 from lightning_spectral.functional import autocorrelation_eigvals, effective_rank, vne
 

@@ -28,7 +28,9 @@ def load_digits_tensors(
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - scikit-learn is in the dev extra
-        raise ImportError("the digits demos need scikit-learn: pip install scikit-learn") from exc
+        raise ImportError(
+            "the digits demos need scikit-learn: pip install 'lightning-spectral[demos]'"
+        ) from exc
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)

@@ -167,7 +167,12 @@ def _data(args: argparse.Namespace, model_a: Any, model_b: Any) -> tuple[Any, An
                             f"{last.out_features} outputs (use --data random or a .pt file)")
         from lightning_spectral.demos import load_digits_tensors
 
-        _, _, x, y = load_digits_tensors()
+        try:
+            _, _, x, y = load_digits_tensors()
+        except ImportError:
+            raise _BadInput("--data digits needs scikit-learn (its bundled digits): pip install "
+                            "'lightning-spectral[demos]', or use --data random or a .pt "
+                            "file") from None
         return (x, y), F.cross_entropy, "cross-entropy on the digits test split"
     if args.data == "random":
         if args.samples < 1:
