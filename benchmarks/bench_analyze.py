@@ -1,6 +1,6 @@
 """Per-matrix checkpoint analysis: cost against bare singular-value kernels and WeightWatcher.
 
-Issue 8, item 5. For each model's weight matrices we time, interleaved in one run:
+For each model's weight matrices we time, interleaved in one run:
 
 - ``ours``: :func:`lightning_spectral.analysis.analyze_state_dict` (singular values batched by
   equal shape, then σ_max, stable rank, effective rank, k(τ), Eckart–Young error, param ratio);
@@ -65,7 +65,7 @@ from lightning_spectral.functional.powerlaw import powerlaw_alpha, weight_alpha 
 
 
 def build_models(quick: bool) -> dict[str, nn.Module]:
-    """Seeded models: the issue's 784-512-512-10 MLP, the digits CNN, 12 equal 256² blocks."""
+    """Seeded models: a 784-512-512-10 MLP, the digits CNN, 12 equal 256² blocks."""
     torch.manual_seed(0)  # benchmark script: owns its process
     d_in, width = (64, 128) if quick else (784, 512)
     models: dict[str, nn.Module] = {
@@ -107,8 +107,8 @@ def ww_agreement(model: nn.Module, sd: dict) -> str:
     """Run WeightWatcher's analyze() once and compare its singular values with ours."""
     watcher, details = ww_analyze(model)
     # Compare the full singular spectrum of every dense (Linear) layer. Conv kernels are read
-    # under different conventions: SPEC.md §0.1 reshapes (out, in, kh, kw) to one
-    # out × in·kh·kw matrix, WeightWatcher splits it into kh·kw slices of out × in, so their
+    # under different conventions: docs/definitions.md#weight-matrix reshapes (out, in, kh, kw)
+    # to one out × in·kh·kw matrix, WeightWatcher splits it into kh·kw slices of out × in, so their
     # singular values are not the same quantity and are not compared.
     spectra = weight_spectra(select_weight_matrices(sd), dtype="float64")
     by_name = {name.removesuffix(".weight"): {"_svals": sv.cpu().numpy()}
@@ -397,7 +397,7 @@ def main() -> None:
         f"on `{device}`; ratios are medians (min–max) of per-round ratios. WeightWatcher "
         "`analyze()` with its default options"
         + (f" (its SVD backend here: {ww_backend})" if ww_backend else "")
-        + ". Target (issue 8): ours ≤ 1.2× bare kernels, below WeightWatcher's analyze(), and "
+        + ". Target: ours ≤ 1.2× bare kernels, below WeightWatcher's analyze(), and "
         "on a GPU ≥ 5× below it.\n\n"
         "### CLI start-up\n\n" + cli_startup(3 if quick else 7, with_torch=not quick)
     )

@@ -1,4 +1,4 @@
-"""Issue 10: training wall-time overhead of each callback at its defaults, in ``Trainer.fit``.
+"""Training wall-time overhead of each callback at its defaults, in ``Trainer.fit``.
 
 For each of the six callbacks (``SpectralMonitor``, ``CollapseMonitor``, ``VNEPenalty``,
 ``SpectralAlarm``, ``CurvatureMonitor``, ``MirrorCertificate``) the same seeded Lightning fit is
@@ -24,13 +24,13 @@ then ``--repeats`` timed pairs). Two figures per callback:
 
 Models: the digits MLP ``DigitsClassifier("mlp")`` (64-128-64-10, batch 64, 22 steps per epoch)
 with ``digits_dataloaders()``; ``MirrorCertificate`` needs a 1-D absolute-value network
-(SPEC.md §7), so it trains its own ``MirrorNet`` (width 40, depth 3) on 40 points full-batch
-with ``network_objective``, as in ``examples/mirror_1d.py --lightning``. ``SpectralAlarm`` only
-reads what is logged, so both of its arms also run ``SpectralMonitor(figures=False)``: its row
-isolates the alarm with realistic spectral tags to evaluate (the default monitor's figure budget
-is spent at step 0, so it would draw nothing inside the window either). ``VNEPenalty``'s main
-cost (the extra eigen-decomposition in the forward graph and its backward) is not inside any
-hook: for it the wall ratio is the figure.
+(docs/definitions.md#mirrors), so it trains its own ``MirrorNet`` (width 40, depth 3) on 40
+points full-batch with ``network_objective``, as in ``examples/mirror_1d.py --lightning``.
+``SpectralAlarm`` only reads what is logged, so both of its arms also run
+``SpectralMonitor(figures=False)``: its row isolates the alarm with realistic spectral tags to
+evaluate (the default monitor's figure budget is spent at step 0, so it would draw nothing inside
+the window either). ``VNEPenalty``'s main cost (the extra eigen-decomposition in the forward graph
+and its backward) is not inside any hook: for it the wall ratio is the figure.
 
     python benchmarks/bench_callbacks.py                       # full (≈ 5 min, idle 2 cores)
     python benchmarks/bench_callbacks.py --quick               # smoke run
@@ -75,7 +75,7 @@ NAMES = (
     "CurvatureMonitor",
     "MirrorCertificate",
 )
-#: callbacks with the issue's ≤ 2 % target; the others' overhead is stated
+#: callbacks with a ≤ 2 % overhead target; the others' overhead is stated
 TARGET = {"SpectralMonitor": 0.02, "CollapseMonitor": 0.02, "CollapseMonitor-long-epoch": 0.02}
 #: the long-epoch CollapseMonitor case repeats the digits training set this many times per epoch
 LONG_EPOCH = 10
@@ -511,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Models: the digits MLP `DigitsClassifier('mlp')` (64-128-64-10, Adam, batch 64, "
         f"{steps_per_epoch} steps per epoch); `MirrorCertificate` trains its own depth-3 "
-        "`MirrorNet` (width 40) on 40 points full-batch with `network_objective` (SPEC.md §7 "
-        "is about 1-D regression), as in `examples/mirror_1d.py --lightning`. "
+        "`MirrorNet` (width 40) on 40 points full-batch with `network_objective` (the "
+        "certificate covers 1-D regression only), as in `examples/mirror_1d.py --lightning`. "
         "`VNEPenalty(layer='features')` penalises the classifier's input. Both arms of "
         "`SpectralAlarm` run `SpectralMonitor(figures=False)` (the default monitor draws no "
         "figure inside the window anyway, its figure budget being spent at step 0), so its row "

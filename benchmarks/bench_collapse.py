@@ -1,4 +1,4 @@
-"""CollapseMonitor cost on the digits MLP (issue 5, item 6).
+"""CollapseMonitor cost on the digits MLP.
 
 Three measurements, each side by side and interleaved in one run:
 
@@ -232,7 +232,7 @@ def main() -> None:
     ]
     write_section(
         "bench_collapse",
-        "CollapseMonitor cost (issue 5)",
+        "CollapseMonitor cost",
         "\n".join(lines),
         device=device,
         out=args.out,

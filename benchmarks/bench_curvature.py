@@ -1,6 +1,7 @@
 """Hessian top eigenvalue and trace: ours (Lanczos, Hutchinson) vs power iteration vs PyHessian.
 
-Side by side on the same model and batch (the digits MLP, SPEC.md §6.4), interleaved rounds:
+Side by side on the same model and batch (the digits MLP; the quantities of
+docs/definitions.md#hessian), interleaved rounds:
 
 - ``lanczos``: :func:`lightning_spectral.functional.curvature.hessian_eigenpairs` (k=1);
 - ``power``: plain power iteration on the same Hessian-vector product, stopped when the

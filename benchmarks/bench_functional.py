@@ -1,4 +1,4 @@
-"""Cost of the functional core against the bare kernels it needs (issue 2, item 5).
+"""Cost of the functional core against the bare kernels it needs.
 
 Three comparisons, each timed side by side and interleaved in one run (``_common.interleaved``),
 reported as medians of per-round ratios with their range:
@@ -7,7 +7,7 @@ reported as medians of per-round ratios with their range:
    (``autocorrelation_eigvals`` with row normalisation, then the VNE and the effective rank of
    the result) against the bare kernels it needs: one matmul on the smaller Gram side and one
    ``torch.linalg.eigvalsh``. A naive version (explicit row normalisation and ``isfinite``
-   guards on the ``n×d`` input, the way the first draft was written) is timed alongside to show
+   guards on the ``n×d`` input, the straightforward way to write it) is timed alongside to show
    where overhead comes from. Target: ours <= 1.15× bare.
 2. A dozen equal-size layers: the same per-layer computation in one batched call (stacking
    included) against a Python loop over the layers (target: batched faster than the loop), and
@@ -305,7 +305,7 @@ column is the median (min–max) of the per-round ratios{quick}.
 **Per-layer spectrum** (n = {N} rows): *ours* = `autocorrelation_eigvals` (row normalisation,
 NaN guard, smaller Gram side) + VNE + effective rank of the result, as a monitor computes one
 layer; *bare* = one matmul on the smaller Gram side + one `torch.linalg.eigvalsh`, nothing else.
-*naive* normalises and `isfinite`-guards the n×d input explicitly (the first draft). Target:
+*naive* normalises and `isfinite`-guards the n×d input explicitly (the straightforward way). Target:
 ours / bare <= {TARGET}.
 
 {layers}

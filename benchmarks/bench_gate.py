@@ -1,4 +1,4 @@
-"""Speed of ``lightning-spectral check`` on a large run (issue 6, item 6).
+"""Speed of ``lightning-spectral check`` on a large run.
 
 A run of 200 tags × 10,000 steps (two million scalar events, one per ``add_scalar`` call, as
 Lightning's TensorBoardLogger writes them) is checked with five glob rules. Timed, interleaved

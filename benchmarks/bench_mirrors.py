@@ -1,4 +1,4 @@
-"""Cost of the 1-D Lasso certificate (SPEC.md §7): dictionary growth and solve time.
+"""Cost of the 1-D Lasso certificate (docs/definitions.md#mirrors): dictionary size, solve time.
 
 Measures, for n points at depth 2 (P ≤ n columns) and depth 3 (P ≤ 1.5 n² columns), the time
 of ``reflection_dictionary`` and of ``lasso_mirror_fit`` (interior point on a working set, to a
@@ -110,7 +110,7 @@ def main() -> None:
         f"({fmt_ms(summary(t['step'])[0])} per step on {dev}). The Lasso is solved once per "
         "data set, not per event.",
     ]
-    write_section("bench_mirrors", "Mirrors: Lasso certificate cost (SPEC.md §7)",
+    write_section("bench_mirrors", "Mirrors: Lasso certificate cost",
                   "\n".join(lines), device=dev, out=args.out)
 
 

@@ -1,4 +1,4 @@
-"""Issue 3, item 8: what SpectralMonitor costs a training run, and what one event costs.
+"""What SpectralMonitor costs a training run, and what one event costs.
 
 Two measurements, each side by side and interleaved in one run (``benchmarks/_common.py``):
 
@@ -8,7 +8,7 @@ Two measurements, each side by side and interleaved in one run (``benchmarks/_co
    ``1 + window`` (after set-up and the step-0 events), so it holds ``window / 100`` activation
    events and, for the MLP's 2,000-step window, exactly one weight event: the steady-state
    cost per step. Reported: the median of the per-pair ratios ``with / without``.
-   Models: the digits MLP widened to 64-512-512-10 (the 784-512-512-10 MLP of the issue, on
+   Models: the digits MLP widened to 64-512-512-10 (an MNIST-sized 784-512-512-10 MLP, on
    digits' 64 inputs) and the digits CNN.
 2. **Per-event cost against the bare kernels.** One activation event (rows already captured:
    normalisation, one batched Gram + ``eigvalsh`` per shape, VNE/erank/λ_max/κ, the logged
@@ -298,7 +298,7 @@ def main() -> None:
     ]
     if args.quick:
         lines += ["", "_Smoke run (`--quick`): tiny windows and few repeats; not a result._"]
-    write_section("bench_overhead", "SpectralMonitor overhead (issue 3)", "\n".join(lines),
+    write_section("bench_overhead", "SpectralMonitor overhead", "\n".join(lines),
                   device=args.device, out=args.out)
 
 

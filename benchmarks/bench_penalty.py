@@ -1,4 +1,6 @@
-"""Step-time overhead of the VNE penalty (SPEC.md §2.5), side by side with the plain step.
+"""Step-time overhead of the VNE penalty, side by side with the plain step.
+
+The penalty is defined in docs/definitions.md#vne-penalty.
 
 For a batch of n = 256 rows and a penalised layer of width d ∈ {128, 512, 2048}, one training
 step of ``x (n×128) → Linear(128, d) → ReLU → Linear(d, 10)`` with SGD is timed

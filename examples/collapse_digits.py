@@ -7,7 +7,8 @@
     tensorboard --logdir runs                          # the "collapse" custom-scalars category
 
 ``CollapseMonitor`` reads the classifier head's input (the 64-dimensional penultimate features)
-during the training passes and logs NC1–NC4 (SPEC.md §4) and MIR/HDR (SPEC.md §3.3) every
+during the training passes and logs NC1–NC4 (docs/definitions.md#collapse) and MIR/HDR
+(#mir-hdr) every
 ``--every`` epochs. The script prints a table of the logged values next to the training
 accuracy; ``--out`` writes it as markdown (docs/collapse.md holds a measured one).
 """

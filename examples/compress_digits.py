@@ -7,7 +7,7 @@ scikit-learn's bundled 8×8 digits with a plain Lightning ``Trainer``, then
 
 1. saves a Lightning checkpoint and prints ``lightning-spectral analyze`` of it (the per-matrix
    table, read from the file without the model's code), and
-2. compresses each model at several energies ``τ`` (SPEC.md §5.3) with
+2. compresses each model at several energies ``τ`` (docs/definitions.md#capacity) with
    :func:`lightning_spectral.compression_curve` and prints the measured accuracy against
    parameter count, with the per-layer report at ``τ = 0.9``.
 

@@ -1,16 +1,17 @@
 # requires: extra=demos  (lightning_spectral.demos reads scikit-learn's digits)
 # smoke: --epochs 1 --every 10
-"""Ghost optima: two seeds of the digits MLP, modulo permutations (SPEC.md §6).
+"""Ghost optima: two seeds of the digits MLP, modulo permutations (docs/definitions.md#symmetry).
 
 Trains the digits MLP twice (two seeds) with :class:`~lightning_spectral.CurvatureMonitor`
 attached, then
 
-1. counts the permutation-equivalent copies of each optimum (§6.1),
+1. counts the permutation-equivalent copies of each optimum (docs/definitions.md#equivalent-optima),
 2. measures the loss barrier on the straight line between the two networks before and after
    aligning the second one's hidden units to the first (weight matching),
-3. prints the Hessian's top eigenvalues, trace and the objective-noise quantities of §6.4 over
+3. prints the Hessian's top eigenvalues, trace and the objective-noise quantities
+   (docs/definitions.md#objective-noise) over
    training, and compares the stationary spread ``σ_i`` with the distance ``δ`` from the
-   trained network to its nearest permuted copy (§6.3).
+   trained network to its nearest permuted copy (docs/definitions.md#permutation-distance).
 
 Run: ``python examples/ghost_optima.py`` (about a minute on a laptop CPU);
 ``--epochs``/``--every`` change the length and the monitoring schedule; TensorBoard logs go to
@@ -103,8 +104,8 @@ def main() -> None:
     print(f"\n## Ghost optima (digits MLP 64-{args.hidden[0]}-{args.hidden[1]}-10, "
           f"{args.epochs} epochs, two seeds; {train_s:.0f} s of training)\n")
     print(f"- test accuracy: seed 0 {acc[0]:.3f}, seed 1 {acc[1]:.3f}")
-    print(f"- log10 equivalent optima (§6.1): {permutation_count_log10(a):.1f}")
-    print(f"- distance to the nearest permuted copy δ (§6.3), seed 0: {delta:.4f}")
+    print(f"- log10 equivalent optima: {permutation_count_log10(a):.1f}")
+    print(f"- distance to the nearest permuted copy δ, seed 0: {delta:.4f}")
     print("\n| split | barrier before alignment | barrier after alignment | ratio |")
     print("|---|---|---|---|")
     for name, r in (("train", res_tr), ("test", res_te)):
@@ -115,7 +116,7 @@ def main() -> None:
     print("  after: ", " ".join(f"{v:.3f}" for v in res_te.losses_after.tolist()))
 
     k = args.k
-    print("\n### Hessian and objective noise over training (seed 0; SPEC.md §6.4)\n")
+    print("\n### Hessian and objective noise over training (seed 0)\n")
     head = (["step", "loss"] + [f"λ_{i}" for i in range(1, k + 1)] + ["trace ± SE"]
             + [f"s²_{i}" for i in (1, k)] + [f"β_{i}" for i in (1, k)]
             + [f"σ_{i}" for i in (1, k)])

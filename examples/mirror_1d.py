@@ -1,9 +1,12 @@
 # smoke: --steps 200
 # smoke: --lightning --steps 100
-"""Two- and three-layer absolute-value networks approach their convex optimum (SPEC.md §7).
+"""Two- and three-layer absolute-value networks approach their convex optimum.
+
+See docs/definitions.md#mirrors.
 
 Trains a :class:`lightning_spectral.MirrorNet` of depth 2 and of depth 3 on a 1-D regression
-problem with exactly the objective of SPEC.md §7.2 / §7.4 (full batch, Adam), and tracks the
+problem with exactly the objective of docs/definitions.md#mirrors-depth2 / #mirrors-depth3
+(full batch, Adam), and tracks the
 certificate ``convex_gap`` = (J(network) − J*) / J*, where J* is the optimum of the equivalent
 Lasso with reflection features. Prints the optimum of each depth and the final gaps; with
 ``--out DIR`` it also saves the gap curves and the overlay figure (network, Lasso solution and

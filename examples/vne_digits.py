@@ -5,7 +5,8 @@
 Trains the same seeded ``DigitsClassifier`` (MLP 64→128→64→10) with
 ``VNEPenalty(layer="features", alpha=a)`` for ``a`` in ``{−α, 0, +α}`` and a few seeds, then
 measures on the held-out split the von Neumann entropy of the penalised representation
-(SPEC.md §2.1), its effective rank ``exp(VNE)`` (§1.3) and the test accuracy. ``alpha = 0``
+(docs/definitions.md#vne), its effective rank ``exp(VNE)`` (#erank) and the test accuracy.
+``alpha = 0``
 only logs (training is bit-identical to training without the callback).
 
     python examples/vne_digits.py                 # 3 seeds, α = 0.1, 15 epochs

@@ -1,4 +1,6 @@
-"""Offline per-matrix analysis of a checkpoint's weights (SPEC.md §1.3, §1.4, §5).
+"""Offline per-matrix analysis of a checkpoint's weights.
+
+The quantities are defined in docs/definitions.md#weights (with #stable-rank and #erank).
 
 No model code is needed: a Lightning ``.ckpt`` (its ``"state_dict"``) or a plain ``state_dict``
 file is read as a mapping from names to tensors, and every *weight matrix* in it is decomposed.
@@ -11,9 +13,9 @@ BatchNorm/LayerNorm scales and running statistics are 1-D and so never qualify; 
 from one-hot inputs, and every quantity reported here (singular values, stable rank, effective
 rank, truncation rank, Eckart–Young error, parameter ratio) is invariant under transposition, so
 their ``(num, dim)`` layout does not matter. Use ``exclude`` (glob patterns) to drop any of them.
-A tensor of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)`` (SPEC.md §0.1);
-for ``ConvTranspose`` kernels, stored ``(in, out, k...)``, this is the transposed layout's
-reshape, which a state dict alone cannot tell apart.
+A tensor of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)``
+(docs/definitions.md#weight-matrix); for ``ConvTranspose`` kernels, stored ``(in, out, k...)``,
+this is the transposed layout's reshape, which a state dict alone cannot tell apart.
 
 **Loading** (:func:`load_state_dict`) never runs a pickle outside ``torch.load(weights_only=True)``
 unless ``unsafe=True`` is passed, reads only regular files, memory-maps zip checkpoints and
@@ -837,7 +839,7 @@ def weight_spectra(
     progress: Callable[[int, int], None] | None = None,
     max_bytes: int | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Singular values (SPEC.md §5.1) of each weight, batched by equal matrix shape.
+    """Singular values (docs/definitions.md#singular-spectrum) of each weight, batched by shape.
 
     Weights of one reshaped shape go through :func:`singular_values_many` in chunks of at most
     16 matrices (bounded memory); with ``max_bytes`` a chunk also holds no more matrices than
@@ -878,10 +880,10 @@ def _check_energy(energy: float) -> float:
 def _stats(stack: torch.Tensor, tau: float) -> torch.Tensor:
     """Per-row statistics of singular values ``stack`` (g, r), descending: a (g, 8) float64.
 
-    Columns: ``σ_1``, stable rank ``Σσ²/σ_1²`` (§1.4), ``erank = exp(S(σ²))`` (§1.3),
-    ``k(τ)`` (§5.3), the relative Eckart–Young error at ``k`` (§5.2), the heavy-tailed
-    exponent ``α`` of ``σ²`` and ``α·log10 σ_1²`` (``functional.powerlaw.powerlaw_alpha``) and
-    a finiteness flag.
+    Columns (anchors of docs/definitions.md): ``σ_1``, stable rank ``Σσ²/σ_1²`` (#stable-rank),
+    ``erank = exp(S(σ²))`` (#erank), ``k(τ)`` (#capacity), the relative Eckart–Young error at ``k``
+    (#eckart-young), the heavy-tailed exponent ``α`` of ``σ²`` and ``α·log10 σ_1²``
+    (``functional.powerlaw.powerlaw_alpha``) and a finiteness flag.
     The Eckart–Young tail ``Σ_{i>k} σ_i²`` is the formula of :func:`eckart_young_error`,
     gathered per row from one reverse cumulative sum so that rows with different ``k`` share
     one call.
@@ -955,12 +957,14 @@ def summarize_spectrum(
 ) -> dict[str, Any]:
     """One analysis row from the singular values ``s`` (descending) of a weight of ``shape``.
 
-    - ``sv_max = σ_1 = ‖W‖₂``; ``stable_rank = Σσ²/σ_1²`` (§1.4, ``None`` for ``W = 0``);
-    - ``erank = exp(S(σ²))`` (§1.3, on ``σ²``, with the cutoff of §0.3; 0 for ``W = 0``);
-    - ``rank_at_energy = k(τ)`` (§5.3, the memory-capacity estimate) for ``τ = energy``;
-    - ``eckart_young_rel_error = (Σ_{i>k} σ_i²)^{1/2} / ‖W‖_F`` at that ``k`` (§5.2);
+    Each item names its section of docs/definitions.md:
+
+    - ``sv_max = σ_1 = ‖W‖₂``; ``stable_rank = Σσ²/σ_1²`` (#stable-rank, ``None`` for ``W = 0``);
+    - ``erank = exp(S(σ²))`` (#erank, on ``σ²``, cut off as in #cutoff; 0 for ``W = 0``);
+    - ``rank_at_energy = k(τ)`` (#capacity, the memory-capacity estimate) for ``τ = energy``;
+    - ``eckart_young_rel_error = (Σ_{i>k} σ_i²)^{1/2} / ‖W‖_F`` at that ``k`` (#eckart-young);
     - ``param_ratio = k·(out + in·k1·...) / (out·in·k1·...)`` (weights only, biases unchanged);
-    - ``alpha``: the heavy-tailed exponent of ``σ²`` (power-law fit with the KS-optimal
+    - ``alpha``: the heavy-tailed exponent of ``σ²`` (#heavy-tail; power-law fit with the KS-optimal
       ``xmin``, as WeightWatcher's ``alpha``) and ``alpha_weighted = α·log10 σ_1²``
       (``None`` where the fit is undefined: fewer than two non-zero ``σ²``).
 
@@ -978,12 +982,12 @@ def analyze_state_dict(
     dtype: torch.dtype | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-matrix decomposition report of a state dict (SPEC.md §1.3, §1.4, §5).
+    """Per-matrix decomposition report of a state dict (docs/definitions.md#weights).
 
     One dict per weight matrix (see :func:`is_weight_matrix`), in state-dict order, with exactly
     the keys of :data:`ANALYSIS_KEYS`: ``name``, ``shape`` (the tensor's shape), ``params``,
-    ``sv_max``, ``stable_rank``, ``erank``, ``rank_at_energy`` (the §5.3 memory-capacity
-    estimate at ``energy``), ``energy``, ``eckart_young_rel_error``, ``param_ratio`` (see
+    ``sv_max``, ``stable_rank``, ``erank``, ``rank_at_energy`` (the memory-capacity estimate
+    at ``energy``), ``energy``, ``eckart_young_rel_error``, ``param_ratio`` (see
     :func:`summarize_spectrum`). Spectra are computed in float32 (float64 weights, or
     ``dtype="float64"``: float64) on the weights' device, batched by equal matrix shape; the
     statistics are batched by spectrum length and reach the host in one copy.

@@ -69,7 +69,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"lightning_spectral._cli.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand not built yet
+        except ModuleNotFoundError as exc:  # a subcommand module absent from this installation
             if exc.name != f"lightning_spectral._cli.{name}" and name == command:
                 raise
             continue

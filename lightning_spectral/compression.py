@@ -1,11 +1,14 @@
-"""Truncated-SVD compression of a model and its measured accuracy/size trade-off (SPEC.md §5).
+"""Truncated-SVD compression of a model and its measured accuracy/size trade-off.
+
+The decomposition and the truncation rules are defined in docs/definitions.md#weights.
 
 :func:`compress` replaces each chosen ``nn.Linear`` by two ``nn.Linear`` of rank ``k`` and each
 ``nn.Conv2d`` (``groups=1``) by a rank-``k`` convolution followed by a ``1×1`` convolution, on a
-copy of the model. With ``W = U diag(σ) Vᵀ`` (the reshape ``(out, in·kh·kw)`` of SPEC.md §0.1),
-the factors are ``A = diag(σ_{≤k})^{1/2} V_{≤k}ᵀ`` (first layer, no bias) and
-``B = U_{≤k} diag(σ_{≤k})^{1/2}`` (second layer, the original bias), so ``BA = W_k``, the best
-rank-``k`` approximation, and ``‖W − BA‖_F = (Σ_{i>k} σ_i²)^{1/2}`` by Eckart–Young–Mirsky (§5.2).
+copy of the model. With ``W = U diag(σ) Vᵀ`` (the reshape ``(out, in·kh·kw)`` of
+docs/definitions.md#weight-matrix), the factors are ``A = diag(σ_{≤k})^{1/2} V_{≤k}ᵀ`` (first
+layer, no bias) and ``B = U_{≤k} diag(σ_{≤k})^{1/2}`` (second layer, the original bias), so
+``BA = W_k``, the best rank-``k`` approximation, and ``‖W − BA‖_F = (Σ_{i>k} σ_i²)^{1/2}`` by
+Eckart–Young–Mirsky (#eckart-young).
 
 :func:`compression_curve` measures a task metric (accuracy by default) against parameter count
 over several truncation energies.
@@ -302,9 +305,9 @@ def compress(
     skip_if_larger: bool = True,
     example_input: Any = None,
 ) -> tuple[nn.Module, CompressionReport]:
-    """A truncated-SVD copy of ``model`` and a report (SPEC.md §5.2, §5.3).
+    """A truncated-SVD copy of ``model`` and a report (docs/definitions.md#eckart-young, #capacity).
 
-    Exactly one rank rule: ``energy`` — ``k = k(τ)`` of §5.3 per layer; ``rank`` — an int for
+    Exactly one rank rule: ``energy`` — ``k = k(τ)`` (#capacity) per layer; ``rank`` — an int for
     every layer or a ``{name: k}`` mapping (capped at ``r``; unnamed layers keep full rank);
     ``max_error`` — the smallest ``k`` whose relative Eckart–Young error
     ``(Σ_{i>k} σ_i²)^{1/2} / ‖W‖_F`` is at most ``max_error``.
@@ -487,15 +490,16 @@ def compression_curve(
     metric_name: str | None = None,
     title: str | None = None,
 ) -> CompressionCurve:
-    """Task metric against parameter count across truncation energies (SPEC.md §5.3).
+    """Task metric against parameter count across truncation energies.
 
-    For each ``τ`` in ``energies`` the model is compressed with ``compress(model, energy=τ,
-    layers=layers)`` and evaluated on ``dataloader`` (batches ``(inputs, targets, ...)``,
-    inputs moved to the model's device). ``metric(outputs, targets) -> float`` is called once on
-    the concatenated outputs of the whole loader; default :func:`accuracy`. The original model's
-    modes are restored, and the global RNG state is saved and restored around each evaluation
-    pass (iterating a ``DataLoader`` draws a seed from it). Returns a :class:`CompressionCurve`
-    with the table and a matplotlib figure (accuracy vs parameters; the caller saves or logs it).
+    The energies set the truncation rank ``k(τ)`` of docs/definitions.md#capacity. For each ``τ`` in
+    ``energies`` the model is compressed with ``compress(model, energy=τ, layers=layers)`` and
+    evaluated on ``dataloader`` (batches ``(inputs, targets, ...)``, inputs moved to the model's
+    device). ``metric(outputs, targets) -> float`` is called once on the concatenated outputs of the
+    whole loader; default :func:`accuracy`. The original model's modes are restored, and the global
+    RNG state is saved and restored around each evaluation pass (iterating a ``DataLoader`` draws a
+    seed from it). Returns a :class:`CompressionCurve` with the table and a matplotlib figure
+    (accuracy vs parameters; the caller saves or logs it).
     """
     from lightning_spectral.plots.weights import compression_curve_figure
 

@@ -1,4 +1,6 @@
-"""Streaming accumulators for the collapse metrics, DDP-aware (SPEC.md §4, streaming form).
+"""Streaming accumulators for the collapse metrics, DDP-aware.
+
+The class statistics take the streaming form of docs/definitions.md#collapse-stats.
 
 - :class:`ClassStatsAccumulator` keeps per-class counts, per-class sums and the total second
   moment ``Q = Σ h hᵀ`` in float64 on the model's device (memory ``O(K·d + d²)``, independent of

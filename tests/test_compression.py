@@ -1,4 +1,4 @@
-"""Truncated-SVD compression (lightning_spectral.compression; SPEC.md §5.2, §5.3)."""
+"""Truncated-SVD compression (lightning_spectral.compression; docs/definitions.md#weights)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Host synchronisations: the counter in lightning_spectral.testing, and every callback's count.
 
 On a GPU each transfer to the host stalls the device queue, so the monitors move each event's
-results in one transfer (DESIGN.md). On CPU ``count_host_syncs`` counts the calls that would
-transfer (``.cpu()``, ``.item()``, ``.tolist()``, ``bool()``/``float()`` of a tensor), which is
-what these tests hold to; ``benchmarks/bench_overhead.py --device cuda`` counts the real ones.
+results in one transfer. On CPU ``count_host_syncs`` counts the calls that would transfer
+(``.cpu()``, ``.item()``, ``.tolist()``, ``bool()``/``float()`` of a tensor), which is what these
+tests hold to; ``benchmarks/bench_overhead.py --device cuda`` counts the real ones.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``lightning-spectral analyze CHECKPOINT``: per-matrix decomposition table of a checkpoint.
 
 Reads a Lightning ``.ckpt`` or a plain ``state_dict`` file without the model's code and prints
-one row per weight matrix (SPEC.md §1.3, §1.4, §5). torch is imported only inside the command
-function and Lightning never, so ``lightning-spectral analyze --help`` starts fast.
+one row per weight matrix (see docs/definitions.md#weights). torch is imported only inside the
+command function and Lightning never, so ``lightning-spectral analyze --help`` starts fast.
 
 Loading policy (see ``lightning_spectral.analysis.load_state_dict``): only regular files, unpickled
 by ``torch.load(weights_only=True)`` alone (zip checkpoints memory-mapped), every tensor checked
@@ -30,9 +30,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="per-layer singular-value analysis of a checkpoint (no model code needed)",
         description="Decompose every weight matrix of a Lightning .ckpt or a plain state_dict "
         "file (conv kernels reshaped to (out, in*kh*kw)): largest singular value, stable rank, "
-        "effective rank, the rank holding the chosen energy (the SPEC.md 5.3 memory-capacity "
-        "estimate), the Eckart-Young relative error at that rank and the parameter ratio of a "
-        "rank-k factorization.",
+        "effective rank, the rank holding the chosen energy (the memory-capacity estimate, see "
+        "docs/definitions.md#capacity), the Eckart-Young relative error at that rank and the "
+        "parameter ratio of a rank-k factorization.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .ckpt or state_dict file")
     p.add_argument("--energy", default="0.99", metavar="TAU",
@@ -105,7 +105,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], energy: float) -> str:
-    """Fixed-width table; the rank column is named as the §5.3 memory-capacity estimate."""
+    """Fixed-width table; the rank column is named as the memory-capacity estimate."""
     pct = f"{energy * 100:g}"
     cap = f"capacity_k@{pct}%"
     header = ["name", "shape", "params", "sv_max", "stable_rank", "erank", cap, "EY_rel_err",
@@ -146,9 +146,9 @@ def format_table(rows: list[dict[str, Any]], energy: float) -> str:
         if total else f"{len(rows)} weight matrices."
     )
     out.append(
-        f"{cap}: memory-capacity estimate (SPEC.md 5.3), the fewest singular directions "
-        f"holding {pct}% of sum(sigma^2); json/csv key rank_at_energy. SpectralMonitor logs the "
-        "same quantity during training as weight_rank90 / weight_rank99."
+        f"{cap}: memory-capacity estimate (see docs/definitions.md#capacity), the fewest "
+        f"singular directions holding {pct}% of sum(sigma^2); json/csv key rank_at_energy. "
+        "SpectralMonitor logs the same quantity during training as weight_rank90 / weight_rank99."
     )
     return "\n".join(out)
 

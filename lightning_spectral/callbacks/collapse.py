@@ -8,8 +8,8 @@ registered once at ``setup``, only records during the monitored passes, and is r
 model's device) and into a bounded deterministic reservoir of at most ``max_samples`` rows; both
 are created from the width of the first rows, so a lazy head (``nn.LazyLinear``) needs nothing
 at setup. At the end of a due epoch the statistics are all-reduced across DDP ranks, the metrics
-are computed by :mod:`lightning_spectral.functional.collapse` (SPEC.md §4) and
-:mod:`lightning_spectral.functional.interplay` (SPEC.md §3.3), and logged through
+are computed by :mod:`lightning_spectral.functional.collapse` (docs/definitions.md#collapse) and
+:mod:`lightning_spectral.functional.interplay` (#mir-hdr), and logged through
 :mod:`lightning_spectral.report` as ``collapse/<key>`` with a figure and a custom-scalars
 category.
 
@@ -149,7 +149,9 @@ LAYOUT = layout("collapse")
 
 
 class CollapseMonitor(SpectralCallback):
-    """Log NC1–NC4 (SPEC.md §4) and MIR/HDR (SPEC.md §3.3) of the classifier head's input.
+    """Log NC1–NC4 and MIR/HDR of the classifier head's input.
+
+    The metrics are defined in docs/definitions.md#collapse and #mir-hdr.
 
     Args:
         head: name (or glob pattern matching exactly one module) of the classifier
@@ -952,7 +954,8 @@ class CollapseMonitor(SpectralCallback):
         # FSDP2: the head's sharded weight is gathered (every rank computes this, in order)
         weight = full_tensor(head.weight.detach())
         bias = full_tensor(head.bias.detach()) if head.bias is not None else None
-        # NC4's classifier argmax runs over all rows of the head (SPEC.md §4)
+        # NC4's classifier argmax runs over all rows of the head
+        # (docs/definitions.md#collapse-metrics)
         out = _collapse_compute(
             acc.stats,
             weight,
@@ -1059,7 +1062,7 @@ class CollapseMonitor(SpectralCallback):
                 absent = [i for i in range(self._num_labels) if counts[i] == 0]
                 warn_rank_zero(
                     f"CollapseMonitor: epoch {epoch}: classes {absent} absent; metrics use the "
-                    f"{present} classes present (SPEC.md §4); further warnings suppressed",
+                    f"{present} classes present; further warnings suppressed",
                     stacklevel=2,
                 )
         self.history.append((epoch, host_s[f"{self.namespace}/nc1"]))

@@ -1,5 +1,5 @@
 """``CurvatureMonitor``: the loss Hessian's top eigenvalues, its trace and the objective noise
-along its eigen-directions, logged during training (SPEC.md §6.4).
+along its eigen-directions, logged during training (docs/definitions.md#curvature).
 
 Schedule, data and loss
 -----------------------
@@ -215,7 +215,9 @@ class _Preserve:
 
 
 class CurvatureMonitor(SpectralCallback):
-    """Log the Hessian's top-``k`` eigenvalues, its trace and the objective noise (SPEC.md §6.4).
+    """Log the Hessian's top-``k`` eigenvalues, its trace and the objective noise.
+
+    The quantities are defined in docs/definitions.md#curvature.
 
     Args:
         every_n_steps: run at optimizer steps that are multiples of this (the first event is at

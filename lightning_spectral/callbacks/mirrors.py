@@ -1,7 +1,8 @@
 """``MirrorCertificate``: how far a 1-D absolute-value network is from its global optimum.
 
-SPEC.md §7: a :class:`~lightning_spectral.functional.mirrors.MirrorNet` trained on 1-D data with
-the §7.2/§7.4 objective has a global minimum equal to a convex Lasso over reflection features.
+A :class:`~lightning_spectral.functional.mirrors.MirrorNet` trained on 1-D data with the
+objective of docs/definitions.md#mirrors-depth2 or #mirrors-depth3 has a global minimum equal to
+a convex Lasso over reflection features (docs/definitions.md#mirrors).
 The callback solves that Lasso once per data set and logs, every ``every_n_steps`` optimizer
 steps, the network's objective, the optimum and the relative gap (never below ``−tol``).
 
@@ -44,14 +45,17 @@ FIGURE_TAG = "mirror/overlay"
 
 
 class MirrorCertificate(SpectralCallback):
-    """Log the convex-optimality gap of a :class:`MirrorNet` during training (SPEC.md §7).
+    """Log the convex-optimality gap of a :class:`MirrorNet` during training.
+
+    The gap is defined in docs/definitions.md#mirrors-values.
 
     Args:
         every_n_steps: log every this many optimizer steps (``trainer.global_step``), first at
             step ``every_n_steps`` (never at step 0, also not during the micro-batches of an
             accumulated first step), and at the end of training.
         beta: (required) the regularisation ``β`` of the objective the network is trained on
-            (§7.2: ``½‖f − y‖² + β/2 Σ(w² + α²)``; §7.4: ``½‖f − y‖² + β/3 Σ(|w|³+|v|³+|α|³)``).
+            (depth 2: ``½‖f − y‖² + β/2 Σ(w² + α²)``; depth 3:
+            ``½‖f − y‖² + β/3 Σ(|w|³+|v|³+|α|³)``).
         module: ``"auto"`` finds the one ``MirrorNet`` inside the LightningModule; otherwise the
             ``named_modules()`` name of it (``""`` for the LightningModule itself).
         max_samples: at most this many training points (a seeded subset of the training data
@@ -298,7 +302,7 @@ def _find_mirror_net(pl_module: Any, module: str) -> tuple[MirrorNet, str]:
             names = [n for n, _ in pl_module.named_modules() if n][:20]
             raise SpectralConfigError(
                 "MirrorCertificate: no MirrorNet found in the LightningModule (the certificate "
-                "covers only the 1-D absolute-value networks of SPEC.md §7; build the model "
+                "covers only 1-D absolute-value networks; build the model "
                 f"with lightning_spectral.MirrorNet). Modules found: {names or ['<none>']}"
             )
         raise SpectralConfigError(
@@ -380,7 +384,7 @@ def _training_points(trainer: Any, pl_module: Any, max_samples: int,
     ys = ys.detach().to("cpu", torch.float64).reshape(len(idx), -1)
     if xs.shape[1] != 1 or ys.shape[1] != 1:
         raise SpectralConfigError(
-            "MirrorCertificate: the certificate covers 1-D regression only (SPEC.md §7); "
+            "MirrorCertificate: the certificate covers 1-D regression only; "
             f"got inputs of {xs.shape[1]} and targets of {ys.shape[1]} values per sample"
         )
     return xs[:, 0].contiguous(), ys[:, 0].contiguous()

@@ -1,9 +1,10 @@
-"""VNE penalty: add ``−α · VNE`` of a layer's output to the training loss (SPEC.md §2.5).
+"""VNE penalty: add ``−α · VNE`` of a layer's output to the training loss.
 
-``L_total = L_task − α · VNE(H_batch)``: ``α > 0`` ("VNE⁺") raises the von Neumann entropy of the
-layer's representation (spreads its eigenvalues), ``α < 0`` ("VNE⁻") lowers it. ``VNE`` is
-:func:`lightning_spectral.functional.vne` (SPEC.md §2.1), computed in float32 (float64 for a
-float64 model) with autocast disabled, on the device where the activations live.
+``L_total = L_task − α · VNE(H_batch)`` (docs/definitions.md#vne-penalty): ``α > 0`` ("VNE⁺")
+raises the von Neumann entropy of the layer's representation (spreads its eigenvalues), ``α < 0``
+("VNE⁻") lowers it. ``VNE`` is :func:`lightning_spectral.functional.vne` (#vne), computed in
+float32 (float64 for a float64 model) with autocast disabled, on the device where the
+activations live.
 
 Two ways to use it, side by side::
 
@@ -41,7 +42,7 @@ leaving the module exactly as it was; values of completed steps are still writte
 exception.
 
 If the layer runs several times in one step (several augmented views), the VNE of each call's
-batch is computed and the values are averaged (SPEC.md §2.5).
+batch is computed and the values are averaged (docs/definitions.md#vne-penalty).
 
 Non-finite input or VNE: the penalty is skipped for that step without a host synchronisation
 (a ``torch.where`` mask on the value, and a gradient hook that zeroes the penalty's gradient),
@@ -88,7 +89,7 @@ _WRAPPER_MARK = "__lightning_spectral_wrapper__"
 
 
 def reduce_rows(module: nn.Module | None, output: Any) -> torch.Tensor | None:
-    """A layer output as a representation batch ``(rows, features)`` (SPEC.md §0.1).
+    """A layer output as a representation batch ``(rows, features)`` (docs/definitions.md#rows).
 
     A thin wrapper over the capture's table:
     ``capture.module_rows(capture.reduction_for(module), output)`` — the rows the penalty (and
@@ -128,12 +129,13 @@ def _autocast_off(device_type: str) -> Iterator[None]:
 def vne_penalty_term(
     views: Sequence[torch.Tensor], alpha: float, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The term ``−α · mean_views VNE(h_v)`` to add to a loss (SPEC.md §2.5), masked if not finite.
+    """The term ``−α · mean_views VNE(h_v)`` to add to a loss, masked if not finite.
 
-    ``views`` are representation batches ``(n, d)`` (already reduced per SPEC.md §0.1), each
-    keeping its graph. Each is cast to float32 (float64 stays float64) with autocast disabled,
-    its non-finite entries are replaced by 0, and :func:`~lightning_spectral.functional.vne`
-    (§2.1) is taken; the values are averaged over the views.
+    See docs/definitions.md#vne-penalty. ``views`` are representation batches ``(n, d)``
+    (already reduced to rows, #rows), each keeping its graph. Each is cast to float32 (float64
+    stays float64) with autocast disabled, its non-finite entries are replaced by 0, and
+    :func:`~lightning_spectral.functional.vne` (#vne) is taken; the values are averaged over the
+    views.
 
     Returns ``(term, vne_value, ok)``: ``term`` is ``−α · VNE`` with its graph, or exactly 0 when
     ``ok`` is false; ``vne_value`` is the detached VNE (NaN when not ``ok``); ``ok`` is a 0-d
@@ -172,7 +174,9 @@ def _mask_gradient(ok: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class VNEPenalty(SpectralCallback):
-    """Von Neumann entropy regularizer ``L_total = L_task − α · VNE(H)`` (SPEC.md §2.5).
+    """Von Neumann entropy regularizer ``L_total = L_task − α · VNE(H)``.
+
+    See docs/definitions.md#vne-penalty.
 
     Args:
         layer: name of the module (as in ``named_modules()``) whose output ``H`` is penalised,
@@ -183,7 +187,8 @@ class VNEPenalty(SpectralCallback):
         every_n_steps: apply (and log) the penalty at the optimizer steps
             (``trainer.global_step``) that are multiples of ``every_n_steps``, step 0 included
             — every micro-batch of an accumulated step is penalised.
-        normalize: normalise the rows of ``H`` before the autocorrelation (SPEC.md §2.1).
+        normalize: normalise the rows of ``H`` before the autocorrelation
+            (docs/definitions.md#vne).
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` on a non-finite
             VNE instead of skipping the penalty for that step with one warning.
         inject: add the penalty to what ``training_step`` returns (automatic optimization

@@ -498,7 +498,7 @@ class SpectralMonitor(SpectralCallback):
     def _activation_metrics(
         self, rows: dict[str, torch.Tensor], packed: dict, unpack: list
     ) -> None:
-        """VNE (§2.1), erank (§1.3), λ_max (§1.1), κ (§1.5), p (§1.6): one eigvalsh per shape.
+        """VNE, erank, λ_max, κ, p (docs/definitions.md#spectra): one eigvalsh per shape.
 
         Results stay packed per shape group (a ``(G, 4)`` block and a ``(G, m)`` block), so an
         event costs a few tensor operations per *shape*, not per layer and quantity.
@@ -524,7 +524,7 @@ class SpectralMonitor(SpectralCallback):
                     unpack.append((f"ad{gi}", names, ("eigvals",), None))
 
     def _weight_metrics(self, svals: dict[str, torch.Tensor], packed: dict, unpack: list) -> None:
-        """Stable rank (§1.4), erank of σ² (§1.3), σ_1, k(0.9) and k(0.99) (§5.3), σ²/Σσ².
+        """Stable rank, erank of σ², σ_1, k(0.9), k(0.99), σ²/Σσ² (docs/definitions.md#weights).
 
         The singular-value vectors are zero-padded into one ``(L, r_max)`` matrix: trailing
         zeros change none of these quantities (they are cut off, add no energy and no mass),

@@ -1,4 +1,4 @@
-"""Shared numerics of :mod:`lightning_spectral.functional` (SPEC.md §0).
+"""Shared numerics of :mod:`lightning_spectral.functional` (docs/definitions.md#conventions).
 
 Nothing here synchronises with the host: degenerate cases are handled with ``torch.where`` so
 that every function can run on a GPU inside a training step without a device-to-host copy.
@@ -21,7 +21,7 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, like: torch.Tensor | None = None) -> torch.dtype:
-    """Working precision of a spectral computation (SPEC.md §0.5).
+    """Working precision of a spectral computation (docs/definitions.md#precision).
 
     ``None`` keeps float64 inputs in float64 and computes everything else (float32, float16,
     bfloat16, integers) in float32. Eigenvalues are never computed in half precision.
@@ -63,7 +63,7 @@ def as_spectrum(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a float32/float64 tensor: float64 stays, everything else becomes float32.
 
     Spectra handed in by users may be integer or half precision; entropies and ranks are never
-    evaluated in half precision (SPEC.md §0.5).
+    evaluated in half precision (docs/definitions.md#precision).
     """
     return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
@@ -155,7 +155,7 @@ def gram_matmul(a: torch.Tensor, b: torch.Tensor, side: int | None = None) -> to
 
 
 def apply_cutoff(eigvals: torch.Tensor, factor: int | None = None) -> torch.Tensor:
-    """Clip at 0 and zero every ``λ_i <= λ_max · k · ε`` (SPEC.md §0.3).
+    """Clip at 0 and zero every ``λ_i <= λ_max · k · ε`` (docs/definitions.md#cutoff).
 
     Works on the last dimension (the ``m`` computed values); ``k = factor``, by default ``m``
     (the round-off of an eigendecomposition of a given matrix, or of an SVD); pass
@@ -176,7 +176,7 @@ def apply_cutoff(eigvals: torch.Tensor, factor: int | None = None) -> torch.Tens
 
 
 def entropy_and_total(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S(λ), Σλ)`` over the last dimension; see :func:`entropy_of_spectrum` (SPEC.md §0.4)."""
+    """``(S(λ), Σλ)`` over the last dimension; see :func:`entropy_of_spectrum`."""
     total = lam.sum(dim=-1, keepdim=True)
     # clamp_min keeps NaN/Inf totals non-finite (so the entropy becomes NaN) and turns a zero
     # total into a tiny positive one (then p = 0 everywhere and the entropy is exactly 0)
@@ -188,11 +188,12 @@ def entropy_and_total(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def entropy_of_spectrum(lam: torch.Tensor) -> torch.Tensor:
-    """``S(λ) = −Σ p_i log p_i`` with ``p = λ / Σλ`` over the last dimension (SPEC.md §0.4).
+    """``S(λ) = −Σ p_i log p_i`` with ``p = λ / Σλ`` over the last dimension.
 
-    ``λ`` must already be non-negative (apply :func:`apply_cutoff` first). Returns 0 for a
-    spectrum of zero total mass and NaN when ``λ`` holds NaN or Inf. The value *and the
-    gradient* of ``p log p`` at ``p = 0`` are 0: the logarithm only ever sees positive values.
+    The entropy of docs/definitions.md#entropy. ``λ`` must already be non-negative (apply
+    :func:`apply_cutoff` first). Returns 0 for a spectrum of zero total mass and NaN when ``λ``
+    holds NaN or Inf. The value *and the gradient* of ``p log p`` at ``p = 0`` are 0: the
+    logarithm only ever sees positive values.
     """
     return entropy_and_total(lam)[0]
 

@@ -1,4 +1,4 @@
-"""Neural collapse metrics NC1–NC4 (SPEC.md §4).
+"""Neural collapse metrics NC1–NC4 (docs/definitions.md#collapse).
 
 Written TorchMetrics-style: :func:`_collapse_update` turns a batch into sufficient statistics
 (per-class counts ``N_c``, per-class sums ``s_c`` and the total second moment
@@ -35,14 +35,17 @@ _ORDER = (
 
 
 def collapse_keys(with_weight: bool = True) -> tuple[str, ...]:
-    """The keys of SPEC.md §4's table, in table order (without the ``W`` keys if asked)."""
+    """The keys of the metrics table (docs/definitions.md#collapse-metrics), in table order.
+
+    Without the ``W`` keys if asked.
+    """
     return _ORDER if with_weight else _KEYS_H
 
 
 @dataclass
 class CollapseStats:
-    """Sufficient statistics of SPEC.md §4 (float64): ``counts`` ``(K,)``, ``sums`` ``(K, d)``,
-    ``second_moment`` ``Q = Σ h hᵀ`` ``(d, d)``."""
+    """Sufficient statistics of docs/definitions.md#collapse-stats (float64): ``counts``
+    ``(K,)``, ``sums`` ``(K, d)``, ``second_moment`` ``Q = Σ h hᵀ`` ``(d, d)``."""
 
     counts: torch.Tensor
     sums: torch.Tensor
@@ -75,7 +78,8 @@ def _collapse_update(
     stats: CollapseStats,
 ) -> CollapseStats:
     """Add a batch to the statistics in place (and return them): ``N_c += #{y_i = c}``,
-    ``s_c += Σ_{y_i=c} h_i``, ``Q += HᵀH``, in float64 (SPEC.md §4, streaming form).
+    ``s_c += Σ_{y_i=c} h_i``, ``Q += HᵀH``, in float64 (the streaming form of
+    docs/definitions.md#collapse-stats).
 
     ``features`` ``(n, d)`` of any float dtype, ``labels`` ``(n,)`` integers already checked to lie
     in ``[0, K)``. No host synchronisation.
@@ -119,7 +123,10 @@ def _equiangularity(cos: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 def _etf_target(c: int, like: torch.Tensor) -> torch.Tensor:
-    """``ETF_C = (I_C − 11ᵀ/C) / √(C − 1)``, unit Frobenius norm (SPEC.md §4)."""
+    """``ETF_C = (I_C − 11ᵀ/C) / √(C − 1)``, unit Frobenius norm.
+
+    See docs/definitions.md#collapse-stats.
+    """
     eye = torch.eye(c, dtype=like.dtype, device=like.device)
     return (eye - 1.0 / c) / math.sqrt(c - 1)
 
@@ -133,7 +140,7 @@ def _etf_distance(gram: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _nc1(sigma_w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``(1/C) tr(Σ_W Σ_B⁺)`` with ``Σ_B = MᵀM / C`` (SPEC.md §4).
+    """``(1/C) tr(Σ_W Σ_B⁺)`` with ``Σ_B = MᵀM / C`` (docs/definitions.md#collapse-metrics).
 
     The pseudo-inverse keeps the eigenvalues ``λ_k > λ_max · max(d, C) · ε``. Computed on the
     smaller side: with ``C < d`` from the eigenpairs ``(λ_k, u_k)`` of ``MMᵀ/C`` (same non-zero
@@ -182,14 +189,15 @@ def _collapse_compute(
     dtype: torch.dtype = torch.float32,
     geometry: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Statistics (+ head, + a sample of rows for NC4) → the metrics of SPEC.md §4.
+    """Statistics (+ head, + a sample of rows for NC4) → the metrics.
 
-    Only classes with ``N_c > 0`` are used (``C`` of them, in increasing label order); fewer than
-    two gives NaN everywhere. Keys needing ``weight`` are absent when it is None; ``nc4`` is NaN
-    when ``rows`` is None or empty. With ``geometry=True`` the dict also holds ``_cosine`` (the
-    ``C×C`` cosine matrix of the centred class means) and ``_classes`` (the present labels), for
-    plotting. Computed in float64, returned in ``dtype``. One host synchronisation (the number
-    of present classes). Non-finite statistics, head or rows give NaN everywhere.
+    The metrics are those of docs/definitions.md#collapse-metrics. Only classes with ``N_c > 0`` are
+    used (``C`` of them, in increasing label order); fewer than two gives NaN everywhere. Keys
+    needing ``weight`` are absent when it is None; ``nc4`` is NaN when ``rows`` is None or empty.
+    With ``geometry=True`` the dict also holds ``_cosine`` (the ``C×C`` cosine matrix of the centred
+    class means) and ``_classes`` (the present labels), for plotting. Computed in float64, returned
+    in ``dtype``. One host synchronisation (the number of present classes). Non-finite statistics,
+    head or rows give NaN everywhere.
     """
     counts = stats.counts
     device = counts.device
@@ -278,20 +286,21 @@ def neural_collapse(
     bias: torch.Tensor | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Neural-collapse metrics of SPEC.md §4 as a dict of 0-d tensors.
+    """Neural-collapse metrics (docs/definitions.md#collapse) as a dict of 0-d tensors.
 
     ``features`` ``H`` ``(N, d)``, integer ``labels`` ``(N,)``, optional head ``weight`` ``W``
     ``(K, d)`` with ``K > max y`` and ``bias`` ``b`` ``(K,)`` (0 when absent). Keys, in the order
-    of SPEC.md §4's table: ``nc1`` ``(1/C) tr(Σ_W Σ_B⁺)``, ``nc2_equinorm``, ``nc2_equiangular``,
-    ``nc2_cos_std``, ``nc2_etf``, and with ``weight``: ``nc2_equinorm_w``, ``nc2_equiangular_w``,
-    ``nc2_etf_w``, ``nc3`` (``‖W_C/‖W_C‖_F − M/‖M‖_F‖_F²``, in ``[0, 4]``), ``nc3_wh`` and ``nc4``
-    (agreement of the classifier with the nearest class mean, over all ``N`` rows). All are 0 at
-    a perfect simplex-ETF collapse, except ``nc4 = 1``.
+    of the table in docs/definitions.md#collapse-metrics: ``nc1`` ``(1/C) tr(Σ_W Σ_B⁺)``,
+    ``nc2_equinorm``, ``nc2_equiangular``, ``nc2_cos_std``, ``nc2_etf``, and with ``weight``:
+    ``nc2_equinorm_w``, ``nc2_equiangular_w``, ``nc2_etf_w``, ``nc3``
+    (``‖W_C/‖W_C‖_F − M/‖M‖_F‖_F²``, in ``[0, 4]``), ``nc3_wh`` and ``nc4`` (agreement of the
+    classifier with the nearest class mean, over all ``N`` rows). All are 0 at a perfect
+    simplex-ETF collapse, except ``nc4 = 1``.
 
-    Conventions (SPEC.md §4): only classes present in ``labels`` are used; the global mean is the
-    unweighted mean of class means; ``Σ_W`` divides by ``N``; statistics are accumulated and the
-    metrics computed in float64, returned in ``dtype`` (float32 by default, float64 for float64
-    features). Fewer than two classes gives NaN everywhere.
+    Conventions (docs/definitions.md#collapse): only classes present in ``labels`` are used; the
+    global mean is the unweighted mean of class means; ``Σ_W`` divides by ``N``; statistics are
+    accumulated and the metrics computed in float64, returned in ``dtype`` (float32 by default,
+    float64 for float64 features). Fewer than two classes gives NaN everywhere.
     """
     check_matrix(features, "features", "(N, d)")
     if features.ndim != 2:

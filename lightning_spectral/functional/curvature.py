@@ -1,4 +1,4 @@
-"""Loss curvature and objective noise (SPEC.md §6.4).
+"""Loss curvature and objective noise (docs/definitions.md#curvature).
 
 Everything here works on a *loss closure*: ``loss_fn`` is a zero-argument callable returning the
 scalar loss, and ``params`` the list of tensors (requiring grad) the Hessian is taken over. A
@@ -11,9 +11,9 @@ parameter vector is flattened over ``params`` in the order given (``P`` = total 
   re-orthogonalisation (exact in exact arithmetic once the Krylov space is exhausted).
 * :func:`hessian_trace` — Hutchinson's estimator ``tr H ≈ mean_j z_jᵀ H z_j`` with Rademacher
   probes, and its standard error.
-* :func:`objective_noise` — SPEC.md §6.4: the gradient-noise energy ``s_i²`` along each
-  eigen-direction ``q_i``, the effective inverse temperature ``β_i = 1/(η λ_i s_i²)`` and the
-  stationary spread ``σ_i = (η s_i²/(2n))^{1/2}``.
+* :func:`objective_noise` — the gradient-noise energy ``s_i²`` along each eigen-direction
+  ``q_i``, the effective inverse temperature ``β_i = 1/(η λ_i s_i²)`` and the stationary spread
+  ``σ_i = (η s_i²/(2n))^{1/2}`` (docs/definitions.md#objective-noise).
 
 Random probes come from the caller's ``torch.Generator`` (or one seeded with ``seed``); the global
 RNG is never touched. Nothing here writes ``.grad``: gradients are taken with
@@ -114,10 +114,11 @@ class _HessianOperator:
 def hessian_vector_product(
     loss_fn: LossFn, params: Sequence[torch.Tensor], vector: torch.Tensor
 ) -> torch.Tensor:
-    """``H v``, ``H = ∇²_θ loss_fn()`` over ``params``, by double backward (SPEC.md §6.4).
+    """``H v``, ``H = ∇²_θ loss_fn()`` over ``params``, by double backward.
 
-    ``vector`` is flat, of length ``P`` (the total parameter count, in the order of ``params``).
-    Returns a flat tensor of the same length. ``.grad`` of the parameters is not touched.
+    See docs/definitions.md#hessian. ``vector`` is flat, of length ``P`` (the total parameter
+    count, in the order of ``params``). Returns a flat tensor of the same length. ``.grad`` of
+    the parameters is not touched.
     """
     op = _HessianOperator(loss_fn, params)
     if vector.ndim != 1 or vector.numel() != op.numel:
@@ -349,7 +350,7 @@ def flat_gradients(loss_fns: Sequence[LossFn], params: Sequence[torch.Tensor]) -
 
 
 class ObjectiveNoise(NamedTuple):
-    """Per eigen-direction quantities of SPEC.md §6.4, each of shape ``(k,)``."""
+    """Per eigen-direction quantities (docs/definitions.md#objective-noise), each ``(k,)``."""
 
     s2: torch.Tensor
     """Gradient-noise energy along ``q_i``: ``s_i² = (1/n) Σ_j (q_iᵀ ε_j)² / B``."""
@@ -368,7 +369,7 @@ def objective_noise(
     batch_size: int = 1,
     n: int | None = None,
 ) -> ObjectiveNoise:
-    """Objective noise along the Hessian's eigen-directions (SPEC.md §6.4).
+    """Objective noise along the Hessian's eigen-directions (docs/definitions.md#objective-noise).
 
     ``gradients`` ``(n_rows, P)``: one gradient per sample (or per mini-batch), e.g. from
     :func:`flat_gradients`; ``eigenvalues`` ``(k,)`` and ``eigenvectors`` ``(k, P)`` (unit rows),

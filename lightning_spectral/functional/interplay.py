@@ -1,13 +1,15 @@
-"""Matrix entropy, matrix mutual information, MIR and HDR (SPEC.md §3).
+"""Matrix entropy, matrix mutual information, MIR and HDR (docs/definitions.md#interplay).
 
 The information-interplay metrics of Song et al. (ICML 2024, arXiv:2406.03999) pair each
 sample's normalised feature ``z_i`` with the normalised head row ``ŵ_{y_i}`` of its label and
-compare the two ``n×n`` Gram matrices ``G_Z = Z Zᵀ`` and ``G_W = W_y W_yᵀ`` (SPEC.md §3.3):
+compare the two ``n×n`` Gram matrices ``G_Z = Z Zᵀ`` and ``G_W = W_y W_yᵀ``
+(docs/definitions.md#mir-hdr):
 
 - ``MIR = I(G_Z; G_W) / min(H(G_Z), H(G_W))`` — mutual-information ratio, in ``[0, 1]``;
 - ``HDR = |H(G_Z) − H(G_W)| / max(H(G_Z), H(G_W))`` — entropy-difference ratio, in ``[0, 1]``.
 
-The ``n×n`` matrices are never needed in full when a smaller factor exists (SPEC.md §0.5, §3.2):
+The ``n×n`` matrices are never needed in full when a smaller factor exists
+(docs/definitions.md#gram, #matrix-mi):
 
 - ``G_Z`` has the non-zero spectrum of ``ZᵀZ`` (``d×d``);
 - ``G_W`` has the non-zero spectrum of ``Aᵀ diag(N) A`` (``r×r``), where ``a_c`` are coordinates
@@ -72,12 +74,13 @@ def _check_square(k: torch.Tensor, name: str) -> None:
 
 
 def matrix_entropy(k: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Matrix entropy ``H(K) = −tr(ρ log ρ)``, ``ρ = K / tr K`` (SPEC.md §3.1), in nats.
+    """Matrix entropy ``H(K) = −tr(ρ log ρ)``, ``ρ = K / tr K``, in nats.
 
-    ``k`` is a symmetric PSD matrix ``(n, n)`` (or a batch ``(..., n, n)``); its eigenvalues are
-    taken with ``eigvalsh``, clipped and cut off as in SPEC.md §0.3, and ``S(λ)`` of §0.4 is
-    returned. Known values: ``H(I_n) = log n``, ``H(11ᵀ) = 0``, ``k`` equal diagonal blocks of
-    ones give ``log k``. NaN when ``tr K <= 0`` (or ``K`` holds NaN/Inf). Differentiable.
+    See docs/definitions.md#matrix-entropy. ``k`` is a symmetric PSD matrix ``(n, n)`` (or a batch
+    ``(..., n, n)``); its eigenvalues are taken with ``eigvalsh``, clipped and cut off (#cutoff),
+    and their entropy ``S(λ)`` (#entropy) is returned. Known values: ``H(I_n) = log n``,
+    ``H(11ᵀ) = 0``, ``k`` equal diagonal blocks of ones give ``log k``. NaN when ``tr K <= 0`` (or
+    ``K`` holds NaN/Inf). Differentiable.
     """
     _check_square(k, "k")
     k = k.to(resolve_dtype(dtype, k))
@@ -92,11 +95,12 @@ def matrix_entropy(k: torch.Tensor, dtype: torch.dtype | str | None = None) -> t
 def matrix_mutual_information(
     k1: torch.Tensor, k2: torch.Tensor, dtype: torch.dtype | str | None = None
 ) -> torch.Tensor:
-    """``I(K₁; K₂) = H(K₁) + H(K₂) − H(K₁ ∘ K₂)`` with ``∘`` the Hadamard product (SPEC.md §3.2).
+    """``I(K₁; K₂) = H(K₁) + H(K₂) − H(K₁ ∘ K₂)`` with ``∘`` the Hadamard product.
 
-    Both inputs are symmetric PSD ``(..., n, n)`` of the same shape. For unit-diagonal ``K``,
-    ``I(K; I_n) = H(K)``; for unit-diagonal factors ``0 <= I <= min(H(K₁), H(K₂))``.
-    NaN where any of the three entropies is undefined (a trace ``<= 0``).
+    See docs/definitions.md#matrix-mi. Both inputs are symmetric PSD ``(..., n, n)`` of the same
+    shape. For unit-diagonal ``K``, ``I(K; I_n) = H(K)``; for unit-diagonal factors
+    ``0 <= I <= min(H(K₁), H(K₂))``. NaN where any of the three entropies is undefined (a trace
+    ``<= 0``).
     """
     _check_square(k1, "k1")
     _check_square(k2, "k2")
@@ -112,8 +116,8 @@ def matrix_mutual_information(
 def predicted_labels(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``argmax_c (W f_i + b)_c`` for each row (ties: lowest index) — SPEC.md §3.3's labels for
-    unlabelled samples."""
+    """``argmax_c (W f_i + b)_c`` for each row (ties: lowest index) — the labels of unlabelled
+    samples (docs/definitions.md#mir-hdr)."""
     logits = features.detach().to(weight.dtype) @ weight.detach().mT
     if bias is not None:
         logits = logits + bias.detach()
@@ -156,7 +160,7 @@ def information_interplay(
     bias: torch.Tensor | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every quantity of SPEC.md §3.3 at once: a dict of 0-d tensors.
+    """Every quantity of docs/definitions.md#mir-hdr at once: a dict of 0-d tensors.
 
     Keys: ``h_z`` = ``H(G_Z)``, ``h_w`` = ``H(G_W)``, ``h_zw`` = ``H(G_Z ∘ G_W)``,
     ``mi`` = ``I(G_Z; G_W)``, ``mir`` and ``hdr``. ``features`` ``(n, d)``, ``weight`` ``(C, d)``
@@ -250,7 +254,7 @@ def mir(
     bias: torch.Tensor | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> torch.Tensor:
-    """Mutual-information ratio ``I(G_Z; G_W) / min(H(G_Z), H(G_W))`` (SPEC.md §3.3).
+    """Mutual-information ratio ``I(G_Z; G_W) / min(H(G_Z), H(G_W))`` (docs/definitions.md#mir-hdr).
 
     ``Z = normalize(features)`` ``(n, d)``; ``W_y`` = the normalised head rows ``weight[labels]``
     (``weight`` ``(C, d)``, ``labels`` ``(n,)`` in ``[0, C)``; ``None``: predicted labels
@@ -269,10 +273,11 @@ def hdr(
     bias: torch.Tensor | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> torch.Tensor:
-    """Entropy-difference ratio ``|H(G_Z) − H(G_W)| / max(H(G_Z), H(G_W))`` (SPEC.md §3.3).
+    """Entropy-difference ratio ``|H(G_Z) − H(G_W)| / max(H(G_Z), H(G_W))``.
 
-    Same inputs as :func:`mir`. Range ``[0, 1]``; 0 at neural collapse (``z_i = ŵ_{y_i}``) for any
-    class counts; NaN when both entropies are 0. Lower means the feature and head Gram matrices
-    are closer in entropy. Differentiable (minimise it as an auxiliary loss).
+    See docs/definitions.md#mir-hdr. Same inputs as :func:`mir`. Range ``[0, 1]``; 0 at neural
+    collapse (``z_i = ŵ_{y_i}``) for any class counts; NaN when both entropies are 0. Lower means
+    the feature and head Gram matrices are closer in entropy. Differentiable (minimise it as an
+    auxiliary loss).
     """
     return information_interplay(features, weight, labels, bias=bias, dtype=dtype)["hdr"]

@@ -1,10 +1,11 @@
-"""One-dimensional absolute-value and ReLU networks as Lasso problems ("mirrors"), SPEC.md §7.
+"""One-dimensional absolute-value and ReLU networks as Lasso problems ("mirrors").
 
-For 1-D data, a two-layer network ``f(x) = Σ α_k |w_k x + b_k| + ξ`` trained with weight decay
-(§7.2), its ReLU counterpart ``f(x) = Σ α_k (w_k x + b_k)₊ + ξ``, and a three-layer
-network of parallel units ``f(x) = Σ α_k |v_k |w_k x + b_k| + c_k| + ξ`` with the cubic penalty
-of §7.4, have global minima equal to a *convex* Lasso (§7.1) over a fixed dictionary built from
-the data:
+The definitions are in docs/definitions.md#mirrors. For 1-D data, a two-layer network
+``f(x) = Σ α_k |w_k x + b_k| + ξ`` trained with weight decay (#mirrors-depth2), its ReLU
+counterpart ``f(x) = Σ α_k (w_k x + b_k)₊ + ξ`` (#mirrors-relu), and a three-layer network of
+parallel units ``f(x) = Σ α_k |v_k |w_k x + b_k| + c_k| + ξ`` with the cubic penalty of
+#mirrors-depth3, have global minima equal to a *convex* Lasso (#mirrors-lasso) over a fixed
+dictionary built from the data:
 
 - depth 2: ``A_nj = |x_n − x_j|``, one column per distinct data point (``P ≤ N``);
 - depth 2, ReLU: ``A = [(x_n − x_j)₊ | (x_j − x_n)₊]``, two columns per distinct data point
@@ -76,8 +77,8 @@ def _as_numpy_1d(value: Any, name: str) -> np.ndarray:
         arr = arr[:, 0]
     if arr.ndim != 1:
         raise ValueError(
-            f"{name} must be one-dimensional data of shape (N,) or (N, 1) (SPEC.md §7 covers "
-            f"1-D inputs only), got shape {tuple(arr.shape)}"
+            f"{name} must be one-dimensional data of shape (N,) or (N, 1) (the Lasso equivalence "
+            f"covers 1-D inputs only), got shape {tuple(arr.shape)}"
         )
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} holds NaN or Inf values")
@@ -86,7 +87,7 @@ def _as_numpy_1d(value: Any, name: str) -> np.ndarray:
 
 def _check_depth(depth: int) -> int:
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth not in _DEPTHS:
-        raise ValueError(f"depth must be 2 or 3 (SPEC.md §7.2 / §7.4), got {depth!r}")
+        raise ValueError(f"depth must be 2 or 3, got {depth!r}")
     return int(depth)
 
 
@@ -109,7 +110,7 @@ def _check_beta(beta: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
             f"beta must be a finite number > 0, got {beta!r} (beta → 0 is the minimum-ℓ1 "
-            "interpolation of SPEC.md §7.1, a linear program, not a Lasso)"
+            "interpolation, a linear program, not a Lasso)"
         )
     return value
 
@@ -197,10 +198,11 @@ def _phi(x: np.ndarray, params: np.ndarray) -> np.ndarray:
 def mirror_features(
     x: torch.Tensor | np.ndarray, params: torch.Tensor | np.ndarray, activation: str = "abs"
 ) -> torch.Tensor:
-    """The features ``φ_{a₁,a₂}(x) = ||x − a₁| − a₂|`` (SPEC.md §7.4) at arbitrary points.
+    """The features ``φ_{a₁,a₂}(x) = ||x − a₁| − a₂|`` at arbitrary points.
 
-    ``params`` is ``(P, 2)`` (as returned by :func:`reflection_dictionary`); ``a₂ = 0`` gives the
-    two-layer feature ``|x − a₁|`` (§7.2). With ``activation="relu"`` the rows are ``(a, s)``
+    See docs/definitions.md#mirrors-depth3. ``params`` is ``(P, 2)`` (as returned by
+    :func:`reflection_dictionary`); ``a₂ = 0`` gives the two-layer feature ``|x − a₁|``
+    (#mirrors-depth2). With ``activation="relu"`` the rows are ``(a, s)``
     and the features ``(s (x − a))₊``. Returns a float64 ``(N, P)`` tensor on the host.
     """
     if activation not in _ACTIVATIONS:
@@ -216,8 +218,8 @@ def mirror_features(
 def reflection_dictionary(
     x: torch.Tensor | np.ndarray, depth: int = 3, activation: str = "abs"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Lasso dictionary of a depth-``depth`` network (SPEC.md §7.2, §7.4), or of the
-    two-layer ReLU network (``activation="relu"``).
+    """The Lasso dictionary of a depth-``depth`` network, or of the two-layer ReLU network
+    (``activation="relu"``); see docs/definitions.md#mirrors-depth2, #mirrors-depth3.
 
     Returns ``(A, params)``: ``A`` (float64, ``N × P``) with ``A[n, j] = φ_{params[j]}(x_n)``
     and ``params`` (float64, ``P × 2``) holding ``(a₁, a₂)`` of each column.
@@ -249,7 +251,7 @@ def reflection_dictionary(
 
 
 # ------------------------------------------------------------------------------------------
-# the Lasso solver (SPEC.md §7.1)
+# the Lasso solver (docs/definitions.md#mirrors-lasso)
 
 
 @dataclass
@@ -497,16 +499,16 @@ def _solve(A: np.ndarray, y: np.ndarray, beta: float, tol: float, max_iter: int)
 
 @dataclass
 class MirrorFit:
-    """A solved Lasso of SPEC.md §7.1 over the dictionary of :func:`reflection_dictionary`.
+    """A solved Lasso over the dictionary of :func:`reflection_dictionary`.
 
-    ``objective`` is the primal value at the returned point, ``½‖A z + ξ1 − y‖² + β‖z‖₁``;
-    ``dual`` a certified lower bound of the optimum, so ``gap = objective − dual ≥ 0`` bounds
-    how far ``objective`` is above the true optimum (``gap ≤ tol · objective`` when
-    ``converged``). ``kkt`` is the largest KKT violation relative to ``β``:
-    ``max_j`` of ``(|a_jᵀr| − β)₊`` off the support and ``|a_jᵀr − β sign z_j|`` on it, and
-    ``|1ᵀr|``, all divided by ``β``. ``activation`` is ``"abs"`` (§7.2, §7.4) or ``"relu"``
-    (the two-layer ReLU network; ``params`` rows are then ``(a, s)``). Tensors are float64 on
-    the host.
+    See docs/definitions.md#mirrors-lasso. ``objective`` is the primal value at the returned point,
+    ``½‖A z + ξ1 − y‖² + β‖z‖₁``; ``dual`` a certified lower bound of the optimum, so
+    ``gap = objective − dual ≥ 0`` bounds how far ``objective`` is above the true optimum
+    (``gap ≤ tol · objective`` when ``converged``). ``kkt`` is the largest KKT violation relative to
+    ``β``: ``max_j`` of ``(|a_jᵀr| − β)₊`` off the support and ``|a_jᵀr − β sign z_j|`` on it, and
+    ``|1ᵀr|``, all divided by ``β``. ``activation`` is ``"abs"`` (#mirrors-depth2, #mirrors-depth3)
+    or ``"relu"`` (the two-layer ReLU network; ``params`` rows are then ``(a, s)``). Tensors are
+    float64 on the host.
     """
 
     objective: float
@@ -534,7 +536,7 @@ class MirrorFit:
 
     @property
     def l1_norm(self) -> float:
-        """``‖z‖₁`` (the network's penalty is ``β‖z‖₁`` after rescaling, §7.2/§7.4)."""
+        """``‖z‖₁`` (the network's penalty is ``β‖z‖₁`` after rescaling)."""
         return float(self.coef.abs().sum())
 
     def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -566,13 +568,13 @@ def lasso_mirror_fit(
     keep_dictionary: bool = True,
     activation: str = "abs",
 ) -> MirrorFit:
-    """Solve the Lasso of SPEC.md §7.1 over the depth-``depth`` dictionary of ``x``.
+    """Solve the Lasso over the depth-``depth`` dictionary of ``x``.
 
-    ``min_{z, ξ} ½‖A z + ξ1 − y‖² + β‖z‖₁`` with ``A`` from :func:`reflection_dictionary` and
-    the intercept ``ξ`` unpenalised. Its optimum equals the global minimum of the network
-    objective of §7.2 (``depth=2``), of the ReLU network (``depth=2, activation="relu"``) or §7.4
-    (``depth=3``) for any width at least the support size; :func:`mirror_network` rebuilds such
-    a network.
+    ``min_{z, ξ} ½‖A z + ξ1 − y‖² + β‖z‖₁`` (docs/definitions.md#mirrors-lasso) with ``A`` from
+    :func:`reflection_dictionary` and the intercept ``ξ`` unpenalised. Its optimum equals the global
+    minimum of the network objective of #mirrors-depth2 (``depth=2``), of the ReLU network
+    (``depth=2, activation="relu"``) or of #mirrors-depth3 (``depth=3``) for any width at least the
+    support size; :func:`mirror_network` rebuilds such a network.
 
     Stopping rule: the relative duality gap ``(P − D)/P ≤ tol`` over the *whole* dictionary,
     ``D`` the dual value of the rescaled residual; the achieved gap and KKT violation are in the
@@ -621,11 +623,13 @@ def lasso_mirror_fit(
 
 
 # ------------------------------------------------------------------------------------------
-# the networks (SPEC.md §7.2, §7.4)
+# the networks (docs/definitions.md#mirrors-depth2, #mirrors-depth3)
 
 
 class MirrorNet(nn.Module):
-    """A 1-D absolute-value network of exactly the SPEC.md §7.2 or §7.4 form.
+    """A 1-D absolute-value network of exactly the two- or three-layer form of the Lasso mirrors.
+
+    See docs/definitions.md#mirrors-depth2, #mirrors-depth3:
 
     - ``depth=2``: ``f(x) = Σ_k α_k |w_k x + b_k| + ξ``;
     - ``depth=3``: ``f(x) = Σ_k α_k |v_k |w_k x + b_k| + c_k| + ξ`` (parallel units, one scalar
@@ -787,8 +791,8 @@ _NETS = (MirrorNet, ReluMirrorNet)
 def _forward(
     model: MirrorNet | ReluMirrorNet, x: torch.Tensor, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """``f(x)`` of §7.2/§7.4 or of the ReLU network, optionally with parameters cast to
-    ``dtype`` (differentiable)."""
+    """``f(x)`` of a :class:`MirrorNet` or of the ReLU network, optionally with parameters cast
+    to ``dtype`` (differentiable)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     squeeze_back = False
@@ -828,8 +832,9 @@ def network_objective(
     beta: float,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The training objective of a :class:`MirrorNet` (SPEC.md §7.2 / §7.4) or of a
-    :class:`ReluMirrorNet`, differentiable.
+    """The training objective of a :class:`MirrorNet` or of a :class:`ReluMirrorNet`.
+
+    Differentiable; see docs/definitions.md#mirrors-depth2, #mirrors-depth3.
 
     depth 2 (absolute value or ReLU): ``J = ½‖f(x) − y‖² + (β/2) Σ_k (w_k² + α_k²)``;
     depth 3: ``J = ½‖f(x) − y‖² + (β/3) Σ_k (|w_k|³ + |v_k|³ + |α_k|³)``.
@@ -859,7 +864,7 @@ def network_objective(
 def mirror_network(
     fit: MirrorFit, dtype: torch.dtype = torch.float64
 ) -> MirrorNet | ReluMirrorNet:
-    """Rebuild the network of a Lasso solution (SPEC.md §7.2, §7.4 reconstruction).
+    """Rebuild the network of a Lasso solution (the reconstruction of docs/definitions.md#mirrors).
 
     One unit per non-zero coefficient ``z_j`` with feature ``(a₁, a₂)``:
     depth 2: ``t = |z|^{1/2}``, ``(w, b, α) = (t, −t a₁, sign(z) t)``;
@@ -915,7 +920,7 @@ def convex_gap(
     fit: MirrorFit | None = None,
     tol: float = 1e-9,
 ) -> float:
-    """Relative distance of a network to its global optimum (SPEC.md §7.2, §7.4, §7.5).
+    """Relative distance of a network to its global optimum (docs/definitions.md#mirrors-values).
 
     ``(J(model) − J*) / J*`` with ``J`` from :func:`network_objective` (float64, no gradient)
     and ``J* = fit.objective`` the Lasso optimum (solved here when ``fit`` is not given, with

@@ -1,4 +1,4 @@
-"""Spectra of representations (SPEC.md §1, §2).
+"""Spectra of representations (docs/definitions.md#spectra, #vne).
 
 All functions accept a representation batch ``h`` of shape ``(n, d)`` — rows are samples,
 columns features — or ``(..., n, d)`` for independent problems solved in one batched call.
@@ -41,11 +41,12 @@ RANKME_EPS = 1e-7  # the ε of Garrido et al. (2023)
 
 
 def normalize_rows(h: torch.Tensor) -> torch.Tensor:
-    """``h_i / ‖h_i‖₂`` for every row; rows of norm below 1e-12 become zero rows (SPEC.md §0.2).
+    """``h_i / ‖h_i‖₂`` for every row; rows of norm below 1e-12 become zero rows.
 
-    Differentiable, including at the zero rows (their gradient is 0). A row holding NaN or Inf
-    keeps a NaN (it is not mistaken for a zero row); a finite row whose norm overflows the
-    working dtype becomes zero (the spectrum functions below report that case as NaN).
+    See docs/definitions.md#normalisation. Differentiable, including at the zero rows (their
+    gradient is 0). A row holding NaN or Inf keeps a NaN (it is not mistaken for a zero row); a
+    finite row whose norm overflows the working dtype becomes zero (the spectrum functions below
+    report that case as NaN).
     """
     norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
     # 1/inf = 0 for rows below the floor (``<`` is false for NaN, so NaN rows stay NaN)
@@ -55,9 +56,9 @@ def normalize_rows(h: torch.Tensor) -> torch.Tensor:
 def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> torch.Tensor:
     """Eigenvalues of ``scale · ZᵀZ`` (``Z`` = row-normalised ``z`` if ``normalize``), descending.
 
-    One matmul on the smaller Gram side and one ``eigvalsh`` (SPEC.md §0.5), no host sync, and
-    as few other tensor operations as possible (each costs a dispatch, which for small layers is
-    comparable to the kernels themselves):
+    One matmul on the smaller Gram side and one ``eigvalsh`` (docs/definitions.md#gram), no host
+    sync, and as few other tensor operations as possible (each costs a dispatch, which for small
+    layers is comparable to the kernels themselves):
 
     * The Gram product comes from :func:`~._utils.gram_matmul`: float32 sums over at most
       ``4·min(n, d)`` terms, added in float64 (or a float64 product), rounded once to the
@@ -107,12 +108,12 @@ def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> tor
 
 
 def gram_eigvals(z: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of ``zᵀz · scale`` on the smaller Gram side (SPEC.md §0.5), descending.
+    """Eigenvalues of ``zᵀz · scale`` on the smaller Gram side (docs/definitions.md#gram).
 
-    ``z`` has shape ``(..., n, d)``; returns ``(..., min(n, d))``. With ``n <= d`` the ``n×n``
-    matrix ``z zᵀ`` is used, otherwise ``zᵀ z`` (``d×d``); their non-zero eigenvalues coincide.
-    Non-finite problems give NaN without raising. Computed in float64 for float64 ``z``, else
-    in float32 (see :func:`resolve_dtype`); clipped at 0 and cut at round-off level as in
+    ``z`` has shape ``(..., n, d)``; returns ``(..., min(n, d))``, descending. With ``n <= d`` the
+    ``n×n`` matrix ``z zᵀ`` is used, otherwise ``zᵀ z`` (``d×d``); their non-zero eigenvalues
+    coincide. Non-finite problems give NaN without raising. Computed in float64 for float64 ``z``,
+    else in float32 (see :func:`resolve_dtype`); clipped at 0 and cut at round-off level as in
     :func:`autocorrelation_eigvals`.
     """
     check_matrix(z, "z")
@@ -127,11 +128,11 @@ def _working(h: torch.Tensor, dtype: torch.dtype | str | None) -> torch.Tensor:
 def autocorrelation_eigvals(
     h: torch.Tensor, normalize: bool = True, dtype: torch.dtype | str | None = None
 ) -> torch.Tensor:
-    """Eigenvalues of the autocorrelation ``C = (1/n) ZᵀZ`` of the rows (SPEC.md §1.1).
+    """Eigenvalues of the autocorrelation ``C = (1/n) ZᵀZ`` (docs/definitions.md#autocorrelation).
 
     ``Z = normalize_rows(h)`` when ``normalize`` (then, without zero rows, the eigenvalues sum
     to 1), else ``Z = h``. Returns the ``min(n, d)`` leading eigenvalues, descending, computed
-    on the smaller Gram side with one matmul and one ``eigvalsh`` (SPEC.md §0.5); shape
+    on the smaller Gram side with one matmul and one ``eigvalsh`` (#gram); shape
     ``(..., min(n, d))``, a leading batch being solved in one batched call. The Gram product is
     accumulated so that its round-off does not grow with ``max(n, d)`` (float32 sums over at
     most ``4·min(n, d)`` terms, added in float64); the eigenvalues are returned clipped at 0,
@@ -148,12 +149,12 @@ def autocorrelation_eigvals(
 
 
 def covariance_eigvals(h: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Eigenvalues of the unbiased covariance ``H_cᵀH_c / (n − 1)`` (SPEC.md §1.2), descending.
+    """Eigenvalues of the unbiased covariance ``H_cᵀH_c / (n − 1)``, descending.
 
-    ``H_c = H − 1μᵀ`` is ``h`` minus its row mean (centred explicitly, before the Gram product,
-    to avoid cancellation); no row normalisation. Shape ``(..., min(n, d))``, clipped at 0 and
-    cut at round-off level as in :func:`autocorrelation_eigvals`; every entry is NaN when
-    ``n < 2`` or the input holds NaN/Inf.
+    See docs/definitions.md#covariance. ``H_c = H − 1μᵀ`` is ``h`` minus its row mean (centred
+    explicitly, before the Gram product, to avoid cancellation); no row normalisation. Shape
+    ``(..., min(n, d))``, clipped at 0 and cut at round-off level as in
+    :func:`autocorrelation_eigvals`; every entry is NaN when ``n < 2`` or the input holds NaN/Inf.
     """
     x = _working(h, dtype)
     n, d = x.shape[-2], x.shape[-1]
@@ -167,15 +168,15 @@ def covariance_eigvals(h: torch.Tensor, dtype: torch.dtype | str | None = None) 
 def vne(
     h: torch.Tensor, normalize: bool = True, dtype: torch.dtype | str | None = None
 ) -> torch.Tensor:
-    """Von Neumann entropy of the autocorrelation of the rows of ``h`` (SPEC.md §2.1), in nats.
+    """Von Neumann entropy of the autocorrelation of the rows of ``h``, in nats.
 
-    ``VNE(H) = S(λ(C_auto))`` with the trace renormalisation ``ρ = C / tr C`` and the cutoff of
-    §0.3: ``VNE = log d`` for isotropic rows, 0 for rank one, 0 for ``H = 0`` or ``n = 1``, and
-    ``0 <= VNE <= log min(n, d)`` (§2.3). Zero rows do not change it. Differentiable (§2.4):
-    ``eigvalsh``'s backward for eigenvalues alone is ``V diag(∂L/∂λ) Vᵀ``, which has no
-    ``1/(λ_i − λ_j)`` terms, so repeated eigenvalues are harmless; eigenvalues at or below the
-    cutoff, and zero rows, get exactly zero gradient. Returns a tensor of shape
-    ``h.shape[:-2]``; NaN where the input holds NaN/Inf or is empty.
+    ``VNE(H) = S(λ(C_auto))`` (docs/definitions.md#vne) with the trace renormalisation
+    ``ρ = C / tr C`` and the cutoff (#cutoff): ``VNE = log d`` for isotropic rows, 0 for rank one, 0
+    for ``H = 0`` or ``n = 1``, and ``0 <= VNE <= log min(n, d)`` (#vne-values). Zero rows do not
+    change it. Differentiable (#vne-gradient): ``eigvalsh``'s backward for eigenvalues alone is
+    ``V diag(∂L/∂λ) Vᵀ``, which has no ``1/(λ_i − λ_j)`` terms, so repeated eigenvalues are
+    harmless; eigenvalues at or below the cutoff, and zero rows, get exactly zero gradient. Returns
+    a tensor of shape ``h.shape[:-2]``; NaN where the input holds NaN/Inf or is empty.
     """
     lam = autocorrelation_eigvals(h, normalize=normalize, dtype=dtype)
     if lam.shape[-1] == 0:
@@ -184,9 +185,9 @@ def vne(
 
 
 def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
-    """Entropy effective rank ``exp(S(λ))`` of a PSD spectrum (SPEC.md §1.3).
+    """Entropy effective rank ``exp(S(λ))`` of a PSD spectrum (docs/definitions.md#erank).
 
-    ``eigvals`` has shape ``(..., m)``; the cutoff of §0.3 is applied first. ``k`` equal non-zero
+    ``eigvals`` has shape ``(..., m)``; the cutoff (#cutoff) is applied first. ``k`` equal non-zero
     values give ``k`` (up to the rounding of ``exp(log k)``); a spectrum of zero total mass
     gives 0; NaN/Inf values give NaN. For a weight matrix pass ``σ²`` (the eigenvalues of
     ``WᵀW``), not ``σ``, so that ``erank = exp(VNE)``.
@@ -257,10 +258,11 @@ def rankme(
 
 
 def stable_rank(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Stable rank ``‖W‖_F² / ‖W‖₂² = Σσ_i² / σ_1²`` of a weight (SPEC.md §1.4).
+    """Stable rank ``‖W‖_F² / ‖W‖₂² = Σσ_i² / σ_1²`` of a weight (docs/definitions.md#stable-rank).
 
-    A weight of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)`` (§0.1).
-    Range ``[1, rank W]``; NaN when ``W = 0`` or ``W`` holds NaN/Inf. Returns a 0-d tensor.
+    A weight of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)``
+    (#weight-matrix). Range ``[1, rank W]``; NaN when ``W = 0`` or ``W`` holds NaN/Inf. Returns a
+    0-d tensor.
     """
     from lightning_spectral.functional.weights import singular_values
 
@@ -273,9 +275,9 @@ def stable_rank(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torc
 
 
 def condition_number(eigvals: torch.Tensor) -> torch.Tensor:
-    """Condition number ``λ_max / λ_min`` of a PSD spectrum (SPEC.md §1.5).
+    """Condition number ``λ_max / λ_min`` of a PSD spectrum (docs/definitions.md#condition).
 
-    Over the values given (last dimension): ``+inf`` when ``λ_min <= λ_max · m · ε`` (§0.3),
+    Over the values given (last dimension): ``+inf`` when ``λ_min <= λ_max · m · ε`` (#cutoff),
     NaN when ``λ_max <= 0``, the spectrum is empty, or it holds NaN/Inf.
     """
     check_vector(eigvals, "eigvals")
@@ -292,9 +294,10 @@ def condition_number(eigvals: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_distribution(eigvals: torch.Tensor) -> torch.Tensor:
-    """The logged eigenvalue distribution ``p = λ / Σλ`` (SPEC.md §1.6), after the cutoff.
+    """The logged eigenvalue distribution ``p = λ / Σλ``, after the cutoff.
 
-    Pass ``σ²`` for a weight. A spectrum of zero mass gives zeros; NaN/Inf values give NaN.
+    See docs/definitions.md#distribution. Pass ``σ²`` for a weight. A spectrum of zero mass gives
+    zeros; NaN/Inf values give NaN.
     """
     check_vector(eigvals, "eigvals")
     lam = apply_cutoff(as_spectrum(eigvals))

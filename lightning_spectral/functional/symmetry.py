@@ -1,4 +1,4 @@
-"""Permutation symmetry of feed-forward chains (SPEC.md §6.1–§6.3).
+"""Permutation symmetry of feed-forward chains (docs/definitions.md#symmetry).
 
 Permuting the units of a hidden layer — its incoming rows and bias, and the matching input
 columns of the next layer — leaves the network function unchanged. This module counts those
@@ -193,11 +193,11 @@ def _parse(model: nn.Module, name: str = "model") -> list[_Hidden]:
 
 
 def log_equivalent_optima(widths: Sequence[int], odd: bool | Sequence[bool] = False) -> float:
-    """``log N_eq = Σ_l [log(n_l!) + n_l log 2 · odd_l]`` in nats (SPEC.md §6.1).
+    """``log N_eq = Σ_l [log(n_l!) + n_l log 2 · odd_l]`` in nats.
 
-    ``widths`` are the hidden widths ``n_1, …, n_{L−1}``; ``odd`` (one flag, or one per layer)
-    adds the sign-flip factor ``2^{n_l}`` of odd activations such as tanh. Example: widths
-    ``(3, 2)`` give ``log(3!·2!) = log 12``.
+    See docs/definitions.md#equivalent-optima. ``widths`` are the hidden widths ``n_1, …, n_{L−1}``;
+    ``odd`` (one flag, or one per layer) adds the sign-flip factor ``2^{n_l}`` of odd activations
+    such as tanh. Example: widths ``(3, 2)`` give ``log(3!·2!) = log 12``.
     """
     widths = [int(w) for w in widths]
     if any(w < 0 for w in widths):
@@ -212,12 +212,12 @@ def log_equivalent_optima(widths: Sequence[int], odd: bool | Sequence[bool] = Fa
 
 
 def permutation_count_log10(model: nn.Module, sign_flips: bool = True) -> float:
-    """``log10`` of the number of permutation-equivalent parameter settings (SPEC.md §6.1).
+    """``log10`` of the number of permutation-equivalent parameter settings.
 
-    ``Σ_l log10(n_l!)`` over the hidden layers of a supported chain, plus ``n_l log10 2`` for
-    each layer whose units pass only through odd modules (tanh, softsign, average pooling,
-    BatchNorm, dropout, identity) before the next affine layer, when ``sign_flips``.
-    A 64-128-64-10 ReLU MLP gives ``log10(128!·64!) ≈ 304.7``.
+    See docs/definitions.md#equivalent-optima: ``Σ_l log10(n_l!)`` over the hidden layers of a
+    supported chain, plus ``n_l log10 2`` for each layer whose units pass only through odd modules
+    (tanh, softsign, average pooling, BatchNorm, dropout, identity) before the next affine layer,
+    when ``sign_flips``. A 64-128-64-10 ReLU MLP gives ``log10(128!·64!) ≈ 304.7``.
     """
     hidden = _parse(model)
     return log_equivalent_optima(
@@ -272,7 +272,7 @@ def permute_hidden_units(model: nn.Module, perms: Sequence[torch.Tensor]) -> nn.
 
 
 def _unit_key(h: _Hidden) -> torch.Tensor:
-    """``κ_j = ‖[W_l[j,:], b_l[j]]‖₂`` (SPEC.md §6.2), float64."""
+    """``κ_j = ‖[W_l[j,:], b_l[j]]‖₂`` (docs/definitions.md#canonical-order), float64."""
     w = h.producer.weight.detach().reshape(h.width, -1).double()
     sq = (w**2).sum(dim=1)
     if h.producer.bias is not None:
@@ -281,14 +281,14 @@ def _unit_key(h: _Hidden) -> torch.Tensor:
 
 
 def canonical_order(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with each hidden layer's units sorted by SPEC.md §6.2's key.
+    """A copy of ``model`` with each hidden layer's units sorted by their norm key.
 
-    Units are ordered by ``κ_j = ‖[W_l[j,:], b_l[j]]‖₂`` descending with a stable sort (ties keep
-    their order); rows of ``W_l``, entries of ``b_l`` (and of a following BatchNorm) and columns
-    of ``W_{l+1}`` are permuted alike, so the function is unchanged. Row norms do not change when
-    the previous layer's columns are permuted, so the result does not depend on the order in
-    which layers are processed, and permutation-equivalent networks with distinct keys map to the
-    same parameters.
+    See docs/definitions.md#canonical-order. Units are ordered by ``κ_j = ‖[W_l[j,:], b_l[j]]‖₂``
+    descending with a stable sort (ties keep their order); rows of ``W_l``, entries of ``b_l`` (and
+    of a following BatchNorm) and columns of ``W_{l+1}`` are permuted alike, so the function is
+    unchanged. Row norms do not change when the previous layer's columns are permuted, so the result
+    does not depend on the order in which layers are processed, and permutation-equivalent networks
+    with distinct keys map to the same parameters.
     """
     out = copy.deepcopy(model)
     hidden = _parse(out)
@@ -425,8 +425,9 @@ def align(model_a: nn.Module, model_b: nn.Module, max_sweeps: int = 20) -> nn.Mo
 
 
 def permutation_distance(model: nn.Module) -> torch.Tensor:
-    """``δ = min_{l, a<b} ‖θ − τ_ab^l θ‖₂`` (SPEC.md §6.3), a float64 0-d tensor.
+    """``δ = min_{l, a<b} ‖θ − τ_ab^l θ‖₂``, a float64 0-d tensor.
 
+    See docs/definitions.md#permutation-distance:
     ``‖θ − τθ‖₂² = 2(‖W_l[a] − W_l[b]‖² + (b_l[a] − b_l[b])² + ‖W_{l+1}[:,a] − W_{l+1}[:,b]‖²)``;
     the input columns of a Linear after ``Flatten`` are compared block by block and BatchNorm
     affine parameters of the unit are included (they move with it). NaN when no hidden layer has
@@ -544,12 +545,12 @@ def interpolation_barrier(
     points: int = 11,
     max_sweeps: int = 20,
 ) -> BarrierResult:
-    """Loss barrier between two models, before and after :func:`align` (SPEC.md §6).
+    """Loss barrier between two models, before and after :func:`align`.
 
-    ``barrier = max_t [L(θ(t)) − ((1 − t) L(θ_a) + t L(θ_b))]`` over the grid of
-    :func:`interpolation_losses` (the height of the loss above the chord; 0 for a convex path,
-    and 0 for ``model_b = model_a``). A permuted copy of ``model_a`` typically shows a high barrier
-    before alignment and exactly 0 after. Both models must be supported chains (module
+    ``barrier = max_t [L(θ(t)) − ((1 − t) L(θ_a) + t L(θ_b))]`` (docs/definitions.md#barrier) over
+    the grid of :func:`interpolation_losses` (the height of the loss above the chord; 0 for a convex
+    path, and 0 for ``model_b = model_a``). A permuted copy of ``model_a`` typically shows a high
+    barrier before alignment and exactly 0 after. Both models must be supported chains (module
     docstring). BatchNorm running statistics are interpolated as they are, not re-estimated.
     """
     ts, before = interpolation_losses(model_a, model_b, loss_fn, data, points)

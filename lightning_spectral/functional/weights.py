@@ -1,7 +1,8 @@
-"""Layer matrix decomposition of weights (SPEC.md §1.4, §5).
+"""Layer matrix decomposition of weights (docs/definitions.md#weights, #stable-rank).
 
 A weight tensor of shape ``(out, in, k1, ...)`` is read as the matrix
-``W.reshape(out, in·k1·...)`` (SPEC.md §0.1); a Linear weight is already ``(out, in)``.
+``W.reshape(out, in·k1·...)`` (docs/definitions.md#weight-matrix); a Linear weight is already
+``(out, in)``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ __all__ = [
 
 
 def weight_matrix(w: torch.Tensor) -> torch.Tensor:
-    """The matrix view ``W.reshape(out, -1)`` of a weight tensor (SPEC.md §0.1)."""
+    """The matrix view ``W.reshape(out, -1)`` of a weight tensor.
+
+    See docs/definitions.md#weight-matrix.
+    """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if w.ndim < 2:
@@ -49,11 +53,12 @@ def _svdvals_nan_safe(mat: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
-    """Singular values ``σ_1 >= ... >= σ_r`` of the weight matrix (SPEC.md §5.1).
+    """Singular values ``σ_1 >= ... >= σ_r`` of the weight matrix.
 
-    ``r = min(out, in·k1·...)``; conv kernels are reshaped to ``(out, in·kh·kw)`` (§0.1).
-    Computed with ``torch.linalg.svdvals`` in float32 (float64 inputs or ``dtype="float64"``:
-    float64) on the weight's device; differentiable. A weight holding NaN/Inf gives NaN values.
+    See docs/definitions.md#singular-spectrum. ``r = min(out, in·k1·...)``; conv kernels are
+    reshaped to ``(out, in·kh·kw)`` (#weight-matrix). Computed with ``torch.linalg.svdvals`` in
+    float32 (float64 inputs or ``dtype="float64"``: float64) on the weight's device; differentiable.
+    A weight holding NaN/Inf gives NaN values.
     """
     mat = weight_matrix(w)
     return _svdvals_nan_safe(mat.to(resolve_dtype(dtype, mat)))
@@ -82,13 +87,13 @@ def singular_values_many(
 
 
 def truncation_rank(s: torch.Tensor, energy: float = 0.9) -> torch.Tensor:
-    """Smallest ``k`` with ``Σ_{i<=k} σ_i² >= τ Σ_i σ_i²`` (SPEC.md §5.3); 0 for ``W = 0``.
+    """Smallest ``k`` with ``Σ_{i<=k} σ_i² >= τ Σ_i σ_i²``; 0 for ``W = 0``.
 
-    ``s`` are singular values (any order; sorted descending here), shape ``(..., r)``;
-    ``energy`` is ``τ ∈ (0, 1]``. This is the layer's memory-capacity estimate (§5.3): the
-    number of rank-one memories carrying a fraction ``τ`` of the layer's energy. The sums are
-    formed in float64 (float32 on MPS) with a relative slack of ``r · ε`` against round-off, so
-    that ``σ = (2, 1, 1)`` gives ``k(2/3) = 1``, ``k(0.7) = 2``, ``k(1) = 3``.
+    ``s`` are singular values (any order; sorted descending here), shape ``(..., r)``; ``energy`` is
+    ``τ ∈ (0, 1]``. This is the layer's memory-capacity estimate (docs/definitions.md#capacity): the
+    number of rank-one memories carrying a fraction ``τ`` of the layer's energy. The sums are formed
+    in float64 (float32 on MPS) with a relative slack of ``r · ε`` against round-off, so that
+    ``σ = (2, 1, 1)`` gives ``k(2/3) = 1``, ``k(0.7) = 2``, ``k(1) = 3``.
 
     Returns the integer counts as a floating tensor (``s``'s dtype; float32 for integer or half
     input) so that non-finite ``s`` can give NaN, like every other quantity.
@@ -110,12 +115,13 @@ def truncation_rank(s: torch.Tensor, energy: float = 0.9) -> torch.Tensor:
 
 
 def eckart_young_error(s: torch.Tensor, k: int, relative: bool = False) -> torch.Tensor:
-    """Error of the best rank-``k`` approximation, ``(Σ_{i>k} σ_i²)^{1/2}`` (SPEC.md §5.2).
+    """Error of the best rank-``k`` approximation, ``(Σ_{i>k} σ_i²)^{1/2}``.
 
-    By Eckart–Young–Mirsky this is ``min_{rank B <= k} ‖W − B‖_F = ‖W − W_k‖_F`` (0 when
-    ``k >= r``); the spectral-norm error is ``σ_{k+1}``. ``relative=True`` divides by
-    ``‖W‖_F = (Σσ_i²)^{1/2}`` (NaN for ``W = 0``). ``k`` must be a non-negative integer.
-    NaN/Inf singular values give NaN (relative) or propagate (absolute).
+    By Eckart–Young–Mirsky (docs/definitions.md#eckart-young) this is
+    ``min_{rank B <= k} ‖W − B‖_F = ‖W − W_k‖_F`` (0 when ``k >= r``); the spectral-norm error is
+    ``σ_{k+1}``. ``relative=True`` divides by ``‖W‖_F = (Σσ_i²)^{1/2}`` (NaN for ``W = 0``). ``k``
+    must be a non-negative integer. NaN/Inf singular values give NaN (relative) or propagate
+    (absolute).
     """
     check_vector(s, "s", "(..., r)")
     if isinstance(k, bool):

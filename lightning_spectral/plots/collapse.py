@@ -1,8 +1,9 @@
 """Neural-collapse figure: class-mean geometry against the simplex ETF, and NC1 over epochs.
 
-Left: the cosine matrix of the centred class means (SPEC.md §4, ``cos(m_c, m_c')``). Middle: the
-simplex-ETF target (1 on the diagonal, ``−1/(C−1)`` elsewhere). Right: NC1 against the epoch, on a
-log scale. Built with :func:`lightning_spectral.plots.new_figure` (Agg, no pyplot state).
+Left: the cosine matrix of the centred class means (``cos(m_c, m_c')``,
+docs/definitions.md#collapse-metrics). Middle: the simplex-ETF target (1 on the diagonal,
+``−1/(C−1)`` elsewhere). Right: NC1 against the epoch, on a log scale. Built with
+:func:`lightning_spectral.plots.new_figure` (Agg, no pyplot state).
 """
 
 from __future__ import annotations

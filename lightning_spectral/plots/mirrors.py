@@ -1,4 +1,7 @@
-"""Overlay figure of the 1-D Lasso certificate (SPEC.md §7): network vs convex optimum."""
+"""Overlay figure of the 1-D Lasso certificate: network vs convex optimum.
+
+The certificate is defined in docs/definitions.md#mirrors-values.
+"""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ def spectra_figure(
     """All layers' spectra on a log scale, one curve per layer, one panel per kind.
 
     ``panels`` maps a panel title (e.g. ``"activations: λ/Σλ"``) to ``{layer: descending
-    distribution}`` (SPEC.md §1.6). The x-axis is the eigenvalue index ``i`` (1-based); values
-    below ``1e-12`` (exact zeros after the cutoff of §0.3) are drawn at the floor.
+    distribution}`` (docs/definitions.md#distribution). The x-axis is the eigenvalue index ``i``
+    (1-based); values below ``1e-12`` (exact zeros after the #cutoff) are drawn at the floor.
     """
     titles = [t for t, curves in panels.items() if curves]
     fig, axes = new_figure(1, max(len(titles), 1), figsize=(5.5 * max(len(titles), 1), 3.8),

@@ -1,4 +1,6 @@
-"""Figures of layer matrix decomposition (SPEC.md §5): singular spectra and compression curves.
+"""Figures of layer matrix decomposition: singular spectra and compression curves.
+
+The quantities are defined in docs/definitions.md#weights.
 
 Every function returns a :class:`matplotlib.figure.Figure` built by :func:`new_figure` (Agg,
 no pyplot state); the caller saves or logs it and then drops it.
@@ -22,11 +24,11 @@ def singular_value_figure(
     energy: float | None = None,
     rank: int | None = None,
 ) -> Any:
-    """Singular-value spectrum of one weight (SPEC.md §5.1), with its cumulative energy.
+    """Singular-value spectrum of one weight, with its cumulative energy.
 
-    Left axis: ``σ_i`` against ``i`` (log scale when all are positive). Right axis: the
-    cumulative energy ``Σ_{j<=i} σ_j² / Σσ²``. When ``rank`` (``k(τ)`` of §5.3) is given, a
-    vertical line marks it, labelled with ``energy``.
+    See docs/definitions.md#singular-spectrum. Left axis: ``σ_i`` against ``i`` (log scale when
+    all are positive). Right axis: the cumulative energy ``Σ_{j<=i} σ_j² / Σσ²``. When ``rank``
+    (``k(τ)``, #capacity) is given, a vertical line marks it, labelled with ``energy``.
     """
     s = np.asarray(
         singular_values.detach().cpu().double() if hasattr(singular_values, "detach")

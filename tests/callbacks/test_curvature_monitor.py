@@ -1,4 +1,7 @@
-"""CurvatureMonitor: logs the SPEC.md §6.4 quantities and never perturbs training."""
+"""CurvatureMonitor: logs the curvature quantities and never perturbs training.
+
+The quantities are those of docs/definitions.md#curvature.
+"""
 
 from __future__ import annotations
 

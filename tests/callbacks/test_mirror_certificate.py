@@ -1,4 +1,7 @@
-"""MirrorCertificate: the convex-optimality gap of a MirrorNet during training (SPEC.md §7)."""
+"""MirrorCertificate: the convex-optimality gap of a MirrorNet during training.
+
+The gap is defined in docs/definitions.md#mirrors-values.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of VNEPenalty (SPEC.md §2.5): gradients, restoration, fail-soft, composition."""
+"""Tests of VNEPenalty (docs/definitions.md#vne-penalty): gradients, restoration, composition."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def hooks_and_keys(model: LightningModule) -> tuple[set[str], list[int]]:
 
 
 def test_term_known_values_and_scipy() -> None:
-    # isotropic rows ±e_j: VNE = log d (SPEC.md §2.3); term = −α log d
+    # isotropic rows ±e_j: VNE = log d (docs/definitions.md#vne-values); term = −α log d
     d = 6
     h = torch.cat([torch.eye(d), -2.0 * torch.eye(d)]).double().requires_grad_()
     term, value, ok = vne_penalty_term([h], alpha=0.2)
@@ -474,7 +474,10 @@ def test_composes_with_another_forward_hook() -> None:
 
 @pytest.mark.slow
 def test_digits_vne_ordering_minus_zero_plus() -> None:
-    """VNE⁻ lowers and VNE⁺ raises the held-out representation entropy (SPEC.md §2.5)."""
+    """VNE⁻ lowers and VNE⁺ raises the held-out representation entropy.
+
+    See docs/definitions.md#vne-penalty.
+    """
     from lightning.pytorch import seed_everything
 
     from lightning_spectral.demos import DigitsClassifier, digits_dataloaders, load_digits_tensors

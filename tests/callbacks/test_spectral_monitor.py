@@ -48,14 +48,15 @@ def mlp(seed: int = 0, **kwargs: Any) -> DigitsClassifier:
 
 
 def np_vne_erank_max_cond(h: np.ndarray) -> tuple[float, float, float, float, float]:
-    """Float64 reference, written from SPEC.md §1.1, §1.3, §1.5, §2.1 with numpy only."""
+    """Float64 reference, written from docs/definitions.md#autocorrelation, #erank, #condition,
+    #vne with numpy only."""
     h = np.asarray(h, dtype=np.float64)
     n, d = h.shape
     norm = np.linalg.norm(h, axis=1, keepdims=True)
     z = np.where(norm < 1e-12, 0.0, h / np.where(norm < 1e-12, 1.0, norm))
     lam = np.linalg.eigvalsh(z.T @ z / n)[::-1][: min(n, d)]  # d×d side, the other one
     m = lam.size
-    eps32 = 2.0**-23  # the monitor works in float32: its cutoff (§0.3) uses ε of float32
+    eps32 = 2.0**-23  # the monitor's cutoff (docs/definitions.md#cutoff) uses ε of float32
     cut = np.where(lam <= lam.max() * m * eps32, 0.0, np.clip(lam, 0, None))
     p = cut / cut.sum()
     p = p[p > 0]
@@ -69,7 +70,7 @@ def np_vne_erank_max_cond(h: np.ndarray) -> tuple[float, float, float, float, fl
 
 
 def np_weight_stats(w: np.ndarray) -> dict[str, float]:
-    """Float64 reference from SPEC.md §1.3, §1.4, §5.3 via numpy's SVD."""
+    """Float64 reference from docs/definitions.md#erank, #stable-rank, #capacity via numpy's SVD."""
     s = np.linalg.svd(np.asarray(w, dtype=np.float64).reshape(w.shape[0], -1), compute_uv=False)
     s2 = s**2
     p = s2 / s2.sum()
@@ -165,7 +166,8 @@ def test_known_values_from_theory(make_trainer, memory_logger_cls):
     monitor = SpectralMonitor(every_n_steps=1, weights_every_n_steps=1, figures=False)
     make_trainer([monitor], max_steps=2, logger=logger).fit(Toy(d), loader)
     got = {tag: logger.series(tag)[0] for tag in logger.tags() if 0 in logger.series(tag)}
-    # isotropic rows: VNE = log d, erank = d, λ_max = 1/d, κ = 1 (SPEC §2.3, §1.3, §1.5)
+    # isotropic rows: VNE = log d, erank = d, λ_max = 1/d, κ = 1 (docs/definitions.md#vne-values,
+    # #erank, #condition)
     assert got["vne/iso"] == pytest.approx(math.log(d), abs=1e-5)
     assert got["erank/iso"] == pytest.approx(d, abs=1e-4)
     assert got["eig_max/iso"] == pytest.approx(1 / d, abs=1e-6)
@@ -214,7 +216,8 @@ def test_values_equal_functional_and_float64_reference(make_trainer, memory_logg
                 got = logger.series(f"{q}/{n}")[step]
                 assert got == pytest.approx(want_functional[q], rel=1e-6, abs=1e-7), (q, n)
                 # float32 vs float64: λ_min carries an error ~ λ_max·ε₃₂, so κ's relative
-                # error grows like κ·ε₃₂ (SPEC §1.5); the other quantities are well conditioned
+                # error grows like κ·ε₃₂ (docs/definitions.md#condition); the other quantities
+                # are well conditioned
                 rel = 2e-4 + (ref_value * 2.0**-23 if q == "condition" else 0.0)
                 # RankMe weighs σ = √λ: a float32 eigenvalue near the cutoff carries an absolute
                 # error ~ λ_max·m·ε₃₂, i.e. σ errors ~ 3e-4·σ_max, so ~1e-3 of RankMe
@@ -405,7 +408,8 @@ def test_tensorboard_and_csv_receive_everything(make_trainer, tmp_path):
         assert f"spectrum_heatmap/{n}" in tags["images"]
     assert "spectra/all_layers" in tags["images"]
     assert any("custom_scalars" in t for t in tags["tensors"])  # the layout
-    # the eigvals histogram holds the distribution λ/Σλ (SPEC §1.6): it sums to one
+    # the eigvals histogram holds the distribution λ/Σλ (docs/definitions.md#distribution): it
+    # sums to one
     hist = acc.Histograms("eigvals/features.6")[0].histogram_value
     assert hist.sum == pytest.approx(1.0, abs=1e-4) and hist.num == 16
     # CSV: the same scalars at the same steps

@@ -1,4 +1,4 @@
-"""``lightning-spectral align`` (lightning_spectral._cli.align; SPEC.md §6)."""
+"""``lightning-spectral align`` (lightning_spectral._cli.align; docs/definitions.md#barrier)."""
 
 from __future__ import annotations
 

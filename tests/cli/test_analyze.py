@@ -1,4 +1,4 @@
-"""``lightning-spectral analyze`` (lightning_spectral._cli.analyze; SPEC.md §1, §5)."""
+"""``lightning-spectral analyze`` (lightning_spectral._cli.analyze; docs/definitions.md#weights)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_json_lightning_ckpt_keys_and_values(capsys, lightning_ckpt):
         assert row["alpha"] == pytest.approx(float(fit.alpha), rel=1e-4)
         assert row["alpha_weighted"] == pytest.approx(float(fit.alpha_weighted), rel=1e-4)
     conv = rows[1]
-    assert conv["shape"] == [32, 16, 3, 3]  # read as 32 × 144 (SPEC.md §0.1)
+    assert conv["shape"] == [32, 16, 3, 3]  # read as 32 × 144 (docs/definitions.md#weight-matrix)
     assert conv["param_ratio"] == pytest.approx(conv["rank_at_energy"] * (32 + 144) / (32 * 144))
 
 
@@ -92,7 +92,7 @@ def test_plain_state_dict_table_and_csv(capsys, tmp_path):
     header = out.splitlines()[0].split()
     assert header == ["name", "shape", "params", "sv_max", "stable_rank", "erank",
                       "capacity_k@99%", "EY_rel_err", "param_ratio", "alpha", "alpha_w"]
-    assert "memory-capacity estimate (SPEC.md 5.3)" in out
+    assert "capacity_k@99%: memory-capacity estimate (see docs/definitions.md#capacity)" in out
     assert "weight_rank99" in out
     body = [line.split() for line in out.splitlines()[2:4]]
     assert [b[0] for b in body] == ["enc.weight", "head.weight"]

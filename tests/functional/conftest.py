@@ -1,10 +1,10 @@
 """Independent float64 references (numpy/scipy) for tests/functional/test_{spectrum,weights}.py.
 
-Nothing here calls lightning_spectral: each reference recomputes a SPEC.md quantity with a
-different method (scipy SVD of the normalised rows instead of torch's Gram + eigvalsh, numpy
-covariance, dense SVD truncation), so an agreement test can fail if our formula is wrong.
-Test files cannot import each other (``--import-mode=importlib``), so the references are
-handed out through the session fixture ``ref``.
+Nothing here calls lightning_spectral: each reference recomputes a quantity of docs/definitions.md
+with a different method (scipy SVD of the normalised rows instead of torch's Gram + eigvalsh, numpy
+covariance, dense SVD truncation), so an agreement test can fail if our formula is wrong. Test files
+cannot import each other (``--import-mode=importlib``), so the references are handed out through the
+session fixture ``ref``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def cutoff(lam: np.ndarray, eps: float = EPS64) -> np.ndarray:
 
 
 def entropy(lam: np.ndarray, eps: float = EPS64) -> float:
-    """``−Σ p log p`` of the cut spectrum, 0 for zero mass (SPEC.md §0.3, §0.4)."""
+    """``−Σ p log p`` of the cut spectrum, 0 for zero mass.
+
+    See docs/definitions.md#cutoff, #entropy.
+    """
     lam = cutoff(lam, eps)
     total = lam.sum()
     if total == 0:
@@ -70,7 +73,10 @@ def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def best_rank_k(w: np.ndarray, k: int) -> np.ndarray:
-    """``W_k = Σ_{i<=k} σ_i u_i v_iᵀ`` from a full float64 SVD (SPEC.md §5.2)."""
+    """``W_k = Σ_{i<=k} σ_i u_i v_iᵀ`` from a full float64 SVD.
+
+    See docs/definitions.md#eckart-young.
+    """
     u, s, vt = np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False)
     return (u[:, :k] * s[:k]) @ vt[:k]
 

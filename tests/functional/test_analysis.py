@@ -1,4 +1,4 @@
-"""Per-matrix checkpoint analysis (lightning_spectral.analysis; SPEC.md §1.3, §1.4, §5).
+"""Per-matrix checkpoint analysis (lightning_spectral.analysis; docs/definitions.md#weights).
 
 Every value is checked against theory (known spectra) and an independent float64 NumPy SVD.
 """
@@ -29,7 +29,7 @@ KEYS = {"name", "shape", "params", "sv_max", "stable_rank", "erank", "rank_at_en
 
 
 def reference_row(w: np.ndarray, tau: float) -> dict:
-    """Independent float64 computation of one analysis row with NumPy (SPEC.md §1, §5)."""
+    """Independent float64 computation of one analysis row with NumPy (docs/definitions.md)."""
     mat = w.reshape(w.shape[0], -1).astype(np.float64)
     s = np.linalg.svd(mat, compute_uv=False)
     s2 = s**2
@@ -106,7 +106,7 @@ def test_float32_weights_close_to_float64_reference():
 
 
 def test_known_spectrum_values():
-    """σ = (2, 1, 1) (SPEC.md §5.3 example): k(2/3) = 1, k(0.7) = 2, k(1) = 3."""
+    """σ = (2, 1, 1) (docs/definitions.md#capacity): k(2/3) = 1, k(0.7) = 2, k(1) = 3."""
     w = torch.diag(torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
     s = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
     for tau, k in ((2 / 3, 1), (0.7, 2), (1.0, 3)):

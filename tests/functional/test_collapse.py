@@ -1,4 +1,4 @@
-"""Neural collapse NC1–NC4 (SPEC.md §4) and its streaming form."""
+"""Neural collapse NC1–NC4 (docs/definitions.md#collapse) and its streaming form."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ H_KEYS = ALL_KEYS[:5]
 
 
 def np_collapse(h: np.ndarray, y: np.ndarray, w=None, b=None) -> dict[str, float]:
-    """Every metric of SPEC.md §4 from its definition, per sample, dense, float64 NumPy."""
+    """Every metric of docs/definitions.md#collapse-metrics, per sample, dense, float64 NumPy."""
     h = h.astype(np.float64)
     classes = np.unique(y)
     c = len(classes)
@@ -336,7 +336,10 @@ def test_geometry_extras():
 
 
 def test_synthetic_collapse_trajectory():
-    """ETF class means + noise of decreasing size: NC1–NC3 → 0, NC4 → 1, MIR/HDR → §3.4."""
+    """ETF class means + noise of decreasing size: NC1–NC3 → 0, NC4 → 1, MIR/HDR → collapse values.
+
+    The MIR/HDR limits are those of docs/definitions.md#mir-collapse.
+    """
     c, d, per = 5, 12, 40
     g = torch.Generator().manual_seed(0)
     m = simplex(c, d, radius=1.0, seed=3)

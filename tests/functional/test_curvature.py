@@ -1,4 +1,4 @@
-"""Hessian eigenpairs, Hutchinson trace and objective noise (SPEC.md §6.4).
+"""Hessian eigenpairs, Hutchinson trace and objective noise (docs/definitions.md#curvature).
 
 Every quantity is checked against a value known from theory (quadratic losses with a chosen
 spectrum) and against an independent dense float64 computation (``torch.func.hessian`` +
@@ -232,7 +232,7 @@ def test_objective_noise_known_values():
     assert float(out.sigma[0]) == pytest.approx(math.sqrt(lr * c**2 / (2 * 2)))
     assert math.isnan(float(out.beta[1])) and math.isnan(float(out.sigma[1]))
     assert math.isnan(float(out.beta[2])) and math.isnan(float(out.sigma[2]))
-    # σ = (2 n β λ)^{-1/2} — both forms of SPEC.md §6.4 agree
+    # σ = (2 n β λ)^{-1/2} — both forms of docs/definitions.md#objective-noise agree
     assert float(out.sigma[0]) == pytest.approx((2 * 2 * float(out.beta[0]) * 2.0) ** -0.5)
     half = objective_noise(g, lam, q, lr, batch_size=4, n=10)
     assert float(half.s2[0]) == pytest.approx(c**2 / 4)

@@ -1,4 +1,4 @@
-"""Matrix entropy, matrix mutual information, MIR and HDR (SPEC.md §3)."""
+"""Matrix entropy, matrix mutual information, MIR and HDR (docs/definitions.md#interplay)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lightning_spectral.functional.interplay import (
 
 
 def np_entropy(k: np.ndarray) -> float:
-    """S(λ(K)) in float64 from the definition (SPEC.md §3.1 with the §0.3 cutoff)."""
+    """S(λ(K)) in float64 from the definition (docs/definitions.md#matrix-entropy, #cutoff)."""
     lam = np.clip(np.linalg.eigvalsh(k.astype(np.float64)), 0, None)
     lam[lam <= lam.max() * lam.size * np.finfo(np.float64).eps] = 0
     p = lam / lam.sum()
@@ -32,7 +32,7 @@ def np_entropy(k: np.ndarray) -> float:
 
 
 def np_interplay(f: np.ndarray, w: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Dense n×n MIR and HDR (SPEC.md §3.3) in float64."""
+    """Dense n×n MIR and HDR (docs/definitions.md#mir-hdr) in float64."""
     z = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     wy = w[y] / np.linalg.norm(w[y], axis=1, keepdims=True)
     gz, gw = z @ z.T, wy @ wy.T
@@ -41,7 +41,7 @@ def np_interplay(f: np.ndarray, w: np.ndarray, y: np.ndarray) -> tuple[float, fl
 
 
 def collapse_mir(c: int) -> float:
-    """SPEC.md §3.4."""
+    """MIR at collapse with ``c`` classes (docs/definitions.md#mir-collapse)."""
     return 1 / (c - 1) + (c - 2) * math.log(c - 2) / ((c - 1) * math.log(c - 1))
 
 
@@ -146,7 +146,7 @@ def test_mutual_information_matches_numpy_and_bounds(seed):
 @pytest.mark.parametrize("c,expected", [(3, 0.5), (10, 0.952351), (4, None), (25, None)])
 @pytest.mark.parametrize("m", [1, 4])
 def test_collapse_values(c, expected, m):
-    """SPEC.md §3.4: z_i = ŵ_{y_i}, ETF head, balanced classes, zero global mean."""
+    """docs/definitions.md#mir-collapse: z_i = ŵ_{y_i}, ETF head, balanced classes, zero mean."""
     w = etf_rows(c, d=c + 2) * 2.5
     y = torch.arange(c).repeat_interleave(m)
     f = w[y] * 0.3  # any positive scale per row is removed by the normalisation

@@ -1,4 +1,7 @@
-"""SPEC.md §7: 1-D absolute-value networks as Lasso problems with reflection features."""
+"""1-D absolute-value networks as Lasso problems with reflection features.
+
+The definitions are in docs/definitions.md#mirrors.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ def _phi_dense(x: np.ndarray, a1: float, a2: float) -> np.ndarray:
 
 
 def _min_l1_interpolation(A: np.ndarray, y: np.ndarray) -> float:
-    """Independent LP: min ‖z‖₁ s.t. A z + ξ1 = y (SPEC.md §7.1, β → 0), via linprog."""
+    """Independent LP via linprog: min ‖z‖₁ s.t. A z + ξ1 = y, the β → 0 limit of the Lasso.
+
+    See docs/definitions.md#mirrors-lasso.
+    """
     n, p = A.shape
     # variables: z⁺ (p), z⁻ (p), ξ⁺, ξ⁻
     c = np.concatenate([np.ones(2 * p), [0.0, 0.0]])
@@ -36,7 +42,7 @@ def _min_l1_interpolation(A: np.ndarray, y: np.ndarray) -> float:
 
 
 def _lasso_scipy(A: np.ndarray, y: np.ndarray, beta: float) -> float:
-    """Independent solve of §7.1: smooth bound-constrained reformulation, L-BFGS-B."""
+    """Independent solve of the Lasso: smooth bound-constrained reformulation, L-BFGS-B."""
     n, p = A.shape
 
     def fun(v: np.ndarray) -> tuple[float, np.ndarray]:

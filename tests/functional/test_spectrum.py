@@ -1,4 +1,6 @@
-"""Spectra of representations: SPEC.md §0, §1, §2 (lightning_spectral.functional.spectrum).
+"""Spectra of representations (lightning_spectral.functional.spectrum).
+
+The quantities are those of docs/definitions.md#conventions, #spectra and #vne.
 
 Every quantity is checked against a value known from theory and against an independent float64
 computation (conftest.py's ``ref``: scipy SVD of the normalised rows, numpy covariance).
@@ -46,7 +48,10 @@ def orthogonal(d: int, seed: int = 0) -> torch.Tensor:
 
 
 def isotropic_rows(d: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ±q_j of a random orthogonal Q, each with a random non-zero scale (SPEC.md §2.3)."""
+    """Rows ±q_j of a random orthogonal Q, each with a random non-zero scale.
+
+    Their VNE is log d (docs/definitions.md#vne-values).
+    """
     q = orthogonal(d, seed)
     g = gen(seed + 1)
     rows = torch.cat([q, -q, q])  # every direction three times: ZᵀZ = 3·I_d
@@ -57,7 +62,7 @@ def isotropic_rows(d: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# known values (SPEC.md §1, §2.3)
+# known values (docs/definitions.md#spectra, #vne-values)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -126,7 +131,7 @@ def test_degenerate_inputs(dtype: torch.dtype) -> None:
     assert vne(randn(1, 7, seed=1, dtype=dtype), normalize=False).item() == 0.0
     assert vne(randn(4, 1, seed=1, dtype=dtype)).item() == 0.0
     assert autocorrelation_eigvals(torch.zeros(5, 3, dtype=dtype)).tolist() == [0.0] * 3
-    # a row of norm below 1e-12 is a zero row (SPEC.md §0.2)
+    # a row of norm below 1e-12 is a zero row (docs/definitions.md#normalisation)
     # (n > d: d×d side, rows normalised explicitly; n <= d: n×n side, norms from the Gram)
     for d in (3, 8):
         base = randn(4, d, seed=2, dtype=dtype)
@@ -155,7 +160,7 @@ def test_trace_is_one_and_eigvals_match_both_gram_sides(ref) -> None:
         assert lam.shape == (min(n, d),)
         assert lam.sum().item() == pytest.approx(1.0, abs=1e-12)
         np.testing.assert_allclose(lam.numpy(), ref.autocorr_eigs(h.numpy()), atol=1e-13)
-        # the dense d×d autocorrelation of SPEC.md §1.1, formed explicitly
+        # the dense d×d autocorrelation of docs/definitions.md#autocorrelation, formed explicitly
         z = h / h.norm(dim=1, keepdim=True)
         dense = torch.linalg.eigvalsh(z.T @ z / n).flip(0)[: min(n, d)]
         torch.testing.assert_close(lam, dense, atol=1e-13, rtol=0)
@@ -189,7 +194,8 @@ def test_effective_rank_known_values() -> None:
     assert effective_rank(torch.zeros(4)).item() == 0.0
     assert effective_rank(torch.tensor([0.0, -1e-9])).item() == 0.0
     assert effective_rank(torch.tensor([1.0, 0.0])).item() == 1.0
-    # cutoff (SPEC.md §0.3): 1e-9 <= 1 · 2 · 2^-23 is cut in float32 but not in float64
+    # cutoff (docs/definitions.md#cutoff): 1e-9 <= 1 · 2 · 2^-23 is cut in float32 but not in
+    # float64
     assert effective_rank(torch.tensor([1.0, 1e-9])).item() == 1.0
     assert effective_rank(torch.tensor([1.0, 1e-9], dtype=F64)).item() > 1.0
     # p = (1/2, 1/4, 1/4): S = 1.5 log 2
@@ -349,7 +355,8 @@ def test_nonfinite_inputs_give_nan_without_raising(ref) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# invariances (SPEC.md §1): row permutation, orthogonal rotation, row rescaling
+# invariances (docs/definitions.md#invariances): row permutation, orthogonal rotation, row
+# rescaling
 
 
 @pytest.mark.parametrize("shape", [(7, 12), (12, 7)])
@@ -426,7 +433,8 @@ def test_fuzz_invariants(data: tuple[torch.Tensor, int], dtype: torch.dtype) -> 
         assert v == 0.0
     er = effective_rank(lam).item()
     if nonzero_rows:
-        assert er == pytest.approx(math.exp(v), rel=1e-5)  # erank = exp(VNE) (SPEC.md §1.3)
+        # erank = exp(VNE) (docs/definitions.md#erank)
+        assert er == pytest.approx(math.exp(v), rel=1e-5)
         assert 1.0 - tol <= er <= m + tol
     else:
         assert er == 0.0  # zero mass [convention], while VNE = 0
@@ -486,7 +494,7 @@ def test_fuzz_effective_rank_bounds(lam: list[float]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# gradients (SPEC.md §2.4)
+# gradients (docs/definitions.md#vne-gradient)
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (6, 4), (5, 5)])
@@ -564,9 +572,9 @@ def test_vne_gradient_all_zero_rows() -> None:
 
 
 def test_vne_matches_entropy_gradient_formula() -> None:
-    # ∂S/∂p_i = −(log p_i + 1) on the support (SPEC.md §2.4). Through p = λ/Σλ the gradient in
-    # λ is (−log p_i − S)/Σλ: it differs from −(log p_i + 1) only along the normal (1, …, 1)
-    # of the simplex, so both agree on every trace-preserving direction.
+    # ∂S/∂p_i = −(log p_i + 1) on the support (docs/definitions.md#vne-gradient). Through p = λ/Σλ
+    # the gradient in λ is (−log p_i − S)/Σλ: it differs from −(log p_i + 1) only along the normal
+    # (1, …, 1) of the simplex, so both agree on every trace-preserving direction.
     lam = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=F64, requires_grad=True)
     (grad,) = torch.autograd.grad(entropy_of_spectrum(apply_cutoff(lam)), lam)
     p = lam.detach()[:3]
@@ -576,7 +584,8 @@ def test_vne_matches_entropy_gradient_formula() -> None:
     tangent = torch.tensor([1.0, -2.0, 1.0], dtype=F64)
     torch.testing.assert_close((grad[:3] * tangent).sum(), (spec * tangent).sum())
     # without the cutoff, a zero entry: the value and the gradient of p log p at p = 0 are 0
-    # (SPEC.md §0.4), so only the normalisation acts on it: ∂S/∂λ_4 = (1 − S)/Σλ, finite
+    # (docs/definitions.md#entropy), so only the normalisation acts on it: ∂S/∂λ_4 = (1 − S)/Σλ,
+    # finite
     (raw,) = torch.autograd.grad(entropy_of_spectrum(lam), lam)
     torch.testing.assert_close(raw[:3], grad[:3])
     assert raw[3].item() == pytest.approx(1 - s.item(), abs=1e-12)

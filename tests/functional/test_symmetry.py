@@ -1,4 +1,7 @@
-"""Permutation symmetry: counts, canonical order, alignment, barrier, distance (SPEC §6.1–6.3)."""
+"""Permutation symmetry: counts, canonical order, alignment, barrier, distance.
+
+The quantities are those of docs/definitions.md#symmetry.
+"""
 
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def _same_params(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-# ----------------------------------------------------------------------------- §6.1 counts
+# ----------------------------------------------------------------------------- counts
 
 
 def test_log_equivalent_optima_known_values():
@@ -100,7 +103,8 @@ def test_permutation_count_log10_against_exact_integers():
 
 
 def test_sign_flip_is_a_symmetry_for_tanh():
-    # the factor 2^{n_l} of §6.1 is real: flipping (w_j, b_j, a_j) keeps the function
+    # the factor 2^{n_l} of docs/definitions.md#equivalent-optima is real: flipping
+    # (w_j, b_j, a_j) keeps the function
     net = _mlp((3, 4, 2), act=nn.Tanh)
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     flipped = _mlp((3, 4, 2), act=nn.Tanh)
@@ -112,7 +116,7 @@ def test_sign_flip_is_a_symmetry_for_tanh():
     torch.testing.assert_close(flipped(x), net(x))
 
 
-# ----------------------------------------------------------------------------- §6.2 canonical order
+# ----------------------------------------------------------------------------- canonical order
 
 
 @pytest.mark.parametrize("make", [lambda: _mlp((5, 7, 6, 3)), lambda: _mlp((5, 7, 6, 3), bn=True),
@@ -216,7 +220,7 @@ def test_batchnorm_train_mode_outputs_unchanged_by_permutation():
     torch.testing.assert_close(other(x), net(x), rtol=1e-12, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- §6.3 distance
+# ----------------------------------------------------------------------------- distance
 
 
 def test_permutation_distance_hand_value_and_brute_force():

@@ -1,7 +1,8 @@
-"""Layer matrix decomposition of weights: SPEC.md §0.1, §1.3, §1.4, §5.
+"""Layer matrix decomposition of weights (docs/definitions.md#weights).
 
-(lightning_spectral.functional.weights, and stable_rank from spectrum.) Known values from the
-SPEC plus agreement with a dense float64 numpy SVD and its explicit rank-k truncation.
+(lightning_spectral.functional.weights, and stable_rank from spectrum.) Known values from
+docs/definitions.md plus agreement with a dense float64 numpy SVD and its explicit rank-k
+truncation.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def randn(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# reshape (SPEC.md §0.1) and singular values (§5.1)
+# reshape (docs/definitions.md#weight-matrix) and singular values (#singular-spectrum)
 
 
 def test_weight_matrix_reshape_and_errors() -> None:
@@ -116,7 +117,7 @@ def test_meta_device() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# stable rank (§1.4) and effective rank of σ² (§1.3)
+# stable rank (docs/definitions.md#stable-rank) and effective rank of σ² (#erank)
 
 
 def test_stable_rank_known_values() -> None:
@@ -145,8 +146,8 @@ def test_stable_rank_matches_numpy_and_range(shape: tuple[int, ...]) -> None:
 
 
 def test_effective_rank_of_squared_singular_values_is_exp_vne() -> None:
-    # SPEC.md §1.3: erank of a weight uses σ², so that it equals exp(VNE) of the rows read as a
-    # representation without normalisation (the spectrum of WᵀW/n is σ²/n)
+    # docs/definitions.md#erank: erank of a weight uses σ², so that it equals exp(VNE) of the rows
+    # read as a representation without normalisation (the spectrum of WᵀW/n is σ²/n)
     for shape in [(6, 10), (10, 6)]:
         w = randn(*shape, seed=8)
         er = effective_rank(singular_values(w).square()).item()
@@ -159,7 +160,7 @@ def test_effective_rank_of_squared_singular_values_is_exp_vne() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# truncation rank (§5.3)
+# truncation rank (docs/definitions.md#capacity)
 
 
 def test_truncation_rank_spec_example() -> None:
@@ -226,7 +227,7 @@ def test_fuzz_truncation_rank_is_minimal(s: list[float], tau: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Eckart–Young–Mirsky (§5.2)
+# Eckart–Young–Mirsky (docs/definitions.md#eckart-young)
 
 
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6), (5, 2, 2, 2)])
