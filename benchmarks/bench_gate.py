@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-from lightning_spectral._eventfile import read_scalars, write_scalars  # noqa: E402
+from lightning_spectral._eventfile import read_scalars  # noqa: E402
 from lightning_spectral.cli import main as cli_main  # noqa: E402
 from lightning_spectral.gate import evaluate, parse_rule, read_run  # noqa: E402
+from lightning_spectral.testing import write_scalars  # noqa: E402
 
 QUANTITIES = ("vne", "erank", "weight_stable_rank", "collapse")
 RULES = [

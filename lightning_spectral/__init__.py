@@ -39,7 +39,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names resolve laz
     from lightning_spectral.callbacks.spectral import SpectralMonitor as SpectralMonitor
     from lightning_spectral.compression import compress as compress
     from lightning_spectral.compression import compression_curve as compression_curve
-    from lightning_spectral.functional.mirrors import MirrorNet as MirrorNet
+    from lightning_spectral.models import MirrorNet as MirrorNet
+    from lightning_spectral.models import ReluMirrorNet as ReluMirrorNet
 
 #: Where the root's lazy names come from: a module and either ``"*"`` (every name of its
 #: ``__all__``) or the names of its ``__all__`` that the root re-exports. Order matters only
@@ -51,7 +52,7 @@ _SOURCES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
     ("lightning_spectral.callbacks.alarm", "*"),
     ("lightning_spectral.callbacks.curvature", "*"),
     ("lightning_spectral.callbacks.mirrors", "*"),
-    ("lightning_spectral.functional.mirrors", ("MirrorNet",)),
+    ("lightning_spectral.models", "*"),
     ("lightning_spectral.analysis", ("analyze_state_dict",)),
     ("lightning_spectral.compression", ("compress", "compression_curve")),
 )

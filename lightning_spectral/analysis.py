@@ -42,8 +42,7 @@ from typing import Any
 import torch
 
 from lightning_spectral.errors import SpectralError
-from lightning_spectral.functional.powerlaw import powerlaw_alpha
-from lightning_spectral.functional.spectrum import effective_rank
+from lightning_spectral.functional.quantities import Spectra, compute_quantities
 from lightning_spectral.functional.weights import (
     singular_values_many,
     truncation_rank,
@@ -877,33 +876,39 @@ def _check_energy(energy: float) -> float:
     return tau
 
 
+#: analysis columns computed by the quantity table's weight functions (the same functions as
+#: the logged ``weight_*`` tags), in column order
+_TABLE_COLUMNS = ("weight_sv_max", "weight_stable_rank", "weight_erank", "weight_alpha",
+                  "weight_alpha_weighted")
+
+
 def _stats(stack: torch.Tensor, tau: float) -> torch.Tensor:
     """Per-row statistics of singular values ``stack`` (g, r), descending: a (g, 8) float64.
 
     Columns (anchors of docs/definitions.md): ``σ_1``, stable rank ``Σσ²/σ_1²`` (#stable-rank),
     ``erank = exp(S(σ²))`` (#erank), ``k(τ)`` (#capacity), the relative Eckart–Young error at ``k``
     (#eckart-young), the heavy-tailed exponent ``α`` of ``σ²`` and ``α·log10 σ_1²``
-    (``functional.powerlaw.powerlaw_alpha``) and a finiteness flag.
+    (#heavy-tail) and a finiteness flag. ``σ_1``, the stable rank, erank, ``α`` and ``α̂`` are
+    the functions of ``lightning_spectral.functional.quantities.QUANTITIES`` that compute the
+    logged ``weight_sv_max``, ``weight_stable_rank``, ``weight_erank``, ``weight_alpha`` and
+    ``weight_alpha_weighted``, in the same precision.
     The Eckart–Young tail ``Σ_{i>k} σ_i²`` is the formula of :func:`eckart_young_error`,
     gathered per row from one reverse cumulative sum so that rows with different ``k`` share
     one call.
     """
     finite = torch.isfinite(stack).all(dim=-1)
     s = torch.where(finite[:, None], stack, torch.zeros_like(stack))
-    s2 = s.square()
-    erank = effective_rank(s2).double()
+    table = compute_quantities(_TABLE_COLUMNS, Spectra(s=s)).double()
+    sv_max, srank, erank, alpha, alpha_w = table.unbind(dim=-1)
     k = truncation_rank(s, tau).long()  # non-finite rows were zeroed, so k is finite
-    s2d = s2.double()
+    s2d = s.square().double()
     tails = torch.cat([s2d.flip(-1).cumsum(-1).flip(-1), s2d.new_zeros(len(s2d), 1)], dim=-1)
     tail = tails.gather(-1, k[:, None])[:, 0]
     total = tails[:, 0]
-    top = s2d[:, 0] if s2d.shape[-1] else total
     nan = torch.full_like(total, float("nan"))
-    srank = torch.where(top > 0, total / torch.where(top > 0, top, 1.0), nan)
     rel = torch.where(total > 0, (tail / torch.where(total > 0, total, 1.0)).sqrt(), nan)
-    fit = powerlaw_alpha(s2d)
-    out = torch.stack([s[:, 0].double() if s.shape[-1] else total, srank, erank, k.double(), rel,
-                       fit.alpha.double(), fit.alpha_weighted.double(), finite.double()], dim=-1)
+    out = torch.stack([sv_max, srank, erank, k.double(), rel, alpha, alpha_w, finite.double()],
+                      dim=-1)
     # a non-finite weight: every statistic undefined
     return torch.where(finite[:, None] | (torch.arange(8, device=out.device) == 7), out,
                        torch.full_like(out, float("nan")))

@@ -17,11 +17,16 @@ test can hold the monitors (or your own code) to "one transfer per event"::
     with count_host_syncs("cuda") as syncs:
         trainer.fit(model, loader)
     assert syncs.count_under("lightning_spectral") == number_of_events
+
+:func:`write_scalars` writes ``(tag, step, value)`` records as a TensorBoard event file, in
+the record layout of ``SummaryWriter.add_scalar`` (or tensor-encoded), for tests of code that
+reads runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import struct
 import sys
 import warnings
 import weakref
@@ -29,11 +34,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lightning_spectral._compat import pl
+from lightning_spectral._eventfile import _crc_many, _crc_of_lengths, _mask
 
-__all__ = ["HostSyncs", "MemoryLogger", "count_host_syncs"]
+__all__ = ["HostSyncs", "MemoryLogger", "count_host_syncs", "write_scalars"]
 
 #: Tensor methods that copy data to the host (the CPU stand-in for a CUDA synchronisation)
 HOST_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -190,3 +197,66 @@ class MemoryLogger(pl.loggers.logger.Logger):
         if not series:
             raise KeyError(f"{tag!r} was never logged; logged tags: {sorted(self.tags())}")
         return series[max(series)]
+
+
+def _varint_bytes(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def write_scalars(
+    path: Path | str,
+    records: list[tuple[str, int, float]],
+    wall_time: float = 1.7e9,
+    tensor_encoded: bool = False,
+) -> Path:
+    """Write ``(tag, step, value)`` records as a TensorBoard event file (fast, NumPy CRCs).
+
+    Records are encoded as ``SummaryWriter.add_scalar`` does (``simple_value``), or, with
+    ``tensor_encoded=True``, as a float32 scalar tensor with the ``scalars`` plugin metadata,
+    as TF2 writers do. A ``file_version`` event comes first, as in every real file.
+    """
+    blobs = [b"\x09" + struct.pack("<d", wall_time) + b"\x1a\x0dbrain.Event:2"]
+    cache: dict[str, bytes] = {}
+    for k, (tag, step, value) in enumerate(records):
+        tb = cache.get(tag)
+        if tb is None:
+            raw = tag.encode()
+            tb = cache[tag] = b"\x0a" + _varint_bytes(len(raw)) + raw
+        if tensor_encoded:
+            tensor = b"\x08\x01\x2a\x04" + struct.pack("<f", value)
+            meta = b"\x0a\x09\x0a\x07scalars"
+            body = (tb + b"\x42" + _varint_bytes(len(tensor)) + tensor
+                    + b"\x4a" + _varint_bytes(len(meta)) + meta)
+        else:
+            body = tb + b"\x15" + struct.pack("<f", value)
+        summary = b"\x0a" + _varint_bytes(len(body)) + body
+        event = b"\x09" + struct.pack("<d", wall_time + 1e-3 * k)
+        if step:
+            event += b"\x10" + _varint_bytes(step)
+        event += b"\x2a" + _varint_bytes(len(summary)) + summary
+        blobs.append(event)
+    lengths = np.array([len(b) for b in blobs], dtype=np.int64)
+    joined = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    crcs = _mask(_crc_many(joined, starts, lengths))
+    heads = np.frombuffer(lengths.astype("<u8").tobytes(), dtype=np.uint8)
+    head_crcs = _mask(_crc_of_lengths(lengths))
+    head_bytes = heads.reshape(-1, 8)
+    head_crc_bytes = np.frombuffer(head_crcs.astype("<u4").tobytes(), np.uint8).reshape(-1, 4)
+    crc_bytes = np.frombuffer(crcs.astype("<u4").tobytes(), np.uint8).reshape(-1, 4)
+    out = bytearray()
+    for k, blob in enumerate(blobs):
+        out += head_bytes[k].tobytes() + head_crc_bytes[k].tobytes() + blob
+        out += crc_bytes[k].tobytes()
+    path = Path(path)
+    path.write_bytes(bytes(out))
+    return path

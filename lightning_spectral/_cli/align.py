@@ -264,6 +264,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from lightning_spectral.functional.symmetry import (
         align,
+        barrier_height,
         interpolation_losses,
         permutation_count_log10,
         permutation_distance,
@@ -284,8 +285,7 @@ def _run(args: argparse.Namespace) -> int:
                         ) from None
 
     def barrier(losses: torch.Tensor) -> float:
-        chord = (1 - ts) * losses[0] + ts * losses[-1]
-        return float((losses - chord).max())
+        return barrier_height(ts, losses)
 
     result = {
         "loss": what,

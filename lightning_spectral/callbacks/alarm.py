@@ -43,15 +43,10 @@ from lightning_spectral.callbacks._base import (
     warn_rank_zero,
 )
 from lightning_spectral.errors import SpectralConfigError, SpectralError
-from lightning_spectral.gate import (
-    GateInputError,
-    Rule,
-    Run,
-    _baseline_run,
-    _fmt,
-    _Reduced,
-    parse_rule,
-)
+from lightning_spectral.gate._common import GateInputError, _fmt
+from lightning_spectral.gate.evaluate import _baseline_run, _Reduced
+from lightning_spectral.gate.rules import Rule, parse_rule
+from lightning_spectral.gate.runs import Run
 from lightning_spectral.reduce import StreamingSeries
 
 __all__ = ["SpectralAlarm", "SpectralAlarmError"]

@@ -1,6 +1,6 @@
 """``MirrorCertificate``: how far a 1-D absolute-value network is from its global optimum.
 
-A :class:`~lightning_spectral.functional.mirrors.MirrorNet` trained on 1-D data with the
+A :class:`~lightning_spectral.models.MirrorNet` trained on 1-D data with the
 objective of docs/definitions.md#mirrors-depth2 or #mirrors-depth3 has a global minimum equal to
 a convex Lasso over reflection features (docs/definitions.md#mirrors).
 The callback solves that Lasso once per data set and logs, every ``every_n_steps`` optimizer
@@ -32,11 +32,11 @@ from lightning_spectral.capture import paused
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
     MirrorFit,
-    MirrorNet,
     _forward,
     lasso_mirror_fit,
     network_objective,
 )
+from lightning_spectral.models import MirrorNet
 
 __all__ = ["MirrorCertificate"]
 

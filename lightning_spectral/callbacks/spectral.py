@@ -48,16 +48,17 @@ from lightning_spectral.callbacks._base import (
 )
 from lightning_spectral.capture import LayerCapture, weight_matrices
 from lightning_spectral.errors import SpectralConfigError
-from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum, resolve_dtype
-from lightning_spectral.functional.powerlaw import powerlaw_alpha
-from lightning_spectral.functional.spectrum import (
-    autocorrelation_eigvals,
-    condition_number,
-    effective_rank,
-    rankme_from_eigvals,
-    spectral_distribution,
+from lightning_spectral.functional._utils import resolve_dtype
+from lightning_spectral.functional.quantities import (
+    ACTIVATION_QUANTITIES,
+    QUANTITIES,
+    WEIGHT_QUANTITIES,
+    Spectra,
+    compute_quantities,
+    quantity,
 )
-from lightning_spectral.functional.weights import singular_values_many, truncation_rank
+from lightning_spectral.functional.spectrum import autocorrelation_eigvals, spectral_distribution
+from lightning_spectral.functional.weights import singular_values_many
 
 __all__ = [
     "SpectralMonitor",
@@ -74,32 +75,35 @@ MAX_POSTPONE = 8
 #: a window is short when a layer holds fewer than this fraction of its largest window's rows
 SHORT_FRACTION = 0.5
 
-ACTIVATION_QUANTITIES = ("vne", "erank", "eig_max", "condition", "rankme")
-WEIGHT_QUANTITIES = (
-    "weight_stable_rank",
-    "weight_erank",
-    "weight_sv_max",
-    "weight_rank90",
-    "weight_rank99",
-    "weight_alpha",
-    "weight_alpha_weighted",
-)
+#: hidden columns of the packed blocks: NaN exactly for a non-finite layer (λ_1, resp. σ_1)
+_PROBE_A = "_probe_activation"
+_PROBE_W = "_probe_weight"
+#: the per-layer chart titled by the layer name alone (the others: "<layer>: <chart>")
+_RANKS_CHART = "ranks"
 _MAX_HISTORY = 512  # heatmap rows kept per layer (thinned by 2 when full)
 #: default of ``figure_budget``: the per-event spectra figure is skipped while figure rendering
 #: has used more than this fraction of the fit's wall time (the first event always gets one)
 FIGURE_BUDGET = 0.01
 
 
-def _stable_rank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
-    """``Σσ_i² / σ_1²`` from singular values already computed; NaN for ``W = 0``.
-
-    The same formula as :func:`lightning_spectral.functional.stable_rank`, which would run the
-    SVD a second time.
-    """
-    s2 = s.square()
-    top = s2.amax(dim=-1)
-    ratio = s2.sum(dim=-1) / torch.where(top > 0, top, torch.ones_like(top))
-    return torch.where(top > 0, ratio, torch.full_like(ratio, float("nan")))
+def _check_quantities(quantities: Any) -> tuple[str, ...]:
+    """The selected table entries (docs/metrics.md), in table order."""
+    if quantities is None:
+        return tuple(q.name for q in QUANTITIES)
+    if isinstance(quantities, str) or not all(isinstance(q, str) for q in quantities):
+        raise SpectralConfigError(
+            f"quantities must be None or a list of quantity names, got {quantities!r}"
+        )
+    table = [q.name for q in QUANTITIES]
+    unknown = [q for q in quantities if q not in table]
+    if unknown:
+        raise SpectralConfigError(
+            f"unknown quantities {unknown}; the quantity table "
+            f"(lightning_spectral.functional.quantities) has: {', '.join(table)}"
+        )
+    if not quantities:
+        raise SpectralConfigError(f"quantities is empty; choose from: {', '.join(table)}")
+    return tuple(n for n in table if n in set(quantities))
 
 
 class SpectralMonitor(SpectralCallback):
@@ -134,6 +138,11 @@ class SpectralMonitor(SpectralCallback):
             dashboard category; two monitors in one Trainer need distinct prefixes.
         prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar, e.g.
             ``["erank/*"]``.
+        quantities: the tag prefixes to log, from the quantity table
+            ``lightning_spectral.functional.quantities.QUANTITIES`` (``None``: all of
+            them); e.g. ``["vne", "erank", "weight_stable_rank"]``. An unknown name raises
+            :class:`~lightning_spectral.errors.SpectralConfigError` listing the table.
+            ``rows/<layer>`` and the histograms are always written.
 
     Every scalar also goes into ``trainer.callback_metrics`` on every rank, so
     ``EarlyStopping(monitor="vne/<layer>")`` and ``ModelCheckpoint(monitor="erank/<layer>")``
@@ -163,6 +172,7 @@ class SpectralMonitor(SpectralCallback):
         figure_budget: float = FIGURE_BUDGET,
         prefix: str = "",
         prog_bar: str | list[str] | None = None,
+        quantities: list[str] | None = None,
     ) -> None:
         super().__init__(
             strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
@@ -186,6 +196,9 @@ class SpectralMonitor(SpectralCallback):
         except ValueError as exc:
             raise SpectralConfigError(str(exc)) from None
         self.dtype = dtype
+        self.quantities = _check_quantities(quantities)
+        self._act_quantities = tuple(n for n in self.quantities if n in ACTIVATION_QUANTITIES)
+        self._weight_quantities = tuple(n for n in self.quantities if n in WEIGHT_QUANTITIES)
         self._capture: LayerCapture | None = None
         #: weight tag -> (owner module, parameter name), read when due
         self._weight_layers: dict[str, tuple[nn.Module, str]] = {}
@@ -209,6 +222,11 @@ class SpectralMonitor(SpectralCallback):
         self._warned_empty: set[str] = set()
         #: ``{"step": g, "rows": {layer: rows used}}`` of the last activation event (all ranks)
         self.last_event: dict[str, Any] = {}
+
+    @property
+    def _log_weights(self) -> bool:
+        """Weight events happen: ``weights=True`` and a weight quantity is selected."""
+        return self.weights and bool(self._weight_quantities)
 
     # -- identity and state ----------------------------------------------------------------------
     @property
@@ -249,7 +267,7 @@ class SpectralMonitor(SpectralCallback):
     # -- lifetime --------------------------------------------------------------------------------
     def _install(self, trainer: Any, pl_module: Any, stage: str) -> None:
         kind = strategy_kind(trainer)
-        if self.weights and kind in ("fsdp", "deepspeed"):
+        if self._log_weights and kind in ("fsdp", "deepspeed"):
             raise SpectralConfigError(
                 f"SpectralMonitor(weights=True) cannot read whole weights under "
                 f"{type(trainer.strategy).__name__} (it keeps flat parameter shards): use "
@@ -288,7 +306,9 @@ class SpectralMonitor(SpectralCallback):
         g = int(trainer.global_step)
         log_step = logging_step(trainer)
         act_due = self._act_schedule.due(g)
-        weight_due = self.weights and bool(self._weight_layers) and self._weight_schedule.due(g)
+        weight_due = (
+            self._log_weights and bool(self._weight_layers) and self._weight_schedule.due(g)
+        )
         if weight_due:
             self._weight_schedule.done(g)
             self._pending_weights = (g, log_step, self._weight_spectra(trainer))
@@ -341,7 +361,7 @@ class SpectralMonitor(SpectralCallback):
         self._capturing_for = None
         g = int(trainer.global_step)
         log_step = logging_step(trainer)
-        if self.weights and self._weight_layers and self._last_weight_step != g:
+        if self._log_weights and self._weight_layers and self._last_weight_step != g:
             self._pending_weights = (g, log_step, self._weight_spectra(trainer))
             self._emit(trainer, g, log_step, None)
         if self.figures and trainer.is_global_zero and report.tensorboard_writers(trainer):
@@ -475,6 +495,7 @@ class SpectralMonitor(SpectralCallback):
         for n, r in (rows or {}).items():
             host_s[f"rows/{n}"] = float(r.shape[0])
         self._check_finite(host_s, list(rows or {}), weight_names)
+        host_s = {t: v for t, v in host_s.items() if not t.startswith("_")}  # drop the probes
         tb = bool(report.tensorboard_writers(trainer))
         if tb and not self._layout_done:
             self._register_layout(trainer)
@@ -498,57 +519,57 @@ class SpectralMonitor(SpectralCallback):
     def _activation_metrics(
         self, rows: dict[str, torch.Tensor], packed: dict, unpack: list
     ) -> None:
-        """VNE, erank, λ_max, κ, p (docs/definitions.md#spectra): one eigvalsh per shape.
+        """The selected activation quantities of the table (docs/definitions.md#spectra): one
+        ``eigvalsh`` per shape (two when a selected quantity needs the raw rows, RankMe).
 
-        Results stay packed per shape group (a ``(G, 4)`` block and a ``(G, m)`` block), so an
-        event costs a few tensor operations per *shape*, not per layer and quantity.
+        Results stay packed per shape group (a ``(G, q + 1)`` block — the last column is
+        ``λ_1``, the non-finite probe — and a ``(G, m)`` block), so an event costs a few tensor
+        operations per *shape*, not per layer and quantity.
         """
         groups: dict[tuple, list[str]] = {}
         for name, r in rows.items():
             groups.setdefault((tuple(r.shape), r.device), []).append(name)
         want_dist = self.histograms or self.figures
+        selected = self._act_quantities
+        need_raw = any(quantity(n).raw for n in selected)
         with torch.no_grad():
             for gi, names in enumerate(groups.values()):
                 stack = torch.stack([rows[n] for n in names]).to(self._dtype)
                 lam = autocorrelation_eigvals(stack, normalize=True, dtype=self._dtype)
                 # RankMe is defined on the raw (not row-normalised) rows' singular values
-                raw = autocorrelation_eigvals(stack, normalize=False, dtype=self._dtype)
-                block = torch.stack(
-                    [entropy_of_spectrum(apply_cutoff(lam)), effective_rank(lam), lam[..., 0],
-                     condition_number(lam), rankme_from_eigvals(raw)], dim=-1
-                )
+                raw = (autocorrelation_eigvals(stack, normalize=False, dtype=self._dtype)
+                       if need_raw else None)
+                sp = Spectra(lam=lam, raw=raw)
+                probe = lam[..., :1] if lam.shape[-1] else lam.sum(dim=-1, keepdim=True)
+                block = (torch.cat([compute_quantities(selected, sp), probe], dim=-1)
+                         if selected else probe)
                 packed[f"a{gi}"] = block
-                unpack.append((f"a{gi}", names, ACTIVATION_QUANTITIES, None))
+                unpack.append((f"a{gi}", names, (*selected, _PROBE_A), None))
                 if want_dist:
                     packed[f"ad{gi}"] = spectral_distribution(lam)
                     unpack.append((f"ad{gi}", names, ("eigvals",), None))
 
     def _weight_metrics(self, svals: dict[str, torch.Tensor], packed: dict, unpack: list) -> None:
-        """Stable rank, erank of σ², σ_1, k(0.9), k(0.99), σ²/Σσ² (docs/definitions.md#weights).
+        """The selected weight quantities of the table (docs/definitions.md#weights).
 
         The singular-value vectors are zero-padded into one ``(L, r_max)`` matrix: trailing
         zeros change none of these quantities (they are cut off, add no energy and no mass),
-        so every weight is handled by the same few batched operations.
+        so every weight is handled by the same few batched operations. The last column is
+        ``σ_1``, the non-finite probe.
         """
         names = list(svals)
         lengths = [int(svals[n].shape[-1]) for n in names]
+        selected = self._weight_quantities
         with torch.no_grad():
             s = torch.nn.utils.rnn.pad_sequence([svals[n] for n in names], batch_first=True)
-            s2 = s.square()
-            nan = torch.isnan(s).any(dim=-1)
-            ranks = [truncation_rank(s, tau).to(s.dtype) for tau in (0.9, 0.99)]
-            ranks = [torch.where(nan, torch.full_like(k, math.nan), k) for k in ranks]
-            # heavy-tailed exponent of σ² (zero padding lies below the fit's threshold)
-            fit = powerlaw_alpha(s2)
-            block = torch.stack(
-                [_stable_rank_from_singular_values(s), effective_rank(s2), s.amax(dim=-1), *ranks,
-                 fit.alpha.to(s.dtype), fit.alpha_weighted.to(s.dtype)],
-                dim=-1,
-            )
+            sp = Spectra(s=s)
+            probe = s.amax(dim=-1, keepdim=True)
+            block = (torch.cat([compute_quantities(selected, sp), probe], dim=-1)
+                     if selected else probe)
             packed["w"] = block
-            unpack.append(("w", names, WEIGHT_QUANTITIES, None))
+            unpack.append(("w", names, (*selected, _PROBE_W), None))
             if self.histograms or self.figures:
-                packed["wd"] = spectral_distribution(s2)
+                packed["wd"] = spectral_distribution(sp.s2)
                 unpack.append(("wd", names, ("weight_svals",), lengths))
 
     @staticmethod
@@ -572,13 +593,13 @@ class SpectralMonitor(SpectralCallback):
 
     # -- reporting helpers -----------------------------------------------------------------------
     def _check_finite(self, host: dict[str, float], layers: list[str], weights: list[str]) -> None:
-        bad = [n for n in layers if math.isnan(host.get(f"vne/{n}", 0.0))]
+        bad = [n for n in layers if math.isnan(host.get(f"{_PROBE_A}/{n}", 0.0))]
         if bad:
             self._fail.problem(
                 "nonfinite-activations",
                 f"non-finite (NaN/Inf) activations in layer(s) {', '.join(bad)}",
             )
-        bad_w = [n for n in weights if math.isnan(host.get(f"weight_sv_max/{n}", 0.0))]
+        bad_w = [n for n in weights if math.isnan(host.get(f"{_PROBE_W}/{n}", 0.0))]
         if bad_w:
             self._fail.problem(
                 "nonfinite-weights", f"non-finite (NaN/Inf) weights in layer(s) {', '.join(bad_w)}"
@@ -609,20 +630,29 @@ class SpectralMonitor(SpectralCallback):
             h["spectra"] = h["spectra"][::-1][::2][::-1]
 
     def _register_layout(self, trainer: Any) -> None:
+        """Dashboard layout from the quantity table: one chart per selected quantity (all
+        layers), and per layer one chart per scale (``Quantity.chart``: ``"<layer>"`` holds the
+        rank-like quantities, ``"<layer>: entropy (nats)"`` the VNE), never mixing scales."""
         names = self._capture.names if self._capture is not None else []
-        quantities = list(ACTIVATION_QUANTITIES) + ["rows"]
-        with_weights = self.weights and bool(self._weight_layers)
-        if with_weights:
-            quantities += list(WEIGHT_QUANTITIES)
-        by_quantity = report.multiline_layout({q: [f"^{q}/"] for q in quantities})
+        with_weights = self._log_weights and bool(self._weight_layers)
+        selected = [q for q in QUANTITIES if q.name in self.quantities
+                    and (q.kind == "activation" or with_weights)]
+        by_quantity = report.multiline_layout(
+            {q: [f"^{q}/"] for q in [s.name for s in selected] + ["rows"]}
+        )
         charts: dict[str, list[str]] = {}
         for n in names:
-            patterns = [f"^(vne|erank)/{re.escape(n)}$"]
             weight_tags = self._weights_of.get(n, []) if with_weights else []
-            if weight_tags:
-                alternatives = "|".join(re.escape(t) for t in weight_tags)
-                patterns.append(f"^(weight_erank|weight_stable_rank)/({alternatives})$")
-            charts[n] = patterns
+            alternatives = "|".join(re.escape(t) for t in weight_tags)
+            for chart in dict.fromkeys(q.chart for q in selected if q.chart is not None):
+                act = "|".join(q.name for q in selected
+                               if q.chart == chart and q.kind == "activation")
+                wts = "|".join(q.name for q in selected if q.chart == chart and q.kind == "weight")
+                patterns = [f"^({act})/{re.escape(n)}$"] if act else []
+                if wts and weight_tags:
+                    patterns.append(f"^({wts})/({alternatives})$")
+                if patterns:
+                    charts[n if chart == _RANKS_CHART else f"{n}: {chart}"] = patterns
         by_layer = report.multiline_layout(charts)
         self._layout(
             trainer, {"spectral: by quantity": by_quantity, "spectral: by layer": by_layer}

@@ -196,18 +196,3 @@ def entropy_of_spectrum(lam: torch.Tensor) -> torch.Tensor:
     logarithm only ever sees positive values.
     """
     return entropy_and_total(lam)[0]
-
-
-def nan_where(mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` with NaN wherever ``mask`` (broadcast over trailing dims) is true; no sync."""
-    while mask.ndim < value.ndim:
-        mask = mask.unsqueeze(-1)
-    return torch.where(mask, float("nan"), value)
-
-
-def finite_rows_mask(x: torch.Tensor) -> torch.Tensor:
-    """True for each matrix in the leading batch of ``x`` (…, n, d) that holds a NaN or Inf.
-
-    (Despite its name it returns the *non-finite* mask, one entry per matrix.)
-    """
-    return ~torch.isfinite(x).all(dim=-1).all(dim=-1)

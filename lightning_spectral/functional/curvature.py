@@ -91,9 +91,6 @@ class _HessianOperator:
         # parameters whose gradient still depends on them (others have zero Hessian blocks)
         self._live = [i for i, g in enumerate(self.grads) if g.requires_grad]
 
-    def flat_grad(self) -> torch.Tensor:
-        return flatten_tensors([g.detach() for g in self.grads]).to(self.dtype)
-
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         if not self._live:
             return torch.zeros(self.numel, dtype=self.dtype, device=self.device)

@@ -264,14 +264,12 @@ def stable_rank(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torc
     (#weight-matrix). Range ``[1, rank W]``; NaN when ``W = 0`` or ``W`` holds NaN/Inf. Returns a
     0-d tensor.
     """
-    from lightning_spectral.functional.weights import singular_values
+    from lightning_spectral.functional.weights import (
+        singular_values,
+        stable_rank_from_singular_values,
+    )
 
-    s2 = singular_values(w, dtype=dtype).square()
-    if s2.shape[-1] == 0:
-        return torch.full(s2.shape[:-1], float("nan"), dtype=s2.dtype, device=s2.device)
-    top = s2[..., 0]
-    ratio = s2.sum(dim=-1) / torch.where(top > 0, top, 1.0)
-    return torch.where(top > 0, ratio, float("nan"))
+    return stable_rank_from_singular_values(singular_values(w, dtype=dtype))
 
 
 def condition_number(eigvals: torch.Tensor) -> torch.Tensor:

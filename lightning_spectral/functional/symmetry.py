@@ -39,6 +39,7 @@ from torch import nn
 from lightning_spectral.errors import SpectralConfigError
 
 __all__ = [
+    "barrier_height",
     "log_equivalent_optima",
     "permutation_count_log10",
     "canonical_order",
@@ -532,7 +533,12 @@ class BarrierResult(NamedTuple):
     barrier_after: float
 
 
-def _barrier(ts: torch.Tensor, losses: torch.Tensor) -> float:
+def barrier_height(ts: torch.Tensor, losses: torch.Tensor) -> float:
+    """``max_t [L(t) − ((1 − t) L(0) + t L(1))]``: the height of ``losses`` above their chord.
+
+    ``ts`` and ``losses`` as returned by :func:`interpolation_losses` (``ts`` from 0 to 1); the
+    barrier of docs/definitions.md#barrier. A host float (one synchronisation).
+    """
     chord = (1 - ts) * losses[0] + ts * losses[-1]
     return float((losses - chord).max())
 
@@ -556,4 +562,4 @@ def interpolation_barrier(
     ts, before = interpolation_losses(model_a, model_b, loss_fn, data, points)
     aligned = align(model_a, model_b, max_sweeps)
     _, after = interpolation_losses(model_a, aligned, loss_fn, data, points)
-    return BarrierResult(ts, before, after, _barrier(ts, before), _barrier(ts, after))
+    return BarrierResult(ts, before, after, barrier_height(ts, before), barrier_height(ts, after))

@@ -18,6 +18,7 @@ __all__ = [
     "weight_matrix",
     "singular_values",
     "singular_values_many",
+    "stable_rank_from_singular_values",
     "truncation_rank",
     "eckart_young_error",
 ]
@@ -84,6 +85,23 @@ def singular_values_many(
         for j, i in enumerate(idx):
             out[i] = s[j]
     return out  # type: ignore[return-value]
+
+
+def stable_rank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
+    """Stable rank ``Σσ_i² / σ_1²`` from singular values already computed (#stable-rank).
+
+    ``s`` ``(..., r)`` in any order (zero padding changes nothing); returns ``(...)``. Range
+    ``[1, rank W]``; NaN for ``W = 0``, an empty spectrum, or NaN/Inf values. The one
+    implementation behind :func:`~lightning_spectral.functional.spectrum.stable_rank`, the
+    logged ``weight_stable_rank`` and the ``analyze`` column ``stable_rank``.
+    """
+    check_vector(s, "s", "(..., r)")
+    s2 = as_spectrum(s).square()
+    if s2.shape[-1] == 0:
+        return torch.full(s2.shape[:-1], float("nan"), dtype=s2.dtype, device=s2.device)
+    top = s2.amax(dim=-1)
+    ratio = s2.sum(dim=-1) / torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(top > 0, ratio, torch.full_like(ratio, float("nan")))
 
 
 def truncation_rank(s: torch.Tensor, energy: float = 0.9) -> torch.Tensor:

@@ -191,7 +191,7 @@ def test_state_dict_resume_keeps_history_and_strikes():
 def reference_run(tmp_path):
     """A reference run written with the project's event writer: vne/a ends at 2.0 (mean of
     the last two values 1.9), erank/a at 4.0, train_loss at 0.25."""
-    from lightning_spectral._eventfile import write_scalars
+    from lightning_spectral.testing import write_scalars
 
     records = [(tag, step, value) for step, values in enumerate(
         [(1.0, 3.0, 1.0), (1.8, 3.5, 0.5), (2.0, 4.0, 0.25)])

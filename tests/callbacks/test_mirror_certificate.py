@@ -20,10 +20,10 @@ from lightning_spectral import report
 from lightning_spectral.callbacks.mirrors import MirrorCertificate
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
-    MirrorNet,
     lasso_mirror_fit,
     network_objective,
 )
+from lightning_spectral.models import MirrorNet
 from lightning_spectral.testing import MemoryLogger
 
 BETA = 0.05

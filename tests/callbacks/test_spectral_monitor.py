@@ -450,12 +450,74 @@ def test_layout_groups_quantities_and_layers():
     assert set(by_q) == set(ACT + WTS) | {"rows"}
     assert by_q["vne"] == ["Multiline", ["^vne/"]]
     by_layer = captured["spectral: by layer"]
-    assert set(by_layer) == {"features.1", "features.3", "classifier"}
+    layers = ("features.1", "features.3", "classifier")
+    # one chart per scale and layer: ranks (titled by the layer) and entropy in nats
+    assert set(by_layer) == set(layers) | {f"{n}: entropy (nats)" for n in layers}
     import re
 
-    pattern = by_layer["features.1"][1][0]
-    assert re.search(pattern, "vne/features.1") and not re.search(pattern, "vne/features.10")
+    ranks = by_layer["features.1"][1]
+    entropy = by_layer["features.1: entropy (nats)"][1]
+    assert any(re.search(p, "erank/features.1") for p in ranks)
+    assert any(re.search(p, "rankme/features.1") for p in ranks)
+    assert any(re.search(p, "weight_stable_rank/features.1") for p in ranks)
+    assert not any(re.search(p, "vne/features.1") for p in ranks)
+    assert not any(re.search(p, "condition/features.1") for p in ranks + entropy)
+    assert re.search(entropy[0], "vne/features.1")
+    assert not re.search(entropy[0], "vne/features.10")
     assert report is not None
+
+
+def test_layout_follows_selected_quantities():
+    captured: dict = {}
+
+    class FakeWriter:
+        def add_histogram(self, *a, **k): ...
+        def add_figure(self, *a, **k): ...
+        def add_custom_scalars(self, layout):
+            captured.update(layout)
+
+        def flush(self): ...
+
+    class TensorBoardFake:
+        experiment = FakeWriter()
+
+    class FakeTrainer:
+        is_global_zero = True
+        loggers = [TensorBoardFake()]
+
+    monitor = SpectralMonitor(quantities=["vne", "weight_sv_max"])
+    monitor.setup(None, mlp(), "fit")
+    monitor._register_layout(FakeTrainer())
+    monitor.teardown(None, None, "fit")
+    assert set(captured["spectral: by quantity"]) == {"vne", "weight_sv_max", "rows"}
+    assert set(captured["spectral: by layer"]) == {
+        f"{n}: entropy (nats)" for n in ("features.1", "features.3", "classifier")
+    }
+
+
+def test_unknown_quantity_lists_the_table():
+    with pytest.raises(SpectralConfigError, match="weight_stable_rank"):
+        SpectralMonitor(quantities=["vne", "entropy"])
+    with pytest.raises(SpectralConfigError):
+        SpectralMonitor(quantities="vne")
+
+
+def test_selected_quantities_are_the_only_tags_logged(make_trainer, memory_logger_cls):
+    logger = memory_logger_cls()
+    monitor = SpectralMonitor(every_n_steps=2, weights_every_n_steps=2, histograms=False,
+                              figures=False, quantities=["erank", "weight_rank90"])
+    make_trainer([monitor], max_steps=4, logger=logger).fit(mlp(), digits_loader(n=64))
+    tags = {t.split("/", 1)[0] for t in logger.tags() if "/" in t}
+    assert tags == {"erank", "rows", "weight_rank90"}
+
+
+def test_activation_only_selection_skips_weight_events(make_trainer, memory_logger_cls):
+    logger = memory_logger_cls()
+    monitor = SpectralMonitor(every_n_steps=2, histograms=False, figures=False,
+                              quantities=["vne", "condition"])
+    make_trainer([monitor], max_steps=4, logger=logger).fit(mlp(), digits_loader(n=64))
+    tags = {t.split("/", 1)[0] for t in logger.tags() if "/" in t}
+    assert tags == {"vne", "condition", "rows"}
 
 
 # ------------------------------------------------------------------------------- resume

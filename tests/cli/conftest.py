@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_spectral._eventfile import write_scalars
+from lightning_spectral.testing import write_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 

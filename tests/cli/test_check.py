@@ -248,7 +248,9 @@ def test_speculative_framing_walk_equals_the_plain_walk(tmp_path: Path, layout: 
     else:  # periodic stretches with different periods
         records = [(f"a{j}", s, 1.0) for s in range(800) for j in range(3)]
         records += [(f"b{'y' * j}", s, 1.0) for s in range(800, 2000) for j in range(11)]
-    path = ef.write_scalars(tmp_path / "events.out.tfevents.1", records)
+    from lightning_spectral.testing import write_scalars
+
+    path = write_scalars(tmp_path / "events.out.tfevents.1", records)
     buf = path.read_bytes()
     for cut in (len(buf), len(buf) - 1, len(buf) - 30, len(buf) // 2 + 3):
         data = buf[:cut]

@@ -11,7 +11,6 @@ import torch
 from scipy.optimize import linprog, minimize
 
 from lightning_spectral.functional.mirrors import (
-    MirrorNet,
     convex_gap,
     lasso_mirror_fit,
     mirror_features,
@@ -19,6 +18,7 @@ from lightning_spectral.functional.mirrors import (
     network_objective,
     reflection_dictionary,
 )
+from lightning_spectral.models import MirrorNet
 
 # ------------------------------------------------------------------------------ helpers
 

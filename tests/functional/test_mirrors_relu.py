@@ -9,8 +9,6 @@ from scipy.optimize import linprog, minimize
 
 import lightning_spectral.functional as LF
 from lightning_spectral.functional.mirrors import (
-    MirrorNet,
-    ReluMirrorNet,
     convex_gap,
     lasso_mirror_fit,
     mirror_features,
@@ -18,6 +16,7 @@ from lightning_spectral.functional.mirrors import (
     network_objective,
     reflection_dictionary,
 )
+from lightning_spectral.models import MirrorNet, ReluMirrorNet
 
 F64 = torch.float64
 
@@ -225,5 +224,11 @@ def test_mismatched_fit_and_network_raise():
 
 
 def test_exported_names():
-    assert LF.ReluMirrorNet is ReluMirrorNet
+    import lightning_spectral
+    from lightning_spectral.functional import mirrors
+
+    assert lightning_spectral.ReluMirrorNet is ReluMirrorNet
+    assert lightning_spectral.MirrorNet is MirrorNet
+    assert mirrors.MirrorNet is MirrorNet  # the old import path still resolves
+    assert "ReluMirrorNet" not in LF.__all__  # functional defines no nn.Module
     assert LF.mirror_network is mirror_network

@@ -36,9 +36,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lightning_spectral._eventfile import masked_crc32c, write_scalars
+from lightning_spectral._eventfile import masked_crc32c
 from lightning_spectral.cli import main
 from lightning_spectral.gate import load_rules
+from lightning_spectral.testing import write_scalars
 
 FUZZ = settings(derandomize=True, deadline=5000, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
