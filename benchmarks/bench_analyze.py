@@ -23,7 +23,7 @@ column of ``WeightWatcher(model).analyze()`` (default options) layer by layer â€
 ``analyze()``, and the fit alone (``powerlaw_alpha``) against WeightWatcher's own fit
 (``WW_powerlaw.WWFit``, what ``analyze()`` calls per layer) on the same eigenvalues.
 
-Run: ``python benchmarks/bench_analyze.py [--quick] [--device cuda] [--alpha-only]``; writes
+Run: ``python -m benchmarks.bench_analyze [--quick] [--device cuda] [--alpha-only]``; writes
 ``benchmarks/results/bench_analyze.md`` and ``benchmarks/results/bench_analyze_alpha.md``
 (``--alpha-only``: the second only).
 """
@@ -37,15 +37,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -55,13 +52,12 @@ from _common import (  # noqa: E402
     sync,
     write_section,
 )
-
-from lightning_spectral.analysis import (  # noqa: E402
+from lightning_spectral.analysis import (
     analyze_state_dict,
     select_weight_matrices,
     weight_spectra,
 )
-from lightning_spectral.functional.powerlaw import powerlaw_alpha, weight_alpha  # noqa: E402
+from lightning_spectral.functional.powerlaw import powerlaw_alpha, weight_alpha
 
 
 def build_models(quick: bool) -> dict[str, nn.Module]:

@@ -32,10 +32,10 @@ evaluate (the default monitor's figure budget is spent at step 0, so it would dr
 the window either). ``VNEPenalty``'s main cost (the extra eigen-decomposition in the forward graph
 and its backward) is not inside any hook: for it the wall ratio is the figure.
 
-    python benchmarks/bench_callbacks.py                       # full (≈ 5 min, idle 2 cores)
-    python benchmarks/bench_callbacks.py --quick               # smoke run
-    python benchmarks/bench_callbacks.py --only SpectralMonitor
-    python benchmarks/bench_callbacks.py --device cuda
+    python -m benchmarks.bench_callbacks                       # full (≈ 5 min, idle 2 cores)
+    python -m benchmarks.bench_callbacks --quick               # smoke run
+    python -m benchmarks.bench_callbacks --only SpectralMonitor
+    python -m benchmarks.bench_callbacks --device cuda
 """
 
 from __future__ import annotations
@@ -49,13 +49,11 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from benchmarks._common import (
     WindowTimer,
     fmt_ms,
     fmt_ratio,

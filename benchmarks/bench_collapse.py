@@ -13,25 +13,21 @@ Three measurements, each side by side and interleaved in one run:
 3. **Epoch-end computation** (all-reduce no-op, NC1–NC4 from the statistics, MIR/HDR on the row
    sample, one host transfer) on one epoch of digits features, in ms and in training steps.
 
-Run ``python benchmarks/bench_collapse.py`` (``--quick`` for a smoke run, ``--device cuda``).
+Run ``python -m benchmarks.bench_collapse`` (``--quick`` for a smoke run, ``--device cuda``).
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -41,9 +37,8 @@ from _common import (  # noqa: E402
     sync,
     write_section,
 )
-
-from lightning_spectral.callbacks.collapse import CollapseMonitor  # noqa: E402
-from lightning_spectral.demos import DigitsClassifier, digits_dataloaders  # noqa: E402
+from lightning_spectral.callbacks.collapse import CollapseMonitor
+from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
 
 
 def plain_epoch_fns(

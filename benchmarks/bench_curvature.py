@@ -27,7 +27,7 @@ Accuracy is measured against a tightly converged Lanczos run (``tol=1e-10``); wa
 medians of interleaved rounds and per-round ratios. Also reported: products per estimate and
 the cost of one product relative to one training step (forward + backward).
 
-``python benchmarks/bench_curvature.py [--quick] [--device cuda] [--repeats R]``
+``python -m benchmarks.bench_curvature [--quick] [--device cuda] [--repeats R]``
 """
 
 from __future__ import annotations
@@ -39,14 +39,11 @@ import inspect
 import statistics
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -55,8 +52,7 @@ from _common import (  # noqa: E402
     summary,
     write_section,
 )
-
-from lightning_spectral.functional.curvature import (  # noqa: E402
+from lightning_spectral.functional.curvature import (
     _HessianOperator,
     hessian_eigenpairs,
     hessian_trace,

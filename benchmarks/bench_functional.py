@@ -20,7 +20,7 @@ reported as medians of per-round ratios with their range:
    spectrum was formed before; its round-off grows with ``max(n, d)``), and against the float64
    product the library falls back to when float32 matmuls may be TF32/bfloat16.
 
-Run ``python benchmarks/bench_functional.py [--quick] [--device cuda] [--threads N]``; writes
+Run ``python -m benchmarks.bench_functional [--quick] [--device cuda] [--threads N]``; writes
 ``benchmarks/results/bench_functional.md``.
 """
 
@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -45,14 +41,13 @@ from _common import (  # noqa: E402
     time_once,
     write_section,
 )
-
-from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum  # noqa: E402
-from lightning_spectral.functional.spectrum import (  # noqa: E402
+from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum
+from lightning_spectral.functional.spectrum import (
     autocorrelation_eigvals,
     effective_rank,
     vne,
 )
-from lightning_spectral.functional.weights import (  # noqa: E402
+from lightning_spectral.functional.weights import (
     singular_values,
     singular_values_many,
 )

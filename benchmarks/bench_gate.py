@@ -14,8 +14,8 @@ As a reference, TensorBoard's own record loader (``EventFileLoader``, pure-Pytho
 smaller file (``--ref-steps`` steps) side by side with our reader. CPU only (``--device`` is
 accepted for uniformity and ignored: nothing here runs on an accelerator).
 
-    python benchmarks/bench_gate.py            # full: 200 tags × 10,000 steps
-    python benchmarks/bench_gate.py --quick    # smoke run
+    python -m benchmarks.bench_gate            # full: 200 tags × 10,000 steps
+    python -m benchmarks.bench_gate --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -29,14 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
-
-from lightning_spectral._eventfile import read_scalars  # noqa: E402
-from lightning_spectral.cli import main as cli_main  # noqa: E402
-from lightning_spectral.gate import evaluate, parse_rule, read_run  # noqa: E402
-from lightning_spectral.testing import write_scalars  # noqa: E402
+from benchmarks import _common
+from lightning_spectral._eventfile import read_scalars
+from lightning_spectral.cli import main as cli_main
+from lightning_spectral.gate import evaluate, parse_rule, read_run
+from lightning_spectral.testing import write_scalars
 
 QUANTITIES = ("vne", "erank", "weight_stable_rank", "collapse")
 RULES = [

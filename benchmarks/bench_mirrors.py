@@ -7,21 +7,16 @@ event (the float64 network objective) relative to one training step of the netwo
 runs on the host in float64 NumPy whatever ``--device`` says; ``--device cuda`` moves the
 network (and the event/step comparison) to the GPU.
 
-    python benchmarks/bench_mirrors.py --quick      # smoke run
-    python benchmarks/bench_mirrors.py              # n up to 200 at depth 3
+    python -m benchmarks.bench_mirrors --quick      # smoke run
+    python -m benchmarks.bench_mirrors              # n up to 200 at depth 3
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     interleaved,
     parser,
@@ -29,8 +24,7 @@ from _common import (  # noqa: E402
     summary,
     write_section,
 )
-
-from lightning_spectral.functional.mirrors import (  # noqa: E402
+from lightning_spectral.functional.mirrors import (
     MirrorNet,
     lasso_mirror_fit,
     network_objective,

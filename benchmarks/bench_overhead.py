@@ -17,22 +17,19 @@ Two measurements, each side by side and interleaved in one run (``benchmarks/_co
    k(0.99), distributions, one host transfer) against bare ``svdvals`` of each weight. No
    logger is attached, so what is timed is computing, not writing.
 
-    python benchmarks/bench_overhead.py [--quick] [--device cpu|cuda] [--repeats N]
+    python -m benchmarks.bench_overhead [--quick] [--device cpu|cuda] [--repeats N]
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from benchmarks._common import (
     WindowTimer,
     fmt_ms,
     fmt_ratio,

@@ -15,24 +15,21 @@ step of ``x (n×128) → Linear(128, d) → ReLU → Linear(d, 10)`` with SGD is
 The two are interleaved round by round after warm-up; the table gives the median and range
 of the per-round ratio ``penalty / plain``.
 
-    python benchmarks/bench_penalty.py            # full (idle machine)
-    python benchmarks/bench_penalty.py --quick    # smoke run
-    python benchmarks/bench_penalty.py --device cuda
+    python -m benchmarks.bench_penalty            # full (idle machine)
+    python -m benchmarks.bench_penalty --quick    # smoke run
+    python -m benchmarks.bench_penalty --device cuda
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -41,8 +38,7 @@ from _common import (  # noqa: E402
     summary,
     write_section,
 )
-
-from lightning_spectral.callbacks.penalty import vne_penalty_term  # noqa: E402
+from lightning_spectral.callbacks.penalty import vne_penalty_term
 
 ALPHA = 0.1
 

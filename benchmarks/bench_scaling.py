@@ -26,7 +26,7 @@ range, plus the exponent ``b`` of ``t ≈ a·x^b`` fitted by least squares on ``
 Sub-millisecond calls are repeated ``k`` times per timing (``k`` calibrated once per size so
 that a timing lasts ~20 ms; ours and bare of one size share ``k``).
 
-    python benchmarks/bench_scaling.py [--quick] [--device cpu|cuda] [--repeats N] [--threads N]
+    python -m benchmarks.bench_scaling [--quick] [--device cpu|cuda] [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -36,15 +36,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from benchmarks._common import (
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -54,10 +52,9 @@ from _common import (  # noqa: E402
     time_once,
     write_section,
 )
-
-from lightning_spectral import SpectralMonitor  # noqa: E402
-from lightning_spectral.functional.spectrum import autocorrelation_eigvals  # noqa: E402
-from lightning_spectral.functional.weights import singular_values  # noqa: E402
+from lightning_spectral import SpectralMonitor
+from lightning_spectral.functional.spectrum import autocorrelation_eigvals
+from lightning_spectral.functional.weights import singular_values
 
 #: SpectralMonitor's default ``max_samples``: the rows of one event per layer
 N_ROWS = SpectralMonitor().max_samples

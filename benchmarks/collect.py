@@ -17,12 +17,10 @@ import importlib.metadata as md
 import io
 import os
 import platform
-import sys
 import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 ORDER = [
     "bench_functional",
@@ -80,7 +78,7 @@ def peer_rows() -> list[str]:
 
 
 def machine_rows() -> list[str]:
-    from _common import cpu_model
+    from benchmarks._common import cpu_model
 
     try:
         import torch

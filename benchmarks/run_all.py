@@ -5,7 +5,10 @@ A script that fails is reported (its name, exit code and the last lines it print
 others still run; the exit status is 1 if any failed. Extra arguments are passed to every
 script (e.g. ``--quick`` for a smoke run of the whole set).
 
-    python benchmarks/run_all.py [--quick] [--only NAME ...] [--no-cuda]
+    python -m benchmarks.run_all [--quick] [--only NAME ...] [--no-cuda]
+
+Each script runs as a module of the ``benchmarks`` package (``python -m benchmarks.bench_x``,
+from the repository root), so the scripts import ``benchmarks._common`` without path edits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RESULTS = HERE / "results"
 #: scripts that have no device dimension (they read files or run on the host by design)
 CPU_ONLY = {"bench_gate"}
@@ -31,12 +35,13 @@ def cuda_available() -> bool:
 
 
 def run(script: Path, extra: list[str], device: str) -> tuple[int, float, str]:
-    cmd = [sys.executable, str(script), "--device", device, *extra]
+    cmd = [sys.executable, "-m", f"{HERE.name}.{script.stem}", "--device", device, *extra]
     if device != "cpu":
         cmd += ["--out", str(RESULTS / f"{script.stem}.{device.replace(':', '')}.md")]
     print(f"== {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=ROOT)
     elapsed = time.perf_counter() - t0
     sys.stdout.write(proc.stdout)
     tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
@@ -71,7 +76,7 @@ def main() -> int:
                                                                            f" FAILED ({rc})"))
             if rc != 0:
                 failures.append(f"{script.name} --device {device}: exit {rc}\n{tail}")
-    subprocess.run([sys.executable, str(HERE / "collect.py")], check=False)
+    subprocess.run([sys.executable, "-m", f"{HERE.name}.collect"], check=False, cwd=ROOT)
     print("\n".join(["", "timings:", *timings]))
     if failures:
         print("\nFAILED:\n" + "\n\n".join(failures), file=sys.stderr)

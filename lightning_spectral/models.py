@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_spectral.functional.mirrors import _check_depth, _forward
+from lightning_spectral.functional.mirrors import check_depth, mirror_forward
 
 __all__ = ["MirrorNet", "ReluMirrorNet"]
 
@@ -55,7 +55,7 @@ class MirrorNet(nn.Module):
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive integer, got {width!r}")
         self.width = int(width)
-        self.depth = _check_depth(depth)
+        self.depth = check_depth(depth)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.w = nn.Parameter(torch.empty(width, **kw))
         self.b = nn.Parameter(torch.empty(width, **kw))
@@ -89,7 +89,7 @@ class MirrorNet(nn.Module):
         self.xi.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(self, x, None)
+        return mirror_forward(self, x, None)
 
     def breakpoints(self) -> torch.Tensor:
         """Kinks of the network function: ``a₁ = −b/w`` and, at depth 3, ``a₁ ± a₂`` with
@@ -167,7 +167,7 @@ class ReluMirrorNet(nn.Module):
         self.xi.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(self, x, None)
+        return mirror_forward(self, x, None)
 
     def breakpoints(self) -> torch.Tensor:
         """Kinks of the network function, ``−b/w`` (units with ``w = 0`` are constant)."""

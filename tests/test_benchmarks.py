@@ -27,7 +27,7 @@ def test_collect_writes_machine_peers_and_sections_in_order(tmp_path):
     (results / "bench_functional.cuda.md").write_text("## Functional on CUDA\n", encoding="utf-8")
     (results / "bench_zzz_extra.md").write_text("## Extra\n", encoding="utf-8")
     out = tmp_path / "RESULTS.md"
-    proc = run(str(BENCH / "collect.py"), "--results", str(results), "--out", str(out))
+    proc = run("-m", "benchmarks.collect", "--results", str(results), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text(encoding="utf-8")
     for needle in ("## Machine", "- CPU:", "- torch:", "threads", "- GPU:", "## Peers",
@@ -46,7 +46,7 @@ def test_collect_writes_machine_peers_and_sections_in_order(tmp_path):
 
 
 def test_run_all_rejects_an_unknown_benchmark():
-    proc = run(str(BENCH / "run_all.py"), "--only", "bench_nope")
+    proc = run("-m", "benchmarks.run_all", "--only", "bench_nope")
     assert proc.returncode == 2
     assert "bench_nope" in proc.stderr
 
@@ -54,23 +54,24 @@ def test_run_all_rejects_an_unknown_benchmark():
 HELP_ALL = """
 import contextlib, io, json, runpy, sys
 out = {}
-for path in sys.argv[1:]:
-    sys.argv = [path, "--help"]
+for module in sys.argv[1:]:
+    sys.argv = [module, "--help"]
     buf = io.StringIO()
     code = None
     with contextlib.redirect_stdout(buf):
         try:
-            runpy.run_path(path, run_name="__main__")
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as exc:
             code = exc.code
-    out[path] = [code, buf.getvalue()]
+    out[module] = [code, buf.getvalue()]
 print(json.dumps(out))
 """
 
 
 def test_every_benchmark_has_the_common_options():
     # one interpreter for all scripts (torch is imported once)
-    scripts = sorted(str(p) for p in BENCH.glob("bench_*.py"))
+    # as modules of the benchmarks package, the way run_all runs them
+    scripts = sorted(f"benchmarks.{p.stem}" for p in BENCH.glob("bench_*.py"))
     assert len(scripts) >= 10
     proc = run("-c", HELP_ALL, *scripts)
     assert proc.returncode == 0, proc.stderr
@@ -86,8 +87,23 @@ def test_makefile_bench_installs_the_peers_and_runs_everything():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert '".[dev,bench]"' in makefile
     assert "--no-deps" in makefile and "cockpit-for-pytorch" in makefile
-    assert "benchmarks/run_all.py" in makefile
+    assert "benchmarks.run_all" in makefile or "benchmarks/run_all.py" in makefile
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     bench = pyproject.split("bench = [", 1)[1].split("]", 1)[0]
     assert "weightwatcher" in bench and "pyhessian" in bench
     assert "torchvision" not in bench and "backpack" not in bench
+
+
+def test_benchmarks_import_their_helpers_without_path_edits():
+    # a package: every script imports benchmarks._common, none edits sys.path
+    assert (BENCH / "__init__.py").is_file()
+    for script in sorted(BENCH.glob("*.py")):
+        text = script.read_text(encoding="utf-8")
+        assert "sys.path" not in text, script.name
+        for line in text.splitlines():
+            if line.startswith(("import ", "from ")) and line.split()[1].endswith("_common"):
+                assert line.startswith("from benchmarks._common import"), (
+                    script.name, line)
+    proc = run("-m", "benchmarks.bench_gate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout

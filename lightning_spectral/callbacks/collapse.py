@@ -51,7 +51,7 @@ from lightning_spectral.callbacks.curvature import _Silenced
 from lightning_spectral.callbacks.penalty import unwrapped_training_step
 from lightning_spectral.capture import LayerCapture, paused, resolve_layers, resolve_one
 from lightning_spectral.errors import SpectralConfigError
-from lightning_spectral.functional.collapse import _collapse_compute, collapse_keys
+from lightning_spectral.functional.collapse import collapse_from_stats, collapse_keys
 from lightning_spectral.functional.interplay import information_interplay
 from lightning_spectral.stats import ClassStatsAccumulator, RowReservoir, distributed_world_size
 
@@ -956,7 +956,7 @@ class CollapseMonitor(SpectralCallback):
         bias = full_tensor(head.bias.detach()) if head.bias is not None else None
         # NC4's classifier argmax runs over all rows of the head
         # (docs/definitions.md#collapse-metrics)
-        out = _collapse_compute(
+        out = collapse_from_stats(
             acc.stats,
             weight,
             bias,

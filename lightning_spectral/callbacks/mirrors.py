@@ -32,8 +32,8 @@ from lightning_spectral.capture import paused
 from lightning_spectral.errors import SpectralConfigError
 from lightning_spectral.functional.mirrors import (
     MirrorFit,
-    _forward,
     lasso_mirror_fit,
+    mirror_forward,
     network_objective,
 )
 from lightning_spectral.models import MirrorNet
@@ -275,7 +275,7 @@ class MirrorCertificate(SpectralCallback):
             pad = 0.05 * (hi - lo)
             grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
             with torch.no_grad(), paused():
-                f_net = _forward(net, grid.to(net.w.device), torch.float64).cpu().numpy()
+                f_net = mirror_forward(net, grid.to(net.w.device), torch.float64).cpu().numpy()
                 net_bp = net.breakpoints().numpy()
             fig = mirror_overlay(xs, self._y.numpy(), grid.numpy(), f_net,
                                  fit.predict(grid).numpy(), fit.breakpoints().numpy(), net_bp,

@@ -48,7 +48,6 @@ from lightning_spectral.callbacks._base import (
 )
 from lightning_spectral.capture import LayerCapture, weight_matrices
 from lightning_spectral.errors import SpectralConfigError
-from lightning_spectral.functional._utils import resolve_dtype
 from lightning_spectral.functional.quantities import (
     ACTIVATION_QUANTITIES,
     QUANTITIES,
@@ -191,10 +190,7 @@ class SpectralMonitor(SpectralCallback):
         self.histograms = check_bool("histograms", histograms)
         self.figures = check_bool("figures", figures)
         check_choice("dtype", dtype, ("float32", "float64"))
-        try:
-            self._dtype = resolve_dtype(dtype)
-        except ValueError as exc:
-            raise SpectralConfigError(str(exc)) from None
+        self._dtype = torch.float64 if dtype == "float64" else torch.float32
         self.dtype = dtype
         self.quantities = _check_quantities(quantities)
         self._act_quantities = tuple(n for n in self.quantities if n in ACTIVATION_QUANTITIES)

@@ -2,13 +2,13 @@
 
 Written TorchMetrics-style: :func:`_collapse_update` turns a batch into sufficient statistics
 (per-class counts ``N_c``, per-class sums ``s_c`` and the total second moment
-``Q = Σ_i h_i h_iᵀ``, all float64) and :func:`_collapse_compute` turns statistics plus the head
+``Q = Σ_i h_i h_iᵀ``, all float64) and :func:`collapse_from_stats` turns statistics plus the head
 ``W, b`` into the metrics. The public :func:`neural_collapse` and the streaming
 :class:`lightning_spectral.CollapseMonitor` call the same two helpers, so the streamed metrics are
 the one-shot metrics of the same rows.
 
 NC4 compares each sample's classifier decision with its nearest class mean, so it needs rows;
-:func:`_collapse_compute` takes them as a separate, bounded sample (``rows``, ``row_labels``),
+:func:`collapse_from_stats` takes them as a separate, bounded sample (``rows``, ``row_labels``),
 scored against the class means of *all* the statistics.
 
 *Sources:* Papyan, Han & Donoho, PNAS 2020 (arXiv:2008.08186); Han, Papyan & Donoho, ICLR 2022
@@ -24,7 +24,7 @@ import torch
 
 from lightning_spectral.functional._utils import check_matrix, eps, resolve_dtype
 
-__all__ = ["neural_collapse", "collapse_keys", "CollapseStats"]
+__all__ = ["neural_collapse", "collapse_from_stats", "collapse_keys", "CollapseStats"]
 
 _KEYS_H = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_cos_std", "nc2_etf")
 _KEYS_W = ("nc2_equinorm_w", "nc2_equiangular_w", "nc2_etf_w", "nc3", "nc3_wh", "nc4")
@@ -180,7 +180,7 @@ def _nearest_class_mean(
     return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.long)
 
 
-def _collapse_compute(
+def collapse_from_stats(
     stats: CollapseStats,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -189,7 +189,12 @@ def _collapse_compute(
     dtype: torch.dtype = torch.float32,
     geometry: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Statistics (+ head, + a sample of rows for NC4) → the metrics.
+    """The collapse metrics from streamed statistics (+ head, + a sample of rows for NC4).
+
+    ``stats`` is a :class:`CollapseStats` (e.g. ``ClassStatsAccumulator.stats`` of
+    :mod:`lightning_spectral.stats`, summed over batches and ranks); ``weight`` ``(K, d)`` and
+    ``bias`` ``(K,)`` are the classifier head. :func:`neural_collapse` is this function applied to
+    the statistics of its rows.
 
     The metrics are those of docs/definitions.md#collapse-metrics. Only classes with ``N_c > 0`` are
     used (``C`` of them, in increasing label order); fewer than two gives NaN everywhere. Keys
@@ -334,4 +339,6 @@ def neural_collapse(
         num_classes = weight.shape[0] if weight is not None else 0
     stats = CollapseStats.zeros(num_classes, d, device=features.device)
     _collapse_update(features, labels, stats)
-    return _collapse_compute(stats, weight, bias, rows=features, row_labels=labels, dtype=out_dtype)
+    return collapse_from_stats(
+        stats, weight, bias, rows=features, row_labels=labels, dtype=out_dtype
+    )

@@ -57,6 +57,8 @@ __all__ = [
     "lasso_mirror_fit",
     "mirror_network",
     "network_objective",
+    "mirror_forward",
+    "check_depth",
     "convex_gap",
 ]
 
@@ -86,7 +88,9 @@ def _as_numpy_1d(value: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
-def _check_depth(depth: int) -> int:
+def check_depth(depth: int) -> int:
+    """``depth`` as an ``int`` if it is 2 or 3 (the depths of the mirror networks), else
+    ``ValueError``."""
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth not in _DEPTHS:
         raise ValueError(f"depth must be 2 or 3, got {depth!r}")
     return int(depth)
@@ -240,7 +244,7 @@ def reflection_dictionary(
     ``x`` must be 1-D (``(N,)`` or ``(N, 1)``) with at least 2 distinct finite values; repeated
     values are allowed (they add no feature). Raises ``ValueError`` otherwise.
     """
-    depth = _check_depth(depth)
+    depth = check_depth(depth)
     activation = _check_activation(activation, depth)
     xs = _as_numpy_1d(x, "x")
     if np.unique(xs).size < 2:
@@ -342,7 +346,7 @@ def lasso_mirror_fit(
     ``params``). Raises ``ValueError`` on non-1-D input, ``beta ≤ 0``, fewer than 2 distinct
     points, mismatched lengths, non-finite values, or ``activation="relu"`` with ``depth=3``.
     """
-    depth = _check_depth(depth)
+    depth = check_depth(depth)
     activation = _check_activation(activation, depth)
     beta = _check_beta(beta)
     xs, ys = _check_xy(x, y)
@@ -394,11 +398,15 @@ def _nets() -> tuple[type, ...]:
 
 
 
-def _forward(
+def mirror_forward(
     model: MirrorNet | ReluMirrorNet, x: torch.Tensor, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """``f(x)`` of a :class:`MirrorNet` or of the ReLU network, optionally with parameters cast
-    to ``dtype`` (differentiable)."""
+    """``f(x)`` of a :class:`MirrorNet` or of a :class:`ReluMirrorNet`, optionally with its
+    parameters cast to ``dtype`` (differentiable; ``None`` keeps the parameters' dtype).
+
+    ``x`` of shape ``(N,)`` or ``(N, 1)``; the output has the same shape. Raises ``TypeError``
+    for a non-tensor ``x`` and ``ValueError`` for any other shape.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     squeeze_back = False
@@ -456,7 +464,7 @@ def network_objective(
         raise ValueError(f"beta must be a number >= 0, got {beta!r}") from exc
     if not math.isfinite(b) or b < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    f = _forward(model, x, dtype)
+    f = mirror_forward(model, x, dtype)
     f = f.reshape(-1)
     yt = torch.as_tensor(y).to(device=f.device, dtype=f.dtype)
     if yt.ndim == 2 and yt.shape[1] == 1:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from lightning_spectral.functional.collapse import (
     CollapseStats,
-    _collapse_compute,
     _collapse_update,
+    collapse_from_stats,
     collapse_keys,
     neural_collapse,
 )
@@ -307,26 +307,26 @@ def test_streaming_equals_one_shot():
     for chunk in torch.arange(101).split(17):
         _collapse_update(h[chunk], y[chunk], stats)
     assert stats.counts.dtype == torch.float64 and float(stats.counts.sum()) == 101
-    streamed = _collapse_compute(stats, w, b, rows=h, row_labels=y, dtype=torch.float64)
+    streamed = collapse_from_stats(stats, w, b, rows=h, row_labels=y, dtype=torch.float64)
     one_shot = neural_collapse(h, y, w, b, dtype="float64")
     for key in one_shot:
         assert float(streamed[key]) == pytest.approx(float(one_shot[key]), rel=1e-12), key
     # NC4 from a bounded row sample scores those rows against the class means of all rows
     sub = torch.arange(0, 101, 3)
-    partial = _collapse_compute(stats, w, b, rows=h[sub], row_labels=y[sub])
+    partial = collapse_from_stats(stats, w, b, rows=h[sub], row_labels=y[sub])
     ref = np_collapse(h.numpy(), y.numpy(), w.numpy(), b.numpy())
     mu = torch.stack([h[y == k].mean(0) for k in range(6)])
     nearest = torch.cdist(h[sub].double(), mu.double()).argmin(1)
     decided = (h[sub] @ w.T + b).argmax(1)
     assert float(partial["nc4"]) == pytest.approx(float((nearest == decided).double().mean()))
     assert float(partial["nc1"]) == pytest.approx(ref["nc1"], rel=1e-5)
-    assert math.isnan(float(_collapse_compute(stats, w, b)["nc4"]))  # no rows, no NC4
+    assert math.isnan(float(collapse_from_stats(stats, w, b)["nc4"]))  # no rows, no NC4
 
 
 def test_geometry_extras():
     m = simplex(4, 5)
     y = torch.arange(4).repeat(3)
-    out = _collapse_compute(_collapse_update(m[y], y, CollapseStats.zeros(6, 5)), geometry=True)
+    out = collapse_from_stats(_collapse_update(m[y], y, CollapseStats.zeros(6, 5)), geometry=True)
     assert out["_classes"].tolist() == [0, 1, 2, 3]
     target = torch.full((4, 4), -1 / 3, dtype=torch.float64).fill_diagonal_(1.0)
     torch.testing.assert_close(out["_cosine"].double(), target, atol=1e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""Helpers for the command-line tests (owned by the gate; analyze/align keep theirs in-file)."""
+"""Helpers for the gate tests (`check`, `baseline`): event files, the CLI, a demo run."""
 
 from __future__ import annotations
 
