@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean docs docs-strict api-docs examples fresh-install
+.PHONY: demo test lint typecheck bench venv clean docs docs-strict api-docs examples fresh-install
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# mypy over the package at the strictness of [tool.mypy] in pyproject.toml
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 demo: $(STAMP)
 	$(PY) examples/demo.py --out runs
@@ -82,7 +86,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache .ruff_cache build/site

@@ -41,9 +41,10 @@ import errno
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, overload
 
 import numpy as np
 
@@ -167,6 +168,10 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
+@overload
+def _mask(crc: np.ndarray) -> np.ndarray: ...
+@overload
+def _mask(crc: int) -> int: ...
 def _mask(crc: np.ndarray | int) -> np.ndarray | int:
     if isinstance(crc, np.ndarray):
         crc = crc.astype(np.uint64)
@@ -267,8 +272,9 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf: bytes):
+def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(field number, wire type, value)``; LEN values are ``bytes``."""
+    value: int | bytes
     pos = 0
     n = len(buf)
     while pos < n:
@@ -476,7 +482,9 @@ def _vec_varint(arr: np.ndarray, pos: np.ndarray, max_bytes: int) -> tuple[np.nd
     return value, nxt, done
 
 
-def _fast_scalars(arr: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+def _fast_scalars(
+    arr: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised decoding of ``add_scalar`` records; returns ``ok`` and the decoded parts."""
     n = len(arr)
     ends = starts + lengths

@@ -37,7 +37,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -366,7 +366,7 @@ class _Scan:
         """Scan one pickle from ``stream``; ``True`` when it ended with STOP."""
         stack: list[Any] = []
         metastack: list[list[Any]] = []
-        memo: dict[int, Any] = {}
+        memo: dict[Any, Any] = {}
         try:
             for op, arg, _ in pickletools.genops(stream):
                 name = op.name
@@ -946,7 +946,8 @@ def _rows(
             "rank_at_energy": rank,
             "energy": tau,
             "eckart_young_rel_error": _clean(rel),
-            "param_ratio": rank * (out_dim + cols) / (out_dim * cols) if finite else None,
+            "param_ratio": (cast(int, rank) * (out_dim + cols) / (out_dim * cols)
+                            if finite else None),
             "alpha": _clean(alpha),
             "alpha_weighted": _clean(alpha_w),
         })

@@ -330,7 +330,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     if isinstance(layers, str):
         if layers == "auto":
             owned = _mha_owned(named)
-            chosen = [
+            chosen: list[str] = [
                 name for name, mod in named if isinstance(mod, AUTO_TYPES) and name not in owned
             ]
             if not chosen:
@@ -345,7 +345,7 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
         patterns = list(layers)
         if not patterns:
             raise SpectralConfigError(f"layers is empty. Available modules: {_listing(named)}")
-    chosen: list[str] = []
+    chosen = []
     missing: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str):

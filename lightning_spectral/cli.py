@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lightning_spectral._version import __version__
 
@@ -79,7 +80,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module.add_parser(sub)
 
-    def one_line_error(message: str) -> None:  # argparse prints usage + error: keep one line
+    def one_line_error(message: str) -> NoReturn:  # argparse prints usage + error: keep one line
         _stderr_line(f"lightning-spectral: error: {message} (see lightning-spectral --help)")
         sys.exit(2)
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stderr_line(f"{prog}: interrupted")
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`... | head`)
-        if sys.stdout is not None and sys.stdout is sys.__stdout__:
+        if sys.stdout is sys.__stdout__ and sys.stdout is not None:
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())

@@ -38,7 +38,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -230,16 +230,17 @@ def _factor(module: nn.Module, kind: str, k: int, u: torch.Tensor, s: torch.Tens
     The new layers are built with ``skip_init`` (no random initialisation, so the global RNG
     is untouched) and filled with the factors.
     """
-    w = module.weight
+    w = cast(torch.Tensor, module.weight)
     root = s[:k].sqrt()
     a = root[:, None] * vh[:k]  # (k, cols)
     b = u[:, :k] * root[None, :]  # (out, k)
     factory = {"device": w.device, "dtype": w.dtype}
     has_bias = module.bias is not None
     if kind == "linear":
-        first: nn.Module = skip_init(nn.Linear, module.in_features, k, bias=False, **factory)
-        second: nn.Module = skip_init(nn.Linear, k, module.out_features, bias=has_bias,
-                                      **factory)
+        first: nn.Linear | nn.Conv2d = skip_init(nn.Linear, module.in_features, k, bias=False,
+                                                 **factory)
+        second: nn.Linear | nn.Conv2d = skip_init(nn.Linear, k, module.out_features,
+                                                  bias=has_bias, **factory)
         first_w = a
     else:
         first = skip_init(
@@ -253,8 +254,10 @@ def _factor(module: nn.Module, kind: str, k: int, u: torch.Tensor, s: torch.Tens
         first.weight.copy_(first_w.to(w.dtype))
         second.weight.copy_(b.reshape(second.weight.shape).to(w.dtype))
         if has_bias:
-            second.bias.copy_(module.bias.detach())
-            second.bias.requires_grad_(module.bias.requires_grad)
+            old_bias = cast(torch.Tensor, module.bias)
+            assert second.bias is not None  # built with bias=has_bias
+            second.bias.copy_(old_bias.detach())
+            second.bias.requires_grad_(old_bias.requires_grad)
     seq = nn.Sequential(first, second)
     seq.train(module.training)
     for p_new, p_old in ((first.weight, w), (second.weight, w)):
@@ -504,7 +507,7 @@ def compression_curve(
     from lightning_spectral.plots.weights import compression_curve_figure
 
     fn = metric or accuracy
-    name = metric_name or (getattr(fn, "__name__", "metric") if metric else "accuracy")
+    name = cast(str, metric_name or (getattr(fn, "__name__", "metric") if metric else "accuracy"))
     energies = [float(e) for e in energies]
     for e in energies:
         if not (0.0 < e <= 1.0):

@@ -79,7 +79,7 @@ class ClassStatsAccumulator:
         """Add rows ``(n, d)`` with labels ``(n,)`` already known to lie in ``[0, K)``."""
         _collapse_update(features, labels, self.stats)
 
-    def flag(self, index: int, amount: float = 1.0) -> None:
+    def flag(self, index: int, amount: float | torch.Tensor = 1.0) -> None:
         """Count one occurrence of problem ``index``."""
         self.problems[index] += amount
 

@@ -153,7 +153,8 @@ def count_host_syncs(device: str | torch.device = "cpu") -> Iterator[HostSyncs]:
 
     for name, fn in originals.items():
         setattr(torch.Tensor, name, wrap(name, fn))
-    torch.from_numpy = host_from_numpy
+    # same call as torch.from_numpy; only the parameter's name differs
+    torch.from_numpy = host_from_numpy  # type: ignore[assignment]
     try:
         yield result
     finally:
@@ -162,7 +163,10 @@ def count_host_syncs(device: str | torch.device = "cpu") -> Iterator[HostSyncs]:
         torch.from_numpy = from_numpy
 
 
-class MemoryLogger(pl.loggers.logger.Logger):
+_Logger: Any = pl.loggers.logger.Logger  # the flavour's Logger base class, chosen at import time
+
+
+class MemoryLogger(_Logger):
     """Keeps every ``log_metrics`` call as ``(step, {tag: value})`` in :attr:`records`."""
 
     def __init__(self) -> None:

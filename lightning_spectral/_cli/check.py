@@ -19,7 +19,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 __all__ = ["add_parser", "run"]
 
@@ -67,11 +67,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="also write a JUnit XML report (one test case per check)")
     parser.set_defaults(func=run)
 
-    def one_line_error(message: str) -> None:  # argparse prints usage + error: keep one line
+    def one_line_error(message: str) -> NoReturn:  # argparse prints usage + error: keep one line
         _line(sys.stderr, f"{_PROG}: error: {message} (see {_PROG} --help)")
         sys.exit(2)
 
-    parser.error = one_line_error  # type: ignore[method-assign]
+    parser.error = one_line_error
     return parser
 
 
@@ -120,7 +120,7 @@ def _write_report(path: Path, text: str) -> None:
 def _silence_stdout() -> None:
     """The reader of stdout went away (``check ... | head``): drop the rest of the output, so
     that exiting does not print a BrokenPipeError."""
-    if sys.stdout is not None and sys.stdout is sys.__stdout__:
+    if sys.stdout is sys.__stdout__ and sys.stdout is not None:
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

@@ -93,7 +93,7 @@ def check_choice(name: str, value: Any, choices: Sequence[T]) -> T:
     if value not in choices:
         listed = ", ".join(repr(c) for c in choices)
         raise SpectralConfigError(f"{name} must be one of {listed}, got {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -231,7 +231,7 @@ class CollapseMonitor(SpectralCallback):
         self.labels = labels
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1)
         self.source: Literal["train", "val", "train_eval"] = check_choice(
-            "source", source, tuple(NAMESPACES)
+            "source", source, ("train", "val", "train_eval")
         )
         self.max_batches = check_int("max_batches", max_batches, 1, optional=True)
         if not isinstance(eval_step, str) or not eval_step:
@@ -301,6 +301,10 @@ class CollapseMonitor(SpectralCallback):
                     state["reservoir"] = self._reservoir.state_dict()
         return state
 
+    #: ``(epoch, nc1)`` of this fit (continued on a ``ckpt_path`` resume)
+    history: list[tuple[int, float]]
+    _restored: dict[str, Any] | None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # a ckpt_path resume: Lightning calls this after ``setup``, so it survives the reset
         self.history = [(int(e), float(v)) for e, v in state_dict.get("history", [])]
@@ -309,9 +313,9 @@ class CollapseMonitor(SpectralCallback):
     # ------------------------------------------------------------------ lifecycle
     def _reset(self) -> None:
         """A fresh fit: no history, no statistics, nothing restored."""
-        self.history: list[tuple[int, float]] = []
+        self.history = []
         self.last_metrics: dict[str, float] = {}
-        self._restored: dict[str, Any] | None = None
+        self._restored = None
         self._collecting_epoch: int | None = None
         self._started_epoch: int | None = None
         self._acc: ClassStatsAccumulator | None = None

@@ -482,7 +482,8 @@ class CurvatureMonitor(SpectralCallback):
                 if len(closures) >= self.noise_samples:
                     break
                 sample = _slice(b, i, n)
-                closures.append(lambda s=sample: self._loss_of(pl_module, s))
+                # the default argument binds this sample; mypy cannot type such a lambda
+                closures.append(lambda s=sample: self._loss_of(pl_module, s))  # type: ignore[misc]
         if len(closures) < 2:
             self._fail.problem("noise-samples", "need at least two samples for the noise",
                                consequence="the noise tags (noise_s2, beta, sigma) are logged "

@@ -119,7 +119,8 @@ def unwrapped_training_step(pl_module: Any) -> Callable[..., Any]:
 def _autocast_off(device_type: str) -> Iterator[None]:
     """Disable autocast on ``device_type`` (eigenvalues are never computed in half precision)."""
     try:
-        ctx = torch.autocast(device_type=device_type, enabled=False)
+        ctx: contextlib.AbstractContextManager[Any] = torch.autocast(device_type=device_type,
+                                                                     enabled=False)
     except (RuntimeError, ValueError):  # a device type without autocast support
         ctx = contextlib.nullcontext()
     with ctx:

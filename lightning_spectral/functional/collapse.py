@@ -55,11 +55,11 @@ class CollapseStats:
     def zeros(
         cls, num_classes: int, dim: int, device: torch.device | str | None = None
     ) -> CollapseStats:
-        kw = {"dtype": torch.float64, "device": device}
+        f64 = torch.float64
         return cls(
-            torch.zeros(num_classes, **kw),
-            torch.zeros(num_classes, dim, **kw),
-            torch.zeros(dim, dim, **kw),
+            torch.zeros(num_classes, dtype=f64, device=device),
+            torch.zeros(num_classes, dim, dtype=f64, device=device),
+            torch.zeros(dim, dim, dtype=f64, device=device),
         )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -99,7 +99,9 @@ class _HessianOperator:
             (self.grads[i] * chunks[i].reshape(self.grads[i].shape).to(self.grads[i].dtype)).sum()
             for i in self._live
         )
-        hv = torch.autograd.grad(dot, self.params, retain_graph=True, allow_unused=True)
+        # a tensor: ``self._live`` is not empty
+        hv = torch.autograd.grad(cast(torch.Tensor, dot), self.params, retain_graph=True,
+                                 allow_unused=True)
         return flatten_tensors(
             [
                 torch.zeros_like(p) if h is None else h.detach()

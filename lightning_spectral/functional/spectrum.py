@@ -53,7 +53,8 @@ def normalize_rows(h: torch.Tensor) -> torch.Tensor:
     return h * norm.masked_fill(norm < _ROW_NORM_FLOOR, float("inf")).reciprocal()
 
 
-def _smaller_side_eigvals(z: torch.Tensor, scale: float, normalize: bool) -> torch.Tensor:
+def _smaller_side_eigvals(z: torch.Tensor, scale: float | torch.Tensor,
+                          normalize: bool) -> torch.Tensor:
     """Eigenvalues of ``scale · ZᵀZ`` (``Z`` = row-normalised ``z`` if ``normalize``), descending.
 
     One matmul on the smaller Gram side and one ``eigvalsh`` (docs/definitions.md#gram), no host

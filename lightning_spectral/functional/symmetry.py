@@ -30,7 +30,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast, overload
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ __all__ = [
 
 _AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# the module types in _AFFINE and _BATCHNORM, for annotations
+_AffineModule = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+_NormModule = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -82,9 +85,9 @@ _SUPPORTED_TEXT = (
 class _Hidden:
     """One hidden layer: the units written by ``producer`` and read by ``consumer``."""
 
-    producer: nn.Module
-    consumer: nn.Module
-    norms: list[nn.Module]
+    producer: _AffineModule
+    consumer: _AffineModule
+    norms: list[_NormModule]
     width: int
     block: int  # consumer input columns per unit (>1 after Flatten of a convolution)
     odd: bool
@@ -100,11 +103,11 @@ def _flatten(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _width_out(m: nn.Module) -> int:
+def _width_out(m: _AffineModule) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
-def _width_in(m: nn.Module) -> int:
+def _width_in(m: _AffineModule) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 
 
@@ -135,9 +138,9 @@ def _parse(model: nn.Module, name: str = "model") -> list[_Hidden]:
             )
     hidden: list[_Hidden] = []
     for a, b in zip(idx[:-1], idx[1:], strict=True):
-        prod, cons = mods[a], mods[b]
+        prod, cons = cast(_AffineModule, mods[a]), cast(_AffineModule, mods[b])  # in _AFFINE
         width = _width_out(prod)
-        norms: list[nn.Module] = []
+        norms: list[_NormModule] = []
         flattened = False
         odd = True
         for j in range(a + 1, b):
@@ -305,6 +308,12 @@ def canonical_order(model: nn.Module) -> nn.Module:
 # weight matching
 
 
+@overload
+def _np(t: torch.Tensor) -> np.ndarray: ...
+@overload
+def _np(t: None) -> None: ...
+@overload
+def _np(t: torch.Tensor | None) -> np.ndarray | None: ...
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().double().numpy()
 
@@ -312,7 +321,7 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 class _Layer:
     """float64 NumPy view of one affine layer for matching: weight as (out, in, rest)."""
 
-    def __init__(self, module: nn.Module, in_block: int) -> None:
+    def __init__(self, module: _AffineModule, in_block: int) -> None:
         w = _np(module.weight)
         out = w.shape[0]
         self.w = w.reshape(out, -1, in_block) if isinstance(module, nn.Linear) else (
@@ -375,7 +384,7 @@ def alignment_permutations(
         w = layers_[l].w if prev is None else layers_[l].w[:, prev]
         cols = [w.reshape(w.shape[0], -1)]
         if layers_[l].b is not None:
-            cols.append(layers_[l].b[:, None])
+            cols.append(cast(np.ndarray, layers_[l].b)[:, None])
         cols += [t[:, None] for t in bns[l]]
         return np.concatenate(cols, axis=1)
 
@@ -399,7 +408,7 @@ def alignment_permutations(
             nxt = perms[l + 1] if l + 1 < L else None
             sim = incoming(la, bn_a, l, None) @ incoming(lb, bn_b, l, prev).T
             sim = sim + outgoing(la, l, None) @ outgoing(lb, l, nxt).T
-            cur = perms[l]
+            cur = cast(np.ndarray, perms[l])  # set by the first pass
             new = solve(sim)
             gain = sim[np.arange(len(new)), new].sum() - sim[np.arange(len(cur)), cur].sum()
             if not np.array_equal(new, cur) and gain > 1e-12 * max(1.0, abs(sim).max()):

@@ -13,11 +13,12 @@ import bisect
 import difflib
 import fnmatch
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lightning_spectral.gate._common import (
     GateInputError,
@@ -82,7 +83,7 @@ class CheckResult:
             "reducer": self.rule.reducer_label,
             "value": _json_number(self.value),
             "op": self.rule.op,
-            "threshold": _json_number(self.threshold),
+            "threshold": _json_number(cast(float, self.threshold)),  # set by __post_init__
             "baseline": None if self.baseline is None else _json_number(self.baseline),
             "status": self.status,
             "passed": self.passed,
@@ -175,7 +176,7 @@ class _Reduced:
         return value
 
 
-def _baseline_run(baseline: str | Path | Run | Mapping[str, Any]) -> Run:
+def _baseline_run(baseline: str | os.PathLike[str] | Run | Mapping[str, Any]) -> Run:
     """Read a baseline run; a reading error names it as the baseline."""
     if isinstance(baseline, Run):
         return baseline
@@ -261,11 +262,13 @@ def _evaluate(here: _Reduced, rules: Sequence[Rule], base: _Reduced | None
             value = here.value(tag, rule)
             assert value is not None
             threshold = rule.threshold_for(b)
+            note: str | None
             if rule.relative and b is None:
                 status, note = missing, NOT_IN_BASELINE
             else:
                 status = "pass" if rule.compare(value, threshold) else "fail"
-                note = "the baseline value is NaN" if rule.relative and math.isnan(b) else None
+                note = ("the baseline value is NaN"
+                        if rule.relative and math.isnan(cast(float, b)) else None)
             results.append(CheckResult(
                 run.label, rule, tag, value, status,
                 n_values=len(series),

@@ -115,6 +115,14 @@ _NUMBER = re.compile(r"[+-]?(?:inf(?:inity)?|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE]
                      re.IGNORECASE)
 _BASELINE = re.compile(r"baseline\b")
 _TIMES = re.compile(r"\s*\*\s*")
+
+
+def _match_end(pattern: re.Pattern[str], text: str, pos: int) -> int:
+    """The end of ``pattern``'s match at ``pos``, for a pattern that matches there (``_WS``
+    and ``_TOML_SKIP`` match the empty string; ``_BASELINE`` is matched first)."""
+    m = pattern.match(text, pos)
+    assert m is not None
+    return m.end()
 _SIGN = re.compile(r"\s*([+-])\s*")
 _REDUCER_HELP = "last, first, min, max, mean, mean(last=K), slope(last=K), drop_from_max, " \
                 "drop_from_max_rel"
@@ -130,7 +138,7 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
     if not isinstance(text, str):
         raise RuleSyntaxError(str(text), 1, "a rule must be a string", source)
     rule = text
-    pos = _WS.match(rule, 0).end()
+    pos = _match_end(_WS, rule, 0)
 
     def fail(at: int, expected: str) -> RuleSyntaxError:
         return RuleSyntaxError(rule, at + 1, expected, source)
@@ -151,7 +159,7 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
     if not m:
         raise fail(pos, "expected a tag pattern such as 'vne/*'")
     pattern = m.group(0)
-    pos = _WS.match(rule, m.end()).end()
+    pos = _match_end(_WS, rule, m.end())
     reducer, window = "last", None
     m = _REDUCER.match(rule, pos)
     if m:
@@ -160,7 +168,7 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
         w = _WINDOW.match(rule, pos)
         if w:
             if reducer not in WINDOWED:
-                raise fail(_WS.match(rule, pos).end(),
+                raise fail(_match_end(_WS, rule, pos),
                            f"only 'mean' and 'slope' take a window, not {reducer!r}")
             pos = w.end()
             k = _INT.match(rule, pos)
@@ -171,15 +179,15 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
             window = int(k.group(0))
             c = _CLOSE.match(rule, k.end())
             if not c:
-                raise fail(_WS.match(rule, k.end()).end(),
+                raise fail(_match_end(_WS, rule, k.end()),
                            f"expected ')' closing {reducer}(last=K)")
             pos = c.end()
         elif _PAREN.match(rule, pos):
-            raise fail(_WS.match(rule, pos).end(), f"expected '{reducer}(last=K)'"
+            raise fail(_match_end(_WS, rule, pos), f"expected '{reducer}(last=K)'"
                        if reducer in WINDOWED else f"{reducer!r} takes no window")
         elif reducer == "slope":
             raise fail(pos, "expected '(last=K)': slope needs a window, slope(last=K)")
-        pos = _WS.match(rule, pos).end()
+        pos = _match_end(_WS, rule, pos)
     m = _OP.match(rule, pos)
     if not m:
         if pos < len(rule) and rule[pos].isalpha():
@@ -187,10 +195,10 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
                             "or an operator (< <= > >= == !=)")
         raise fail(pos, "expected an operator (< <= > >= == !=)")
     op = m.group(0)
-    pos = _WS.match(rule, m.end()).end()
+    pos = _match_end(_WS, rule, m.end())
     threshold, factor, offset = 0.0, None, 0.0
     if _BASELINE.match(rule, pos):
-        factor, pos = 1.0, _BASELINE.match(rule, pos).end()
+        factor, pos = 1.0, _match_end(_BASELINE, rule, pos)
     else:
         if not _NUMBER.match(rule, pos):
             raise fail(pos, "expected a number or 'baseline' (e.g. 2.0, 0.8 * baseline, "
@@ -218,7 +226,7 @@ def parse_rule(text: str, *, optional: bool = False, name: str | None = None,
                                        f"'{sign.group(1)}'")
         elif pos < len(rule) and not rule[pos].isspace():
             raise fail(pos, "expected '+ NUMBER', '- NUMBER' or the end of the rule")
-    rest = _WS.match(rule, pos).end()
+    rest = _match_end(_WS, rule, pos)
     if rest != len(rule):
         if factor is not None:
             raise fail(rest, "expected '+ NUMBER', '- NUMBER' or the end of the rule"
@@ -325,7 +333,7 @@ def _toml_nested(text: str, start: int, line: int, entries: list[list[int]] | No
     key: list[str] = []
     key_line = line
     while True:
-        at = _TOML_SKIP.match(text, pos).end()
+        at = _match_end(_TOML_SKIP, text, pos)
         m = _TOML_TOKEN.match(text, at)
         if m is None:
             raise ValueError(f"unexpected TOML at offset {at}")
@@ -365,7 +373,7 @@ def _rule_lines(text: str) -> list[int]:
     entry: list[int] | None = None  # [header line, check line] of the current [[rule]]
     pos, last, line, n = 0, 0, 1, len(text)
     while True:
-        pos = _TOML_SKIP.match(text, pos).end()
+        pos = _match_end(_TOML_SKIP, text, pos)
         if pos >= n:
             break
         m = _TOML_STATEMENT.match(text, pos)

@@ -165,10 +165,10 @@ def _read_directory(path: Path, label: str, warnings: list[str]) -> Run:
             found.add(directory, entry)
         stack.extend(directory / e.name for e in reversed(entries) if _is_real_dir(e))
     if found.unreadable:
-        directory, exc = found.unreadable[0]
+        directory, error = found.unreadable[0]
         more = (f" (and {len(found.unreadable) - 1} more)" if len(found.unreadable) > 1
                 else "")
-        raise RunReadError(f"{directory}: cannot list directory ({_reason(exc)}){more}; "
+        raise RunReadError(f"{directory}: cannot list directory ({_reason(error)}){more}; "
                            f"cannot tell which run under {path} to read")
     holders = sorted(found.events)
     if len(holders) == 1:
@@ -338,7 +338,7 @@ def _read_csv(path: Path, label: str, warnings: list[str] | None = None) -> Run:
                warnings=[] if warnings is None else warnings)
 
 
-def read_run(path: str | Path, label: str | None = None) -> Run:
+def read_run(path: str | os.PathLike[str], label: str | None = None) -> Run:
     """Read every scalar of a run.
 
     ``path`` is a Lightning log version directory, any directory holding TensorBoard event
