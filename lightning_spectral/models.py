@@ -21,6 +21,31 @@ from lightning_spectral.functional.mirrors import check_depth, mirror_forward
 __all__ = ["MirrorNet", "ReluMirrorNet"]
 
 
+
+def _check_width(width: Any) -> int:
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    return int(width)
+
+
+def _x_bounds(x_range: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = float(x_range[0]), float(x_range[1])
+    if not hi > lo:
+        raise ValueError(f"x_range must be (low, high) with low < high, got {x_range!r}")
+    return lo, hi
+
+
+def _drawer(ref: torch.Tensor, generator: torch.Generator | None) -> Any:
+    """``draw(fn, *shape)``: ``fn`` (``torch.randn``/``torch.rand``) in float64 from
+    ``generator``, moved to ``ref``'s device and dtype (the same numbers on every device)."""
+
+    def draw(fn: Any, *shape: int) -> torch.Tensor:
+        out = fn(*shape, generator=generator, dtype=torch.float64)
+        return out.to(ref.device, ref.dtype)
+
+    return draw
+
+
 class MirrorNet(nn.Module):
     """A 1-D absolute-value network of exactly the two- or three-layer form of the Lasso mirrors.
 
@@ -52,9 +77,7 @@ class MirrorNet(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive integer, got {width!r}")
-        self.width = int(width)
+        self.width = _check_width(width)
         self.depth = check_depth(depth)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.w = nn.Parameter(torch.empty(width, **kw))
@@ -71,15 +94,9 @@ class MirrorNet(nn.Module):
         self, x_range: tuple[float, float] = (-1.0, 1.0), generator: torch.Generator | None = None
     ) -> None:
         """Draw fresh parameters (see the class docstring); ``generator`` for reproducibility."""
-        lo, hi = float(x_range[0]), float(x_range[1])
-        if not hi > lo:
-            raise ValueError(f"x_range must be (low, high) with low < high, got {x_range!r}")
+        lo, hi = _x_bounds(x_range)
         m = self.width
-
-        def draw(fn: Any, *shape: int) -> torch.Tensor:
-            out = fn(*shape, generator=generator, dtype=torch.float64)
-            return out.to(self.w.device, self.w.dtype)
-
+        draw = _drawer(self.w, generator)
         self.w.copy_(draw(torch.randn, m))
         self.b.copy_(-self.w * (lo + (hi - lo) * draw(torch.rand, m)))
         if self.depth == 3:
@@ -137,9 +154,7 @@ class ReluMirrorNet(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive integer, got {width!r}")
-        self.width = int(width)
+        self.width = _check_width(width)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.w = nn.Parameter(torch.empty(width, **kw))
         self.b = nn.Parameter(torch.empty(width, **kw))
@@ -152,15 +167,9 @@ class ReluMirrorNet(nn.Module):
         self, x_range: tuple[float, float] = (-1.0, 1.0), generator: torch.Generator | None = None
     ) -> None:
         """Draw fresh parameters (see the class docstring); ``generator`` for reproducibility."""
-        lo, hi = float(x_range[0]), float(x_range[1])
-        if not hi > lo:
-            raise ValueError(f"x_range must be (low, high) with low < high, got {x_range!r}")
+        lo, hi = _x_bounds(x_range)
         m = self.width
-
-        def draw(fn: Any, *shape: int) -> torch.Tensor:
-            out = fn(*shape, generator=generator, dtype=torch.float64)
-            return out.to(self.w.device, self.w.dtype)
-
+        draw = _drawer(self.w, generator)
         self.w.copy_(draw(torch.randn, m))
         self.b.copy_(-self.w * (lo + (hi - lo) * draw(torch.rand, m)))
         self.alpha.copy_(draw(torch.randn, m) / math.sqrt(m))
