@@ -19,6 +19,9 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import override
 
 _FLAVOURS = ("lightning.pytorch", "pytorch_lightning")
 
@@ -47,9 +50,25 @@ def _choose() -> str:
 
 FLAVOUR: str = _choose()
 pl: ModuleType = importlib.import_module(FLAVOUR)
-Callback = pl.Callback
-LightningModule = pl.LightningModule
-Trainer = pl.Trainer
+if TYPE_CHECKING:
+    # the type checker reads the declared dependency's classes; both flavours define the same
+    # hooks with the same signatures, so the annotations hold for either at run time
+    from pytorch_lightning import Callback, LightningModule, Trainer
+    from pytorch_lightning.utilities.types import STEP_OUTPUT
+else:
+    STEP_OUTPUT = Any
+    Callback = pl.Callback
+    LightningModule = pl.LightningModule
+    Trainer = pl.Trainer
 rank_zero_only = importlib.import_module(f"{FLAVOUR}.utilities").rank_zero_only
 
-__all__ = ["FLAVOUR", "pl", "Callback", "LightningModule", "Trainer", "rank_zero_only"]
+__all__ = [
+    "FLAVOUR",
+    "pl",
+    "Callback",
+    "LightningModule",
+    "Trainer",
+    "STEP_OUTPUT",
+    "override",
+    "rank_zero_only",
+]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spectral._compat import LightningModule
+from lightning_spectral._compat import LightningModule, override
 
 __all__ = ["load_digits_tensors", "digits_dataloaders", "DigitsClassifier"]
 
@@ -102,6 +102,7 @@ class DigitsClassifier(LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.arch == "cnn" and x.ndim == 2:
             x = x.reshape(-1, 1, 8, 8)
@@ -116,11 +117,14 @@ class DigitsClassifier(LightningModule):
         self.log(f"{stage}_acc", acc, prog_bar=True)
         return loss
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -6,6 +6,11 @@ a dead link there (and a warning that ``mkdocs build --strict`` turns into an er
 hook turns each link that leaves ``docs/`` and names an existing repository file into its
 text, and logs it at INFO level. Links to files that do not exist anywhere are left alone, so
 they still fail the strict build.
+
+Docstrings point to the definitions as ``docs/definitions.md#<anchor>`` (readable in a terminal,
+in an editor and on GitHub). On the site, :func:`on_page_content` turns each such reference
+into a link to that section of the Definitions page; an anchor the page does not define is a
+warning (an error under ``--strict``).
 """
 
 from __future__ import annotations
@@ -43,3 +48,33 @@ def on_page_markdown(markdown: str, *, page: Any, config: Any, files: Any) -> st
             fenced = not fenced
         out.append(line if fenced else _LINK.sub(replace, line))
     return "\n".join(out)
+
+
+# docs/definitions.md#anchor, as written in docstrings (rendered as text or inside <code>)
+_DEFINITION_REF = re.compile(r"(?<![\w/.])(<code>)?docs/definitions\.md#([A-Za-z0-9_-]+)(</code>)?")
+_ANCHOR = re.compile(r'<a id="([^"]+)"></a>|\{#([A-Za-z0-9_-]+)\}')
+_anchors_cache: dict[str, set[str]] = {}
+
+
+def _definition_anchors(config: Any) -> set[str]:
+    path = Path(config["docs_dir"]) / "definitions.md"
+    key = str(path.resolve())
+    if key not in _anchors_cache:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        _anchors_cache[key] = {a or b for a, b in _ANCHOR.findall(text)}
+    return _anchors_cache[key]
+
+
+def on_page_content(html: str, *, page: Any, config: Any, files: Any) -> str:
+    anchors = _definition_anchors(config)
+    up = "../" * page.file.url.count("/")
+
+    def link(match: re.Match[str]) -> str:
+        anchor = match.group(2)
+        if anchor not in anchors:
+            log.warning("%s: docs/definitions.md#%s names no section of the Definitions page",
+                        page.file.src_uri, anchor)
+            return match.group(0)
+        return f'<a href="{up}definitions.html#{anchor}">{match.group(0)}</a>'
+
+    return _DEFINITION_REF.sub(link, html)

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from lightning_spectral import report
-from lightning_spectral._compat import Callback, rank_zero_only
+from lightning_spectral._compat import Callback, LightningModule, Trainer, override, rank_zero_only
 from lightning_spectral.capture import LayerCapture
 from lightning_spectral.errors import SpectralComputeError, SpectralConfigError, SpectralWarning
 
@@ -419,7 +419,8 @@ class SpectralCallback(Callback):
         return any(c.attached for c in self._captures)
 
     # -- Lightning hooks -----------------------------------------------------------------------
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in self.stages:
             return
         self.release()  # hooks left by an earlier fit that ended without teardown
@@ -429,8 +430,15 @@ class SpectralCallback(Callback):
             self._fail.reset()
         self._install(trainer, pl_module, stage)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.release()
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        exception: BaseException,
+    ) -> None:
         self.release()

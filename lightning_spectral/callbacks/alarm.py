@@ -34,7 +34,13 @@ from typing import Any, Literal
 import torch
 
 from lightning_spectral import report
-from lightning_spectral._compat import rank_zero_only
+from lightning_spectral._compat import (
+    STEP_OUTPUT,
+    LightningModule,
+    Trainer,
+    override,
+    rank_zero_only,
+)
 from lightning_spectral.callbacks._base import (
     SpectralCallback,
     check_bool,
@@ -140,10 +146,12 @@ class SpectralAlarm(SpectralCallback):
 
     # ------------------------------------------------------------------ state
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(rules=[r.text for r in self.rules],
                                         patience=self.patience, action=self.action)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": {tag: h.state() for tag, h in self._history.items()},
@@ -153,6 +161,7 @@ class SpectralAlarm(SpectralCallback):
             "stopped_step": self.stopped_step,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = {tag: StreamingSeries.from_state(s, self._window)
                          for tag, s in state_dict.get("history", {}).items()}
@@ -339,17 +348,27 @@ class SpectralAlarm(SpectralCallback):
                 log.warning("%s; stopping the fit at step %d", message, self.stopped_step)
         trainer.should_stop = True
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self._check(trainer)
 
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check(trainer)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check(trainer)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Name the rules that never applied to anything (rank zero: only it has every tag)."""
         if getattr(rank_zero_only, "rank", 0) != 0:
             return  # other ranks never receive the monitors' values

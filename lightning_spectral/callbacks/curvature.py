@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_spectral import report
+from lightning_spectral._compat import STEP_OUTPUT, LightningModule, Trainer, override
 from lightning_spectral.callbacks._base import (
     SpectralCallback,
     StepSchedule,
@@ -288,6 +289,7 @@ class CurvatureMonitor(SpectralCallback):
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
+    @override
     def state_key(self) -> str:
         extra: dict[str, Any] = {"prefix": self.prefix} if self.prefix else {}
         if self.which != "largest":  # only when not the default: older checkpoints still resume
@@ -296,9 +298,11 @@ class CurvatureMonitor(SpectralCallback):
                                         loss=self.loss, batches=self.batches, mode=self.mode,
                                         **extra)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step, "events": self._events}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         self._events = int(state_dict.get("events", 0))
@@ -335,8 +339,14 @@ class CurvatureMonitor(SpectralCallback):
     def _uninstall(self) -> None:
         self._kept = []
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if len(self._kept) < self.batches and _batch_len(batch) > 0:
             self._kept.append(_map_tensors(batch, lambda t: t.detach().clone()))

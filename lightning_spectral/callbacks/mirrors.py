@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lightning_spectral import report
+from lightning_spectral._compat import STEP_OUTPUT, LightningModule, Trainer, override
 from lightning_spectral.callbacks._base import (
     SpectralCallback,
     StepSchedule,
@@ -123,14 +124,17 @@ class MirrorCertificate(SpectralCallback):
     # ------------------------------------------------------------------ Lightning hooks
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module, beta=self.beta,
                                         every_n_steps=self.every_n_steps)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step, "last_figure_step": self._last_figure_step,
                 "fingerprint": self._fingerprint}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         self._last_figure_step = int(state_dict.get("last_figure_step", -1))
@@ -150,7 +154,8 @@ class MirrorCertificate(SpectralCallback):
     def _uninstall(self) -> None:
         self._net = None  # hold no reference to the model after the fit
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._figures.start()
         if self._net is None:
             self._net, self._net_name = _find_mirror_net(pl_module, self.module)
@@ -160,14 +165,22 @@ class MirrorCertificate(SpectralCallback):
         })})
         self._load_data(trainer, pl_module)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # data loaders may be reloaded between epochs: re-read, re-solve only if data changed
-        if trainer.current_epoch > 0 and getattr(trainer, "reload_dataloaders_every_n_epochs",
-                                                 0):
+        reload_every = int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0)
+        if trainer.current_epoch > 0 and reload_every:
             self._load_data(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = int(trainer.global_step)
         if not self._schedule.due(step):
             return
@@ -180,7 +193,8 @@ class MirrorCertificate(SpectralCallback):
                 and self._figures.allowed(self.figure_budget)):
             self._log_figure(trainer, step, log_step)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = int(trainer.global_step)
         log_step = logging_step(trainer)
         if step != self._last_step:

@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from lightning_spectral import report
+from lightning_spectral._compat import STEP_OUTPUT, LightningModule, Trainer, override
 from lightning_spectral.callbacks._base import (
     SpectralCallback,
     StepSchedule,
@@ -236,6 +237,7 @@ class VNEPenalty(SpectralCallback):
         return f"VNEPenalty({self.layer!r})"
 
     @property
+    @override
     def state_key(self) -> str:
         extra = {"prefix": self.prefix} if self.prefix else {}
         return self._generate_state_key(layer=self.layer, alpha=self.alpha, **extra)
@@ -243,9 +245,11 @@ class VNEPenalty(SpectralCallback):
     def _namespace(self) -> tuple[str, str]:
         return (self.prefix, self.layer)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self._schedule.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._schedule.load_state_dict(state_dict.get("schedule"))
 
@@ -305,7 +309,13 @@ class VNEPenalty(SpectralCallback):
         self._acc = None
         self._pending = []
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        exception: BaseException,
+    ) -> None:
         try:  # write what completed steps computed; the step in progress is dropped
             self._flush(trainer, collective=False)
         except Exception:  # noqa: BLE001 - never mask the exception being handled
@@ -458,14 +468,21 @@ class VNEPenalty(SpectralCallback):
         return term
 
     # ------------------------------------------------------------------ explicit-form gating
+    @override
     def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self.inject and self._layer_capture is not None:
             self._arm(trainer)
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if not self.inject:
             if self._armed and self._views and not self._term_called:
@@ -482,7 +499,8 @@ class VNEPenalty(SpectralCallback):
         if len(self._pending) >= max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)):
             self._flush(trainer)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layer = self._tag_layer
         name = re.escape(layer)
         self._layout(
@@ -497,7 +515,8 @@ class VNEPenalty(SpectralCallback):
             },
         )
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close_step()
         self._flush(trainer)
 
