@@ -30,6 +30,10 @@ holds them. :func:`compress` keeps those models working:
 - ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly on every path (fused or not), so
   its projections are never factored (naming one in ``layers`` raises
   :class:`SpectralConfigError`); the rest of the model is compressed as usual.
+
+Kept in one module, longer than most: :func:`compression_curve` is :func:`compress` swept
+over truncation energies and evaluated, reading the :class:`CompressionReport` it returns;
+the rest is the factorisation and the fused-path handling described above.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lightning_spectral._compat import pl
-from lightning_spectral._eventfile import _crc_many, _crc_of_lengths, _mask
+from lightning_spectral._crc32c import crc32c_many, crc32c_of_lengths, mask
 
 __all__ = ["HostSyncs", "MemoryLogger", "count_host_syncs", "write_scalars"]
 
@@ -251,9 +251,9 @@ def write_scalars(
     lengths = np.array([len(b) for b in blobs], dtype=np.int64)
     joined = np.frombuffer(b"".join(blobs), dtype=np.uint8)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    crcs = _mask(_crc_many(joined, starts, lengths))
+    crcs = mask(crc32c_many(joined, starts, lengths))
     heads = np.frombuffer(lengths.astype("<u8").tobytes(), dtype=np.uint8)
-    head_crcs = _mask(_crc_of_lengths(lengths))
+    head_crcs = mask(crc32c_of_lengths(lengths))
     head_bytes = heads.reshape(-1, 8)
     head_crc_bytes = np.frombuffer(head_crcs.astype("<u4").tobytes(), np.uint8).reshape(-1, 4)
     crc_bytes = np.frombuffer(crcs.astype("<u4").tobytes(), np.uint8).reshape(-1, 4)

@@ -82,7 +82,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _load_state(path: str, args: argparse.Namespace) -> dict[str, Any]:
     import warnings
 
-    from lightning_spectral.analysis import CheckpointError, UnsafeLoadWarning, load_state_dict
+    from lightning_spectral._checkpoint import CheckpointError, UnsafeLoadWarning, load_state_dict
 
     try:
         with warnings.catch_warnings():
@@ -190,7 +190,7 @@ def _data(args: argparse.Namespace, model_a: Any, model_b: Any) -> tuple[Any, An
                         "file)")
     import warnings
 
-    from lightning_spectral.analysis import CheckpointError, UnsafeLoadWarning, load_torch_file
+    from lightning_spectral._checkpoint import CheckpointError, UnsafeLoadWarning, load_torch_file
 
     try:
         with warnings.catch_warnings():

@@ -69,7 +69,7 @@ def loading_options(args: argparse.Namespace, command: str) -> int:
 
     Raises ``ValueError`` (one line naming the option) for a malformed size.
     """
-    from lightning_spectral.analysis import default_max_bytes, parse_bytes
+    from lightning_spectral._checkpoint import default_max_bytes, parse_bytes
 
     if args.max_bytes is None:
         budget = default_max_bytes()
@@ -209,12 +209,10 @@ def run(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
+    from lightning_spectral._checkpoint import CheckpointError, UnsafeLoadWarning, load_state_dict
     from lightning_spectral.analysis import (
-        CheckpointError,
-        UnsafeLoadWarning,
         analyze_spectra,
         check_svd_budget,
-        load_state_dict,
         select_weight_matrices,
         weight_spectra,
     )

@@ -49,6 +49,11 @@ Tags (``i = 1 … k``, ``λ_1`` the largest; with ``which="magnitude"`` the larg
 ``hessian/eig_<i>``, ``hessian/trace``, ``hessian/trace_se``, ``hessian/loss``,
 ``hessian/noise_s2_<i>``, ``hessian/beta_<i>``, ``hessian/sigma_<i>`` — see
 ``docs/metrics.md`` (section "Curvature and objective noise").
+
+Kept in one module, longer than most: the helpers before the class (batch slicing, silenced
+``log`` calls, mode and buffer preservation) serve this callback's events and carry the
+"observing never perturbs" guarantee above; the mathematics is in
+:mod:`lightning_spectral.functional.curvature`, and this docstring is a ninth of the module.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ Logged tags (through :mod:`lightning_spectral.report`, x-axis ``trainer.global_s
 ``vne_penalty/<layer>`` — the term added to the loss, ``−α · VNE`` (0 where skipped). Values stay
 on the device and are moved to the host in one copy every ``trainer.log_every_n_steps``
 optimizer steps (and at the end of training), so the penalty adds no synchronisation to a step.
+
+Kept in one module, longer than most: it is one callback whose capture, ``training_step``
+wrapper, deferred logging and resume state act on one per-fit state, plus the small functions
+it is built from (:func:`vne_penalty_term`, and :func:`unwrapped_training_step`, which the
+other callbacks use to call ``training_step`` beneath the penalty); this docstring is a
+ninth of it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_spectral.analysis import (
+from lightning_spectral import _checkpoint, analysis
+from lightning_spectral._checkpoint import (
     SAFE_LOAD_TYPES,
     CheckpointError,
     UnsafeLoadWarning,
@@ -36,9 +37,8 @@ from lightning_spectral.analysis import (
     format_bytes,
     load_state_dict,
     parse_bytes,
-    svd_working_bytes,
-    weight_spectra,
 )
+from lightning_spectral.analysis import svd_working_bytes, weight_spectra
 from lightning_spectral.cli import main
 
 # ------------------------------------------------------------------------------------------
@@ -420,6 +420,12 @@ def test_safe_types_are_documented():
     text = (REPO / "docs" / "compression.md").read_text()
     for name in SAFE_LOAD_TYPES:
         assert name.rsplit(".", 1)[-1] in text, name
+
+
+def test_loading_names_are_importable_from_analysis():
+    """``lightning_spectral.analysis`` re-exports the loaders (the documented import path)."""
+    for name in _checkpoint.__all__:
+        assert name in analysis.__all__ and getattr(analysis, name) is getattr(_checkpoint, name)
 
 
 # ------------------------------------------------------------------------------------------

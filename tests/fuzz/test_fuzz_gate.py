@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lightning_spectral._eventfile import masked_crc32c
+from lightning_spectral._crc32c import masked_crc32c
 from lightning_spectral.cli import main
 from lightning_spectral.gate import load_rules
 from lightning_spectral.testing import write_scalars

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_spectral import gate
-from lightning_spectral._eventfile import EventFileError, crc32c, masked_crc32c, read_scalars
+from lightning_spectral._crc32c import crc32c, masked_crc32c
+from lightning_spectral._eventfile import EventFileError, read_scalars
 from lightning_spectral.cli import main
 from lightning_spectral.gate import (
     GateInputError,
@@ -488,16 +489,21 @@ def test_cli_subprocess_exit_codes_and_fast_start(demo_run: Path, tmp_path: Path
     live = cli(["check", str(corrupt), "--rule", "vne/* > 1"])
     assert live.returncode == 0 and "Traceback" not in live.stderr
     assert live.stderr.count("\n") == 1 and "warning" in live.stderr and str(bad) in live.stderr
-    # the check path imports neither torch nor Lightning nor TensorBoard
+    # the check path imports neither torch nor Lightning nor TensorFlow, and of TensorBoard
+    # only its protobuf classes (for the records that are not add_scalar values)
     probe = cli(["check", str(demo_run), "--rule", "vne/* > 1"])
     assert probe.returncode == 0
     code = (
         "import sys\n"
         "from lightning_spectral.cli import main\n"
         f"rc = main(['check', {str(demo_run)!r}, '--rule', 'vne/* > 1'])\n"
-        "heavy = [m for m in ('torch', 'lightning', 'pytorch_lightning', 'tensorboard') "
-        "if m in sys.modules]\n"
+        "light = ('tensorboard', 'tensorboard.compat', 'tensorboard.compat.proto', "
+        "'tensorboard.lazy', 'tensorboard.version')\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', "
+        "'pytorch_lightning', 'tensorflow') or m.split('.')[0] == 'tensorboard' and m not in "
+        "light and not m.startswith('tensorboard.compat.proto.')]\n"
         "assert rc == 0 and not heavy, heavy\n"
+        "assert 'tensorboard.compat.proto.event_pb2' in sys.modules\n"
     )
     import subprocess
     import sys

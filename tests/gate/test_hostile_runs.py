@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from lightning_spectral import gate
-from lightning_spectral._eventfile import masked_crc32c
+from lightning_spectral._crc32c import masked_crc32c
 from lightning_spectral.cli import main
 from lightning_spectral.gate import load_rules, read_run
 
@@ -342,6 +342,84 @@ def test_step_varint_wider_than_64_bits(tmp_path: Path, capsys):
     assert code in (0, 2) and "Traceback" not in err
     if code == 2:
         assert_one_line_error(code, err, "events.out.tfevents.1.host")
+
+
+@pytest.mark.parametrize("tensor, value", [
+    (b"\x08\x01" + ld(2, ld(2, b"\x08\x01")) + b"\x2d" + struct.pack("<f", 0.5), 0.5),
+    (b"\x08\x02" + b"\x31" + struct.pack("<d", -2.25), -2.25),  # double_val, no shape
+    (b"\x08\x09" + ld(4, struct.pack("<q", -7)), -7.0),  # int64 tensor_content
+    (b"\x08\x13" + ld(13, varint(0x3C00)), 1.0),  # half_val: the float16 bits of 1.0
+    (b"\x08\x01" + ld(2, ld(2, b"")) + b"\x2d" + struct.pack("<f", 0.5), None),  # shape [0]
+    (b"\x08\x01" + ld(5, struct.pack("<2f", 1.0, 2.0)), None),  # two values
+    (b"\x08\x01", None),  # no value
+])
+def test_scalars_tensor_must_hold_one_number(tmp_path: Path, capsys, tensor: bytes,
+                                             value: float | None):
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.out.tfevents.1.host"
+    path.write_bytes(frame(scalar_tensor_event(tensor)))
+    code, _, err = run_main(capsys, run, "--rule", f"t == {value}" if value is not None
+                            else "t > 0")
+    if value is None:
+        assert_one_line_error(code, err, str(path), "'scalars' tensor that is not one number")
+    else:
+        assert code == 0, err
+
+
+def test_damage_outside_the_scalars_is_corruption_too(tmp_path: Path, capsys):
+    """Every record is parsed whole: a wrong wire type in a histogram or a tag that is not
+    UTF-8 (protobuf ``string`` fields must be) is a corrupt record, not a skipped one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.out.tfevents.1.host"
+    version = b"\x09" + struct.pack("<d", 1.7e9) + ld(3, b"brain.Event:2")
+    histo_min_as_varint = (b"\x09" + struct.pack("<d", 1.7e9)
+                           + ld(5, ld(1, ld(1, b"h") + ld(5, b"\x08\x03"))))
+    tag_not_utf8 = scalar_tensor_event(b"\x08\x01\x2d" + struct.pack("<f", 1.0), tag=b"t\xff")
+    for record, why in ((histo_min_as_varint, "HistogramProto field 1 has wire type 0"),
+                        (tag_not_utf8, "UTF-8")):
+        path.write_bytes(frame(version) + frame(record))
+        code, _, err = run_main(capsys, run, "--rule", "t > 0")
+        assert_one_line_error(code, err, str(path), f"byte {len(frame(version))}",
+                              "not a valid Event", why)
+
+
+def test_wrong_wire_type_found_where_protobuf_cannot_list_unknown_fields(
+        tmp_path: Path, capsys, monkeypatch):
+    """Where protobuf cannot list unknown fields (older upb-based releases), any unknown field
+    is refused."""
+    from lightning_spectral import _eventfile
+
+    monkeypatch.setattr(_eventfile, "_unknown_fields", lambda msg: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.out.tfevents.1.host"
+    good = scalar_tensor_event(b"\x08\x01\x2d" + struct.pack("<f", 2.5))
+    path.write_bytes(frame(good))
+    code, _, err = run_main(capsys, run, "--rule", "t == 2.5")
+    assert code == 0, err
+    path.write_bytes(frame(scalar_tensor_event(b"\x08\x01\x28\x05")))  # float_val as varint
+    code, _, err = run_main(capsys, run, "--rule", "t > 0")
+    assert_one_line_error(code, err, str(path), "not a valid Event", "wire type")
+
+
+def test_record_too_large_to_parse_is_refused(tmp_path: Path, capsys, monkeypatch):
+    """A record other than an add_scalar value is parsed only up to MAX_PARSED_RECORD bytes
+    (protobuf needs tens of times a record's size in memory for small repeated messages)."""
+    from lightning_spectral import _eventfile
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.out.tfevents.1.host"
+    values = b"".join(ld(1, b"") for _ in range(200))  # 200 empty Summary.Value messages
+    record = b"\x09" + struct.pack("<d", 1.7e9) + ld(5, values)
+    path.write_bytes(frame(record))
+    code, _, err = run_main(capsys, run, "--rule", "t > 0", "--rule", "* > 0")
+    assert code == 2 and "no scalar values" in err, err  # parsed: holds no scalar
+    monkeypatch.setattr(_eventfile, "MAX_PARSED_RECORD", len(record) - 1)
+    code, _, err = run_main(capsys, run, "--rule", "t > 0")
+    assert_one_line_error(code, err, str(path), "byte 0", f"holds {len(record)} bytes")
 
 
 def test_live_run_truncated_last_record_is_ignored_with_a_warning(tmp_path: Path, events,
