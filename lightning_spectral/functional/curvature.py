@@ -46,7 +46,14 @@ LossFn = Callable[[], torch.Tensor]
 
 
 def flatten_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate ``tensors`` into one flat vector (the parameter ordering used everywhere)."""
+    """Concatenate ``tensors`` into one flat vector (the parameter ordering used everywhere).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import flatten_tensors
+        >>> flatten_tensors([torch.ones(2, 2), torch.zeros(3)]).tolist()
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    """
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -118,6 +125,17 @@ def hessian_vector_product(
     See docs/definitions.md#hessian. ``vector`` is flat, of length ``P`` (the total parameter
     count, in the order of ``params``). Returns a flat tensor of the same length. ``.grad`` of
     the parameters is not touched.
+
+    Examples:
+        The quadratic ``½ Σ_i a_i θ_i²`` has the Hessian ``diag(a)``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import hessian_vector_product
+        >>> a = torch.tensor([1.0, 2.0, 3.0])
+        >>> theta = torch.zeros(3, requires_grad=True)
+        >>> loss_fn = lambda: 0.5 * (a * theta**2).sum()
+        >>> hessian_vector_product(loss_fn, [theta], torch.ones(3)).tolist()
+        [1.0, 2.0, 3.0]
     """
     op = _HessianOperator(loss_fn, params)
     if vector.ndim != 1 or vector.numel() != op.numel:
@@ -199,6 +217,23 @@ def hessian_eigenpairs(
     Returns ``(eigenvalues, eigenvectors)``: shapes ``(k,)`` in the order ``which`` defines and
     ``(k, P)`` with unit rows (the sign of each eigenvector is arbitrary); all NaN when a product
     is not finite (NaN/Inf loss).
+
+    Examples:
+        ``H = diag(1, −5, 0.5, 0.2)``, the Hessian of ``½ Σ_i a_i θ_i²``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import hessian_eigenpairs
+        >>> a = torch.tensor([1.0, -5.0, 0.5, 0.2], dtype=torch.float64)
+        >>> theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        >>> loss_fn = lambda: 0.5 * (a * theta**2).sum()
+        >>> vals, vecs = hessian_eigenpairs(loss_fn, [theta], k=2)
+        >>> [round(v, 4) for v in vals.tolist()]
+        [1.0, 0.5]
+        >>> [round(abs(v), 4) for v in vecs[0].tolist()]  # ± the first axis
+        [1.0, 0.0, 0.0, 0.0]
+        >>> vals, _ = hessian_eigenpairs(loss_fn, [theta], k=2, which="magnitude")
+        >>> [round(v, 4) for v in vals.tolist()]
+        [-5.0, 1.0]
     """
     if which not in _WHICH:
         raise ValueError(f"which must be one of {list(_WHICH)}, got {which!r}")
@@ -309,6 +344,17 @@ def hessian_trace(
     ``N = 1``). The variance of one probe is ``2 Σ_{a≠b} H_ab²``, so a diagonal Hessian gives the
     exact trace with zero error. Probes come from ``generator`` (default: seeded with ``seed``).
     Returns two 0-d tensors on the parameters' device.
+
+    Examples:
+        A diagonal Hessian gives its exact trace with zero error:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import hessian_trace
+        >>> a = torch.tensor([1.0, -5.0, 0.5, 0.2], dtype=torch.float64)
+        >>> theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        >>> est, err = hessian_trace(lambda: 0.5 * (a * theta**2).sum(), [theta], n_probes=8)
+        >>> round(float(est), 4), round(float(err), 4)
+        (-3.3, 0.0)
     """
     if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
@@ -331,6 +377,13 @@ def flat_gradients(loss_fns: Sequence[LossFn], params: Sequence[torch.Tensor]) -
 
     Use one closure per sample (per-sample gradients) or per mini-batch (per-batch gradients) as
     the input of :func:`objective_noise`. Uses :func:`torch.autograd.grad` (``.grad`` untouched).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import flat_gradients
+        >>> theta = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> flat_gradients([lambda: theta.sum(), lambda: (theta**2).sum()], [theta]).tolist()
+        [[1.0, 1.0], [2.0, 4.0]]
     """
     params = _check_params(params)
     dtype = _working_dtype(params)
@@ -349,7 +402,16 @@ def flat_gradients(loss_fns: Sequence[LossFn], params: Sequence[torch.Tensor]) -
 
 
 class ObjectiveNoise(NamedTuple):
-    """Per eigen-direction quantities (docs/definitions.md#objective-noise), each ``(k,)``."""
+    """Per eigen-direction quantities (docs/definitions.md#objective-noise), each ``(k,)``.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import ObjectiveNoise, objective_noise
+        >>> grads = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> noise = objective_noise(grads, torch.tensor([2.0, 1.0]), torch.eye(2), lr=0.1)
+        >>> isinstance(noise, ObjectiveNoise), noise._fields
+        (True, ('s2', 'beta', 'sigma'))
+    """
 
     s2: torch.Tensor
     """Gradient-noise energy along ``q_i``: ``s_i² = (1/n) Σ_j (q_iᵀ ε_j)² / B``."""
@@ -384,6 +446,18 @@ def objective_noise(
     - ``β_i`` and ``σ_i`` are NaN where ``λ_i ≤ 0`` or ``s_i = 0``.
 
     Computed in float64 when the gradients are float64, else float32; no host synchronisation.
+
+    Examples:
+        Gradients ``±e_1`` around their mean 0: unit noise along ``q_1 = e_1``, none along
+        ``q_2 = e_2`` (where ``β`` and ``σ`` are then NaN); ``β_1 = 1/(0.1 · 2 · 1) = 5``,
+        ``σ_1 = (0.1 · 1 / (2 · 4))^{1/2}``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import objective_noise
+        >>> grads = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+        >>> noise = objective_noise(grads, torch.tensor([2.0, 1.0]), torch.eye(2), lr=0.1)
+        >>> [[round(v, 4) for v in t.tolist()] for t in noise]
+        [[1.0, 0.0], [5.0, nan], [0.1118, nan]]
     """
     if gradients.ndim != 2:
         raise ValueError(f"gradients must have shape (n, P), got {tuple(gradients.shape)}")

@@ -30,6 +30,11 @@ float64 NumPy on the host (a small, sequential, host-side computation; the rest 
 module is torch). It stops on the relative duality gap ``(P − D)/P ≤ tol`` of the full problem, and
 reports that gap and the KKT violation it reached.
 
+The module is longer than most because it holds both sides of one equivalence: the dictionary
+and the Lasso fit, and the network forward, objective and reconstruction that :func:`convex_gap`
+compares with them, all on the one ``(a₁, a₂)`` feature representation and its input checks;
+the solver itself is private (``_lasso``), and much of the length is worked examples.
+
 *Source:* E. Zeger, Y. Wang, A. Mishkin, T. Ergen, E. Candès, M. Pilanci, "A Library of
 Mirrors: Deep Neural Nets in Low Dimensions are Convex Lasso Models with Reflection Features",
 arXiv:2403.01046 (2024).
@@ -90,7 +95,17 @@ def _as_numpy_1d(value: Any, name: str) -> np.ndarray:
 
 def check_depth(depth: int) -> int:
     """``depth`` as an ``int`` if it is 2 or 3 (the depths of the mirror networks), else
-    ``ValueError``."""
+    ``ValueError``.
+
+    Examples:
+        >>> from lightning_spectral.functional import check_depth
+        >>> check_depth(3)
+        3
+        >>> check_depth(4)
+        Traceback (most recent call last):
+            ...
+        ValueError: depth must be 2 or 3, got 4
+    """
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth not in _DEPTHS:
         raise ValueError(f"depth must be 2 or 3, got {depth!r}")
     return int(depth)
@@ -209,6 +224,14 @@ def mirror_features(
     :func:`reflection_dictionary`); ``a₂ = 0`` gives the two-layer feature ``|x − a₁|``
     (#mirrors-depth2). With ``activation="relu"`` the rows are ``(a, s)``
     and the features ``(s (x − a))₊``. Returns a float64 ``(N, P)`` tensor on the host.
+
+    Examples:
+        ``|0.5 − 0| = 0.5`` and ``||0.5 − 1| − 0.5| = 0``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import mirror_features
+        >>> mirror_features(torch.tensor([0.5]), torch.tensor([[0.0, 0.0], [1.0, 0.5]])).tolist()
+        [[0.5, 0.0]]
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be 'abs' or 'relu', got {activation!r}")
@@ -243,6 +266,18 @@ def reflection_dictionary(
 
     ``x`` must be 1-D (``(N,)`` or ``(N, 1)``) with at least 2 distinct finite values; repeated
     values are allowed (they add no feature). Raises ``ValueError`` otherwise.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import reflection_dictionary
+        >>> A, params = reflection_dictionary(torch.tensor([0.0, 1.0, 2.0]), depth=2)
+        >>> A.tolist()  # |x_n − x_j|
+        [[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]]
+        >>> params.tolist()
+        [[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]
+        >>> A, params = reflection_dictionary(torch.tensor([0.0, 1.0, 2.0]), depth=3)
+        >>> tuple(A.shape)  # 3 + 6 + 3 = 12 features, 2 of them duplicates
+        (3, 10)
     """
     depth = check_depth(depth)
     activation = _check_activation(activation, depth)
@@ -271,6 +306,20 @@ class MirrorFit:
     ``|1ᵀr|``, all divided by ``β``. ``activation`` is ``"abs"`` (#mirrors-depth2, #mirrors-depth3)
     or ``"relu"`` (the two-layer ReLU network; ``params`` rows are then ``(a, s)``). Tensors are
     float64 on the host.
+
+    Examples:
+        The fit of :func:`lasso_mirror_fit`'s example, ``0.85 |x| + 0.1``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import lasso_mirror_fit
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> fit = lasso_mirror_fit(x, x.abs(), beta=0.1, depth=2)
+        >>> round(float(fit.predict(torch.tensor([0.5]))[0]), 4)
+        0.525
+        >>> fit.breakpoints().tolist(), fit.l1_norm < 1
+        ([0.0], True)
+        >>> fit.gap <= fit.tol * fit.objective
+        True
     """
 
     objective: float
@@ -345,6 +394,20 @@ def lasso_mirror_fit(
     ``keep_dictionary=False`` drops the ``N × P`` matrix from the result (it can be rebuilt from
     ``params``). Raises ``ValueError`` on non-1-D input, ``beta ≤ 0``, fewer than 2 distinct
     points, mismatched lengths, non-finite values, or ``activation="relu"`` with ``depth=3``.
+
+    Examples:
+        ``y = |x|`` at ``x = (−1, 0, 1)`` is the feature ``|x − 0|``; the penalty shrinks its
+        coefficient to ``z = 1 − β / ‖a − ā‖² = 1 − 1.5 β``, the intercept takes up the mean,
+        and the optimum is ``½ (1.5 β)² · 2/3 + β z``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import lasso_mirror_fit
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> fit = lasso_mirror_fit(x, x.abs(), beta=0.1, depth=2)
+        >>> fit.converged, fit.support.tolist()
+        (True, [1])
+        >>> round(float(fit.coef[1]), 4), round(fit.intercept, 4), round(fit.objective, 4)
+        (0.85, 0.1, 0.0925)
     """
     depth = check_depth(depth)
     activation = _check_activation(activation, depth)
@@ -406,6 +469,17 @@ def mirror_forward(
 
     ``x`` of shape ``(N,)`` or ``(N, 1)``; the output has the same shape. Raises ``TypeError``
     for a non-tensor ``x`` and ``ValueError`` for any other shape.
+
+    Examples:
+        The network rebuilt from :func:`lasso_mirror_fit`'s example computes ``0.85 |x| + 0.1``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import (
+        ...     lasso_mirror_fit, mirror_forward, mirror_network)
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> net = mirror_network(lasso_mirror_fit(x, x.abs(), beta=0.1, depth=2))
+        >>> [round(v, 4) for v in mirror_forward(net, x, None).tolist()]
+        [0.95, 0.1, 0.95]
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -455,6 +529,22 @@ def network_objective(
     A sum over the data (not a mean); biases ``b``, ``c``, ``ξ`` are unpenalised. Computed in
     the parameters' dtype, or in ``dtype`` (e.g. ``torch.float64``) when given.
     Raises ``ValueError`` for ``beta < 0``, non-1-D ``x`` or mismatched lengths.
+
+    Examples:
+        No network reaches below the Lasso optimum (0.0925 in :func:`lasso_mirror_fit`'s
+        example); the network rebuilt from the Lasso solution attains it:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import (
+        ...     lasso_mirror_fit, mirror_network, network_objective)
+        >>> from lightning_spectral.models import MirrorNet
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> fit = lasso_mirror_fit(x, x.abs(), beta=0.1, depth=2)
+        >>> round(network_objective(mirror_network(fit), x, x.abs(), beta=0.1).item(), 4)
+        0.0925
+        >>> net = MirrorNet(4, depth=2, generator=torch.Generator().manual_seed(0))
+        >>> network_objective(net, x, x.abs(), beta=0.1).item() > fit.objective
+        True
     """
     if not isinstance(model, _nets()):
         raise TypeError(f"model must be a MirrorNet or ReluMirrorNet, got {type(model).__name__}")
@@ -488,6 +578,19 @@ def mirror_network(
     and ``ξ`` = the intercept. Then the network reproduces ``fit.predict`` everywhere and
     ``network_objective(net, fit.x, fit.y, fit.beta)`` equals ``fit.objective`` (up to
     rounding). A solution with no non-zero coefficient gives one unit with all-zero parameters.
+
+    Examples:
+        The one active feature of :func:`lasso_mirror_fit`'s example, ``z = 0.85`` at
+        ``a₁ = 0``, becomes one unit with ``w = α = √0.85``, ``b = 0``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import lasso_mirror_fit, mirror_network
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> net = mirror_network(lasso_mirror_fit(x, x.abs(), beta=0.1, depth=2))
+        >>> type(net).__name__, net.width
+        ('MirrorNet', 1)
+        >>> round(net.w.item() ** 2, 4), round(net.alpha.item() ** 2, 4), abs(net.b.item())
+        (0.85, 0.85, 0.0)
     """
     from lightning_spectral.models import MirrorNet, ReluMirrorNet
 
@@ -543,6 +646,21 @@ def convex_gap(
     ``tol``). No network of the stated form reaches below ``J*``, so the value is ``≥ −fit.gap /
     J*`` (``≥ −tol``). Returns ``0.0`` if both are 0 and ``inf`` if only ``J* = 0``.
     Raises ``ValueError`` when ``fit`` was solved for other data, ``beta``, depth or activation.
+
+    Examples:
+        The network rebuilt from the Lasso solution is at the global optimum; a freshly
+        initialised one is above it:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import convex_gap, lasso_mirror_fit, mirror_network
+        >>> from lightning_spectral.models import MirrorNet
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> fit = lasso_mirror_fit(x, x.abs(), beta=0.1, depth=2)
+        >>> abs(convex_gap(mirror_network(fit), x, x.abs(), beta=0.1, fit=fit)) < 1e-6
+        True
+        >>> net = MirrorNet(4, depth=2, generator=torch.Generator().manual_seed(0))
+        >>> convex_gap(net, x, x.abs(), beta=0.1, fit=fit) > 0
+        True
     """
     if not isinstance(model, _nets()):
         raise TypeError(f"model must be a MirrorNet or ReluMirrorNet, got {type(model).__name__}")

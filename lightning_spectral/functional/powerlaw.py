@@ -88,7 +88,21 @@ KSMode = Literal["weightwatcher", "two_sided"]
 
 
 class PowerLawFit(NamedTuple):
-    """The fit of :func:`powerlaw_alpha`; every field has the spectra's batch shape ``(...)``."""
+    """The fit of :func:`powerlaw_alpha`; every field has the spectra's batch shape ``(...)``.
+
+    Examples:
+        The tail ``(1, e)`` above ``x_min = 1`` has ``α = 1 + 2 / (log 1 + log e) = 3`` and
+        ``α̂ = 3 log10 e``:
+
+        >>> import math
+        >>> import torch
+        >>> from lightning_spectral.functional import powerlaw_alpha
+        >>> fit = powerlaw_alpha(torch.tensor([1.0, math.e], dtype=torch.float64), xmin=1.0)
+        >>> fit._fields
+        ('alpha', 'xmin', 'D', 'alpha_weighted', 'n_tail')
+        >>> round(float(fit.alpha), 4), round(float(fit.alpha_weighted), 4), int(fit.n_tail)
+        (3.0, 1.3029, 2)
+    """
 
     alpha: torch.Tensor
     """Power-law exponent ``α`` of the tail (NaN: undefined; ``+inf``: a tail of equal values)."""
@@ -245,6 +259,17 @@ def powerlaw_alpha(
     Returns a :class:`PowerLawFit` of tensors of the batch shape. NaN where the spectrum holds
     NaN/Inf or fewer than two eigenvalues lie above ``threshold`` (or, with ``xmin`` given,
     in the tail); ``α = +inf`` for a tail of equal eigenvalues. No host synchronisation.
+
+    Examples:
+        The quantiles of a Pareto law ``p(λ) ∝ λ^{−3}`` on ``λ ≥ 1`` are fitted with ``α ≈ 3``
+        over the whole spectrum:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import powerlaw_alpha
+        >>> u = (torch.arange(200, dtype=torch.float64) + 0.5) / 200
+        >>> fit = powerlaw_alpha((1 - u) ** -0.5)  # λ = (1 − u)^{−1/(α−1)}
+        >>> round(float(fit.alpha), 1), int(fit.n_tail)
+        (3.0, 200)
     """
     check_vector(eigenvalues, "eigenvalues", "(..., m)")
     thr = _check_options(threshold, ks, small_n)
@@ -321,6 +346,17 @@ def weight_alpha(
     Singular values are computed with ``torch.linalg.svdvals`` in float32 (float64 inputs or
     ``dtype="float64"``: float64) on the weight's device; the fit itself always runs in float64.
     The other arguments are those of :func:`powerlaw_alpha`; the fields are 0-d tensors.
+
+    Examples:
+        A weight with singular values ``(1, e^{1/2})`` has eigenvalues ``λ = (1, e)``, hence
+        ``α = 3`` above ``x_min = 1``:
+
+        >>> import math
+        >>> import torch
+        >>> from lightning_spectral.functional import weight_alpha
+        >>> w = torch.diag(torch.tensor([1.0, math.exp(0.5)], dtype=torch.float64))
+        >>> round(float(weight_alpha(w, xmin=1.0).alpha), 4)
+        3.0
     """
     if conv not in ("reshape", "weightwatcher"):
         raise ValueError(f"conv must be 'reshape' or 'weightwatcher', got {conv!r}")

@@ -22,6 +22,11 @@ following between two consecutive affine layers:
 Modules before the first and after the last affine layer are unrestricted (inputs and outputs
 are never permuted). Normalisations that mix units (LayerNorm, GroupNorm), grouped
 convolutions, transposed convolutions and attention are refused.
+
+Kept in one module, longer than most: counting, canonical order, permutation, alignment and
+the permutation distance all work on the one parsed chain of hidden layers (``_parse``, which
+also decides what is supported), and the barrier functions exist to compare a model with its
+alignment; much of the length is worked examples.
 """
 
 from __future__ import annotations
@@ -202,6 +207,14 @@ def log_equivalent_optima(widths: Sequence[int], odd: bool | Sequence[bool] = Fa
     See docs/definitions.md#equivalent-optima. ``widths`` are the hidden widths ``n_1, …, n_{L−1}``;
     ``odd`` (one flag, or one per layer) adds the sign-flip factor ``2^{n_l}`` of odd activations
     such as tanh. Example: widths ``(3, 2)`` give ``log(3!·2!) = log 12``.
+
+    Examples:
+        >>> import math
+        >>> from lightning_spectral.functional import log_equivalent_optima
+        >>> round(log_equivalent_optima([3, 2]), 4), round(math.log(12), 4)
+        (2.4849, 2.4849)
+        >>> round(log_equivalent_optima([3, 2], odd=True), 4)  # log(12 · 2⁵)
+        5.9506
     """
     widths = [int(w) for w in widths]
     if any(w < 0 for w in widths):
@@ -222,6 +235,20 @@ def permutation_count_log10(model: nn.Module, sign_flips: bool = True) -> float:
     supported chain, plus ``n_l log10 2`` for each layer whose units pass only through odd modules
     (tanh, softsign, average pooling, BatchNorm, dropout, identity) before the next affine layer,
     when ``sign_flips``. A 64-128-64-10 ReLU MLP gives ``log10(128!·64!) ≈ 304.7``.
+
+    Examples:
+        Hidden widths 3 and 2: ``3!·2! = 12`` orderings, times ``2⁵`` sign flips with tanh:
+
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import permutation_count_log10
+        >>> relu = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(),
+        ...                      nn.Linear(2, 1))
+        >>> round(permutation_count_log10(relu), 4)  # log10 12
+        1.0792
+        >>> tanh = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.Tanh(),
+        ...                      nn.Linear(2, 1))
+        >>> round(permutation_count_log10(tanh), 4)  # log10(12 · 32)
+        2.5843
     """
     hidden = _parse(model)
     return log_equivalent_optima(
@@ -260,6 +287,19 @@ def permute_hidden_units(model: nn.Module, perms: Sequence[torch.Tensor]) -> nn.
 
     ``perms`` holds one permutation per hidden layer, in forward order. The function computed by
     the copy equals the original's.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import permute_hidden_units
+        >>> net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> nn.utils.vector_to_parameters(torch.arange(1.0, 11.0), net.parameters())
+        >>> out = permute_hidden_units(net, [torch.tensor([2, 0, 1])])
+        >>> out[0].weight.flatten().tolist(), out[0].bias.tolist(), out[2].weight.flatten().tolist()
+        ([3.0, 1.0, 2.0], [6.0, 4.0, 5.0], [9.0, 7.0, 8.0])
+        >>> x = torch.linspace(-1.0, 1.0, 5)[:, None]
+        >>> torch.allclose(net(x), out(x))
+        True
     """
     out = copy.deepcopy(model)
     hidden = _parse(out)
@@ -293,6 +333,22 @@ def canonical_order(model: nn.Module) -> nn.Module:
     unchanged. Row norms do not change when the previous layer's columns are permuted, so the result
     does not depend on the order in which layers are processed, and permutation-equivalent networks
     with distinct keys map to the same parameters.
+
+    Examples:
+        Two hidden units with keys 1 and 2 swap places:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import canonical_order
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 2.0, 0.0, 0.0, 1.0, 3.0, 0.0]),
+        ...                               net.parameters())
+        >>> out = canonical_order(net)
+        >>> out[0].weight.flatten().tolist(), out[2].weight.flatten().tolist()
+        ([2.0, 1.0], [3.0, 1.0])
+        >>> x = torch.linspace(-1.0, 1.0, 5)[:, None]
+        >>> torch.allclose(net(x), out(x))
+        True
     """
     out = copy.deepcopy(model)
     hidden = _parse(out)
@@ -360,6 +416,21 @@ def alignment_permutations(
 
     Returns ``perms[l]`` with ``new unit i = model_b's unit perms[l][i]``, for
     :func:`permute_hidden_units`.
+
+    Examples:
+        A shuffled copy (new unit ``i`` = old unit ``[2, 0, 1][i]``) is undone by the inverse
+        permutation:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import alignment_permutations, permute_hidden_units
+        >>> g = torch.Generator().manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> n = sum(p.numel() for p in net.parameters())
+        >>> nn.utils.vector_to_parameters(torch.randn(n, generator=g), net.parameters())
+        >>> shuffled = permute_hidden_units(net, [torch.tensor([2, 0, 1])])
+        >>> [p.tolist() for p in alignment_permutations(net, shuffled)]
+        [[1, 2, 0]]
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -426,6 +497,19 @@ def align(model_a: nn.Module, model_b: nn.Module, max_sweeps: int = 20) -> nn.Mo
     layer). The copy computes the same function as ``model_b``; if ``model_b`` is a permuted
     copy of ``model_a`` (with distinct units), ``model_a``'s parameters are recovered exactly.
     Neither input is modified.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import align, permute_hidden_units
+        >>> g = torch.Generator().manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> n = sum(p.numel() for p in net.parameters())
+        >>> nn.utils.vector_to_parameters(torch.randn(n, generator=g), net.parameters())
+        >>> shuffled = permute_hidden_units(net, [torch.tensor([2, 0, 1])])
+        >>> aligned = align(net, shuffled)
+        >>> all(torch.equal(p, q) for p, q in zip(net.parameters(), aligned.parameters()))
+        True
     """
     return permute_hidden_units(model_b, alignment_permutations(model_a, model_b, max_sweeps))
 
@@ -442,6 +526,23 @@ def permutation_distance(model: nn.Module) -> torch.Tensor:
     the input columns of a Linear after ``Flatten`` are compared block by block and BatchNorm
     affine parameters of the unit are included (they move with it). NaN when no hidden layer has
     two units.
+
+    Examples:
+        Two hidden units with incoming weights 1 and 2 and equal biases and outgoing weights:
+        ``δ² = 2 (2 − 1)²``; identical units give 0:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import permutation_distance
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 2.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
+        ...                               net.parameters())
+        >>> round(float(permutation_distance(net)), 4)
+        1.4142
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
+        ...                               net.parameters())
+        >>> float(permutation_distance(net))
+        0.0
     """
     hidden = _parse(model)
     best = math.inf
@@ -510,6 +611,21 @@ def interpolation_losses(
     running statistics) is interpolated; integer buffers are taken from ``model_a``. The loss is
     ``loss_fn(model(x), y)`` (a mean over the batch), averaged over ``data`` weighted by batch
     size, in eval mode under ``torch.no_grad``. The inputs are not modified.
+
+    Examples:
+        From the weight 0 to the weight 2 of ``f(x) = w x``, with the squared error at
+        ``(x, y) = (1, 1)``: ``L(t) = (2t − 1)²``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import interpolation_losses
+        >>> a, b = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+        >>> nn.utils.vector_to_parameters(torch.tensor([0.0]), a.parameters())
+        >>> nn.utils.vector_to_parameters(torch.tensor([2.0]), b.parameters())
+        >>> data = (torch.ones(1, 1), torch.ones(1, 1))
+        >>> ts, losses = interpolation_losses(a, b, nn.functional.mse_loss, data, points=3)
+        >>> ts.tolist(), losses.tolist()
+        ([0.0, 0.5, 1.0], [1.0, 0.0, 1.0])
     """
     if not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be an integer >= 2, got {points!r}")
@@ -533,7 +649,19 @@ def interpolation_losses(
 
 
 class BarrierResult(NamedTuple):
-    """Loss barrier on the line between two models, before and after aligning ``model_b``."""
+    """Loss barrier on the line between two models, before and after aligning ``model_b``.
+
+    Returned by :func:`interpolation_barrier`.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import BarrierResult, barrier_height
+        >>> t = torch.linspace(0.0, 1.0, 3)
+        >>> before, after = torch.tensor([0.0, 1.0, 0.0]), torch.zeros(3)
+        >>> r = BarrierResult(t, before, after, barrier_height(t, before), barrier_height(t, after))
+        >>> r.barrier_before, r.barrier_after
+        (1.0, 0.0)
+    """
 
     t: torch.Tensor
     losses_before: torch.Tensor
@@ -547,6 +675,15 @@ def barrier_height(ts: torch.Tensor, losses: torch.Tensor) -> float:
 
     ``ts`` and ``losses`` as returned by :func:`interpolation_losses` (``ts`` from 0 to 1); the
     barrier of docs/definitions.md#barrier. A host float (one synchronisation).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import barrier_height
+        >>> t = torch.linspace(0.0, 1.0, 3)
+        >>> barrier_height(t, torch.tensor([1.0, 2.0, 1.0]))  # 1 above the chord
+        1.0
+        >>> barrier_height(t, torch.tensor([0.0, 0.5, 1.0]))  # on the chord: no barrier
+        0.0
     """
     chord = (1 - ts) * losses[0] + ts * losses[-1]
     return float((losses - chord).max())
@@ -567,6 +704,24 @@ def interpolation_barrier(
     path, and 0 for ``model_b = model_a``). A permuted copy of ``model_a`` typically shows a high
     barrier before alignment and exactly 0 after. Both models must be supported chains (module
     docstring). BatchNorm running statistics are interpolated as they are, not re-estimated.
+
+    Examples:
+        A shuffled copy of a network computes the same function, yet the straight line to it
+        climbs a barrier; after alignment the line stays at the same loss:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spectral.functional import interpolation_barrier, permute_hidden_units
+        >>> g = torch.Generator().manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> n = sum(p.numel() for p in net.parameters())
+        >>> nn.utils.vector_to_parameters(torch.randn(n, generator=g), net.parameters())
+        >>> shuffled = permute_hidden_units(net, [torch.tensor([2, 0, 1])])
+        >>> x = torch.randn(16, 2, generator=g)
+        >>> data = (x, net(x).detach())
+        >>> result = interpolation_barrier(net, shuffled, nn.functional.mse_loss, data, points=5)
+        >>> result.barrier_before > 0, result.barrier_after
+        (True, 0.0)
     """
     ts, before = interpolation_losses(model_a, model_b, loss_fn, data, points)
     aligned = align(model_a, model_b, max_sweeps)

@@ -28,6 +28,12 @@ def weight_matrix(w: torch.Tensor) -> torch.Tensor:
     """The matrix view ``W.reshape(out, -1)`` of a weight tensor.
 
     See docs/definitions.md#weight-matrix.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import weight_matrix
+        >>> tuple(weight_matrix(torch.zeros(8, 3, 5, 5)).shape)  # a Conv2d kernel
+        (8, 75)
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -60,6 +66,12 @@ def singular_values(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> 
     reshaped to ``(out, in·kh·kw)`` (#weight-matrix). Computed with ``torch.linalg.svdvals`` in
     float32 (float64 inputs or ``dtype="float64"``: float64) on the weight's device; differentiable.
     A weight holding NaN/Inf gives NaN values.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import singular_values
+        >>> singular_values(torch.diag(torch.tensor([3.0, 1.0, 2.0]))).tolist()
+        [3.0, 2.0, 1.0]
     """
     mat = weight_matrix(w)
     return _svdvals_nan_safe(mat.to(resolve_dtype(dtype, mat)))
@@ -73,6 +85,15 @@ def singular_values_many(
     Returns one tensor per weight, in the order given, equal to :func:`singular_values` of
     each (detached). Equal-shape matrices (e.g. the blocks of a transformer) are stacked and
     decomposed in one call, which beats a Python loop over them.
+
+    Examples:
+        The two ``3 × 3`` weights are decomposed in one call:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import singular_values_many
+        >>> out = singular_values_many([torch.eye(3), 2 * torch.eye(3), torch.ones(2, 4)])
+        >>> [[round(v, 4) for v in s.tolist()] for s in out]  # ones(2, 4): σ = (√8, 0)
+        [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [2.8284, 0.0]]
     """
     mats = [weight_matrix(w).detach() for w in weights]
     out: list[torch.Tensor | None] = [None] * len(mats)
@@ -94,6 +115,14 @@ def stable_rank_from_singular_values(s: torch.Tensor) -> torch.Tensor:
     ``[1, rank W]``; NaN for ``W = 0``, an empty spectrum, or NaN/Inf values. The one
     implementation behind :func:`~lightning_spectral.functional.spectrum.stable_rank`, the
     logged ``weight_stable_rank`` and the ``analyze`` column ``stable_rank``.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import stable_rank_from_singular_values
+        >>> float(stable_rank_from_singular_values(torch.tensor([2.0, 1.0, 1.0])))  # (4+1+1)/4
+        1.5
+        >>> float(stable_rank_from_singular_values(torch.ones(5)))  # orthogonal: the rank
+        5.0
     """
     check_vector(s, "s", "(..., r)")
     s2 = as_spectrum(s).square()
@@ -115,6 +144,13 @@ def truncation_rank(s: torch.Tensor, energy: float = 0.9) -> torch.Tensor:
 
     Returns the integer counts as a floating tensor (``s``'s dtype; float32 for integer or half
     input) so that non-finite ``s`` can give NaN, like every other quantity.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import truncation_rank
+        >>> s = torch.tensor([2.0, 1.0, 1.0])  # energies 4, 1, 1 of a total of 6
+        >>> [float(truncation_rank(s, tau)) for tau in (2 / 3, 0.7, 1.0)]
+        [1.0, 2.0, 3.0]
     """
     check_vector(s, "s", "(..., r)")
     tau = float(energy)
@@ -140,6 +176,17 @@ def eckart_young_error(s: torch.Tensor, k: int, relative: bool = False) -> torch
     ``σ_{k+1}``. ``relative=True`` divides by ``‖W‖_F = (Σσ_i²)^{1/2}`` (NaN for ``W = 0``). ``k``
     must be a non-negative integer. NaN/Inf singular values give NaN (relative) or propagate
     (absolute).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import eckart_young_error
+        >>> s = torch.tensor([3.0, 2.0, 1.0])
+        >>> round(float(eckart_young_error(s, 1)), 4)  # √(2² + 1²)
+        2.2361
+        >>> round(float(eckart_young_error(s, 1, relative=True)), 4)  # √(5 / 14)
+        0.5976
+        >>> float(eckart_young_error(s, 3))
+        0.0
     """
     check_vector(s, "s", "(..., r)")
     if isinstance(k, bool):
