@@ -10,14 +10,17 @@ Two measurements, each side by side and interleaved in one run (``benchmarks/_co
    cost per step. Reported: the median of the per-pair ratios ``with / without``.
    Models: the digits MLP widened to 64-512-512-10 (an MNIST-sized 784-512-512-10 MLP, on
    digits' 64 inputs) and the digits CNN.
-2. **Per-event cost against the bare kernels.** One activation event (rows already captured:
-   normalisation, one batched Gram + ``eigvalsh`` per shape, VNE/erank/λ_max/κ, the logged
-   distributions, one host transfer) against the bare ``matmul + eigvalsh`` of the same
-   matrices; one weight event (``singular_values_many`` + stable rank, erank, σ₁, k(0.9),
-   k(0.99), distributions, one host transfer) against bare ``svdvals`` of each weight. No
-   logger is attached, so what is timed is computing, not writing.
+2. **Per-event cost against the bare kernels and a training step.** One activation event
+   (rows already captured: one batched Gram + ``eigvalsh`` per shape, RankMe's raw spectrum
+   from the same Gram, VNE/erank/λ_max/κ/RankMe, the logged distributions, one host transfer)
+   against the bare ``matmul + eigvalsh`` of the same matrices, computing only and again
+   writing to a TensorBoardLogger as in a run (histograms and scalars); one weight event
+   (``singular_values_many`` + the weight quantities, distributions, one host transfer) against
+   bare ``svdvals`` of each weight; a training step with the monitor's inactive hooks against
+   one without. From these, the overhead at the defaults in training steps, and where the time
+   of one logged activation event goes (main-thread CPU time of its parts).
 
-    python -m benchmarks.bench_overhead [--quick] [--device cpu|cuda] [--repeats N]
+    python -m benchmarks.bench_overhead [--quick] [--device cpu|cuda] [--repeats N] [--no-fit]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from benchmarks._common import (
     parser,
     ratio_summary,
     summary,
+    sync,
     write_section,
 )
 
@@ -106,16 +110,43 @@ def make_transformer(device: str) -> tuple[Any, tuple[torch.Tensor, torch.Tensor
     return model, (tokens, target)
 
 
-def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> dict[str, Any]:
-    """Per-event cost of the monitor's computing vs the bare kernels, interleaved.
+def _stand_in(logdir: str | None) -> Any:
+    """A Trainer stand-in for calling the monitor's event directly: rank zero, one process, and
+    a real ``TensorBoardLogger`` in ``logdir`` (``None``: no logger)."""
+    loggers: list[Any] = []
+    if logdir is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(logdir, name="", version=""))
+    return SimpleNamespace(is_global_zero=True, loggers=loggers, world_size=1, callbacks=[],
+                           callback_metrics={}, progress_bar_metrics={}, global_step=0)
+
+
+#: the parts of an activation event timed separately (``owner.attribute`` -> label)
+PARTS = {
+    "SpectralMonitor._activation_metrics": "spectra (Gram, eigvalsh, quantities, distributions)",
+    "report.to_host": "host copy",
+    "report.log_histograms": "histograms",
+    "SpectralCallback._log": "scalars (loggers, callback_metrics)",
+}
+
+
+def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024,
+                    profile_events: int = 0) -> dict[str, Any]:
+    """Per-event cost of the monitor vs the bare kernels and a training step, interleaved.
 
     ``arch="wide"``: three ``wide × wide`` Linear layers on ``wide`` random rows, where the
     kernels dominate and the fixed per-event overhead shows as the ratio's distance from 1.
     ``arch="transformer"``: the demo transformer of ``lightning.pytorch.demos`` on synthetic
     tokens (every token is a row). One training step (forward, loss, backward, SGD) of a copy
-    of the model is timed in the same rounds, so an event can be priced in steps.
+    of the model is timed in the same rounds, so an event can be priced in steps. Events are
+    timed twice: computing only (no logger) and as in a run, writing to a TensorBoardLogger
+    (histograms and scalars; figures are left out: they are budgeted separately).
+    ``profile_events`` > 0 also splits that many logged events, each after a training step, into
+    :data:`PARTS` (main-thread CPU time).
     """
     import copy
+    import tempfile
 
     from torch import nn
     from torch.nn import functional as F
@@ -147,7 +178,9 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
 
         def loss_of(m: nn.Module) -> torch.Tensor:
             return F.cross_entropy(m(x), y)
-    trainer = SimpleNamespace(is_global_zero=True, loggers=[], world_size=1, callbacks=[])
+    student = copy.deepcopy(model).train()  # before the monitor's hooks exist
+    logdir = tempfile.mkdtemp(prefix="bench_overhead_event_")
+    trainer, logged = _stand_in(None), _stand_in(logdir)
     monitor = SpectralMonitor(figures=False)
     monitor.setup(trainer, model, "fit")
     capture = monitor._capture
@@ -156,10 +189,18 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
         model(*inputs)
     capture.stop()
     rows = capture.take()
-    weights = [monitor._weight_layers[n].detach() for n in monitor._weight_layers]
+    weights = [getattr(owner, pname).detach() for owner, pname in monitor._weight_layers.values()]
 
+    # an event consumes the dict it is given (each layer's rows are popped as they are
+    # copied); a shallow copy leaves ``rows`` itself to the next call
     def act_event() -> None:
-        monitor._emit(trainer, 0, rows)
+        monitor._emit(trainer, 0, 0, dict(rows))
+
+    step_no = [0]
+
+    def act_logged() -> None:
+        step_no[0] += 1
+        monitor._emit(logged, step_no[0], step_no[0], dict(rows))
 
     def act_bare() -> None:
         out = []
@@ -170,13 +211,12 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
         torch.cat([o.reshape(-1) for o in out]).cpu()
 
     def weight_event() -> None:
-        monitor._pending_weights = (0, monitor._weight_spectra(trainer))
-        monitor._emit(trainer, 0, None)
+        monitor._pending_weights = (0, 0, monitor._weight_spectra(trainer))
+        monitor._emit(trainer, 0, 0, None)
 
     def weight_bare() -> None:
         torch.cat([torch.linalg.svdvals(w.reshape(w.shape[0], -1).float()) for w in weights]).cpu()
 
-    student = copy.deepcopy(model).train()
     opt = torch.optim.SGD(student.parameters(), lr=1e-3)
 
     def train_step() -> None:
@@ -185,8 +225,8 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
         opt.step()
 
     times = interleaved(
-        {"act_event": act_event, "act_bare": act_bare, "weight_event": weight_event,
-         "weight_bare": weight_bare, "step": train_step},
+        {"act_event": act_event, "act_logged": act_logged, "act_bare": act_bare,
+         "weight_event": weight_event, "weight_bare": weight_bare, "step": train_step},
         repeats=repeats, warmup=2, device=device, inner=5,
     )
     syncs = {}
@@ -194,16 +234,94 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024) -> d
         with count_host_syncs(device) as counted:
             fn()
         syncs[name] = counted
+    parts = profile_parts(monitor, act_logged, train_step, profile_events, device)
     capture.remove()
+    shutil.rmtree(logdir, ignore_errors=True)
     shapes = {n: tuple(r.shape) for n, r in rows.items()}
-    return {"times": times, "shapes": shapes, "syncs": syncs,
+    return {"times": times, "shapes": shapes, "syncs": syncs, "parts": parts,
+            "hooked": len(capture.names),
             "weights": {n: tuple(w.shape) for n, w in zip(monitor._weight_layers, weights,
                                                            strict=True)}}
+
+
+def hook_cost(repeats: int) -> float:
+    """Seconds one watched module's forward costs more with the monitor's hooks on it,
+    switched off (as between events): a tiny ``Linear`` called 20,000 times with and without,
+    interleaved, the minimum over ``repeats`` rounds of each."""
+    import timeit
+
+    from torch import nn
+
+    from lightning_spectral.capture import LayerCapture
+
+    x = torch.randn(4, 8)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    hooked = nn.Sequential(nn.Linear(8, 8))
+    LayerCapture(hooked, layers=["0"]).attach()
+    best = {"plain": float("inf"), "hooked": float("inf")}
+    with torch.no_grad():
+        for _ in range(max(repeats, 3)):
+            for name, m in (("plain", plain), ("hooked", hooked)):
+                best[name] = min(best[name], timeit.timeit(lambda m=m: m(x), number=20_000))
+    return max(best["hooked"] - best["plain"], 0.0) / 20_000
+
+
+def profile_parts(monitor: Any, event: Any, step: Any, events: int,
+                  device: str) -> dict[str, float]:
+    """Main-thread CPU seconds per event of each of :data:`PARTS` and of the whole event, over
+    ``events`` events each after a training step (so TensorBoard's writer thread has drained
+    its queue, as between the events of a run)."""
+    import time
+
+    from lightning_spectral import report
+    from lightning_spectral.callbacks import _base, spectral
+
+    if events <= 0:
+        return {}
+    owners = {"SpectralMonitor": spectral.SpectralMonitor, "report": report,
+              "SpectralCallback": _base.SpectralCallback}
+    spent = {label: 0.0 for label in PARTS.values()}
+    saved = []
+
+    def timed(fn: Any, label: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.thread_time() - t0
+
+        return wrapper
+
+    for path, label in PARTS.items():
+        owner_name, attr = path.split(".")
+        owner = owners[owner_name]
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        saved.append((owner, attr, original))
+        setattr(owner, attr, timed(getattr(owner, attr), label))
+    total = 0.0
+    try:
+        for _ in range(events):
+            step()
+            sync(device)
+            t0 = time.thread_time()
+            event()
+            sync(device)
+            total += time.thread_time() - t0
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+    out = {label: s / events for label, s in spent.items()}
+    out["event"] = total / events
+    return out
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--no-fit", action="store_true", help="skip the fit-level A/B windows")
+    p.add_argument("--profile-events", type=int, default=None,
+                   help="logged events split into their parts (default 200; quick 20)")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"bench_overhead: --device {args.device} but CUDA is not available")
@@ -221,7 +339,7 @@ def main() -> None:
         "| model | window (steps) | without | with | ratio with/without | overhead |",
         "|---|---|---|---|---|---|",
     ]
-    for arch in ("mlp", "cnn"):
+    for arch in () if args.no_fit else ("mlp", "cnn"):
         window = windows[arch]
         fit_window(arch, min(window, 20), False, args.device)  # warm-up (imports, allocator)
         plain, watched = [], []
@@ -237,13 +355,15 @@ def main() -> None:
     wide = 256 if args.quick else 1024
     lines += [
         "",
-        "Per-event cost (no logger attached: computing plus the one host transfer) vs the bare "
-        "kernels on the same matrices, and vs one training step (forward, loss, backward, SGD "
-        "on a copy of the model, same batch), all interleaved in the same rounds, 5 calls per "
-        f"timing, median (min–max) of per-round ratios. `wide`: three {wide}×{wide} Linear "
-        f"layers on {wide} random rows, where the kernels dominate. `transformer`: "
-        "`lightning.pytorch.demos.Transformer` (2 encoder + 2 decoder layers, d = 200, "
-        f"vocabulary {TRANSFORMER['vocab_size']}) on synthetic tokens, batch "
+        "Per-event cost vs the bare kernels on the same matrices, and vs one training step "
+        "(forward, loss, backward, SGD on a copy of the model, same batch), all interleaved in "
+        "the same rounds, 5 calls per timing, median (min–max) of per-round ratios. "
+        "*activations*: computing plus the one host transfer, no logger; *+ TensorBoard*: the "
+        "same event writing its histograms and scalars to a `TensorBoardLogger`, as in a run "
+        "(the per-event figure is budgeted separately, `figure_budget`). `wide`: three "
+        f"{wide}×{wide} Linear layers on {wide} random rows, where the kernels dominate. "
+        "`transformer`: `lightning.pytorch.demos.Transformer` (2 encoder + 2 decoder layers, "
+        f"d = 200, vocabulary {TRANSFORMER['vocab_size']}) on synthetic tokens, batch "
         f"{TRANSFORMER['batch']} × {TRANSFORMER['seq']} tokens = "
         f"{TRANSFORMER['batch'] * TRANSFORMER['seq']} rows per layer. *Syncs*: device-to-host "
         "synchronisations in one event, counted with `torch.cuda.set_sync_debug_mode('warn')` "
@@ -256,18 +376,26 @@ def main() -> None:
     ]
     shapes_lines = []
     at_defaults = []
+    parts_lines = []
+    per_hook = hook_cost(repeats)
+    events = args.profile_events if args.profile_events is not None else (
+        20 if args.quick else 200)
     for arch in ("mlp", "cnn", "transformer", "wide"):
-        res = event_benchmark(arch, args.device, repeats, wide=wide)
+        res = event_benchmark(arch, args.device, repeats, wide=wide,
+                              profile_events=0 if arch == "wide" else events)
         t = res["times"]
         per_step = {}
-        for kind, bare in (("act", "`matmul`+`eigvalsh`"), ("weight", "`svdvals`")):
-            ev, ba = t[f"{kind}_event"], t[f"{kind}_bare"]
+        for kind, label, bare in (("act", "activations", "`matmul`+`eigvalsh`"),
+                                  ("logged", "+ TensorBoard", "`matmul`+`eigvalsh`"),
+                                  ("weight", "weights", "`svdvals`")):
+            ev, ba = t[f"{kind}_event" if kind != "logged" else "act_logged"], t[
+                "weight_bare" if kind == "weight" else "act_bare"]
             per_step[kind] = ratio_summary(ev, t["step"])
+            syncs = res["syncs"].get(kind)
             lines.append(
-                f"| {arch} | {'activations' if kind == 'act' else 'weights'} | "
-                f"{fmt_ms(summary(ev)[0])} | {fmt_ms(summary(ba)[0])} ({bare}) | "
-                f"{fmt_ratio(ratio_summary(ev, ba))} | {fmt_ratio(per_step[kind])} | "
-                f"{res['syncs'][kind].describe()} |"
+                f"| {arch} | {label} | {fmt_ms(summary(ev)[0])} | {fmt_ms(summary(ba)[0])} "
+                f"({bare}) | {fmt_ratio(ratio_summary(ev, ba))} | {fmt_ratio(per_step[kind])} | "
+                f"{syncs.describe() if syncs is not None else '—'} |"
             )
             print(lines[-1], flush=True)
         shapes_lines.append(
@@ -276,23 +404,50 @@ def main() -> None:
             + f"; {len(res['weights'])} weights "
             + ", ".join(f"{n} {'×'.join(map(str, w))}" for n, w in res["weights"].items())
         )
-        # defaults: activations every 100 steps, weights every 2,000
-        est = per_step["act"][0] / 100 + per_step["weight"][0] / 2000
-        at_defaults.append(f"| {arch} | {per_step['act'][0]:.2f} | {per_step['weight'][0]:.2f} "
-                           f"| {100 * est:.2f} % |")
+        # defaults: activations every 100 steps (with their logging), weights every 2,000,
+        # and the switched-off hooks on every step
+        hooks = res["hooked"] * per_hook / summary(t["step"])[0]
+        est = per_step["logged"][0] / 100 + per_step["weight"][0] / 2000
+        at_defaults.append(
+            f"| {arch} | {fmt_ratio(per_step['logged'])} | {fmt_ratio(per_step['weight'])} | "
+            f"{100 * est:.2f} % | {res['hooked']} × {1e6 * per_hook:.1f} µs = "
+            f"{100 * hooks:.2f} % | {100 * (est + hooks):.2f} % |")
+        parts = res["parts"]
+        if parts:
+            total = parts.pop("event")
+            rest = total - sum(parts.values())
+            cells = " | ".join(f"{1e3 * v:.2f} ms ({100 * v / total:.0f} %)"
+                               for v in [*parts.values(), rest])
+            parts_lines.append(f"| {arch} | {1e3 * total:.2f} ms | {cells} |")
     lines += ["", "Shapes (rows captured per layer, n × d, and weights):", "", *shapes_lines]
     lines += [
         "",
-        "What an event costs at the defaults (activations every 100 steps, weights every 2,000), "
-        "in training steps of the same model on the same machine, from the medians above: "
-        "overhead ≈ (activation event / step) / 100 + (weight event / step) / 2000. Logging "
-        "(histograms, figures) is not in this estimate; the fit-level figures above and "
-        "`bench_callbacks` include it.",
+        "What SpectralMonitor costs at its defaults (activations every 100 steps, weights every "
+        "2,000), in training steps of the same model on the same machine, from the medians "
+        "above: overhead ≈ (activation event with TensorBoard logging / step) / 100 + (weight "
+        "event / step) / 2000. *Hooks*: on every step, each watched layer's forward passes "
+        "through the monitor's hook, switched off between events; its cost (a tiny `Linear` "
+        "with and without the hook, 20,000 calls, best of the rounds) times the number of "
+        "watched layers, against the median training step. The per-event figure is budgeted "
+        "separately: it may use up to `figure_budget` (1 %) of the wall time of a long run.",
         "",
-        "| model | activation event (steps) | weight event (steps) | overhead at defaults |",
-        "|---|---|---|---|",
+        "| model | activation event (steps) | weight event (steps) | events at defaults "
+        "| hooks per step | total |",
+        "|---|---|---|---|---|---|",
         *at_defaults,
     ]
+    if parts_lines:
+        labels = [*PARTS.values(), "other (layout, unpacking, checks)"]
+        lines += [
+            "",
+            f"Where one logged activation event goes: main-thread CPU time per event, mean of "
+            f"{events} events each after a training step (so the TensorBoard writer's thread "
+            "has drained its queue, as between the events of a run).",
+            "",
+            "| model | event | " + " | ".join(labels) + " |",
+            "|---|---|" + "---|" * len(labels),
+            *parts_lines,
+        ]
     if args.quick:
         lines += ["", "_Smoke run (`--quick`): tiny windows and few repeats; not a result._"]
     write_section("bench_overhead", "SpectralMonitor overhead", "\n".join(lines),

@@ -23,10 +23,23 @@ range, plus the exponent ``b`` of ``t ≈ a·x^b`` fitted by least squares on ``
    Reported: the measured crossover (smallest ``d`` where the ``n×n`` side is faster), whether
    the library's rule matches it, and what it loses where it does not.
 
+4. **Large weight matrices** (``benchmarks/results/bench_scaling_large.md``): for square
+   ``d×d`` weights, d = 1024, 2048, 4096, 8192 (2048 with ``--quick``), and a 4096×11008
+   projection, the estimate path of ``SpectralMonitor`` for large weights
+   (``functional.estimate_weight``: warm-started Lanczos σ_1, exact ‖W‖_F, block Krylov
+   sketch; docs/definitions.md#large-weights) against ``torch.linalg.svdvals``, timed
+   interleaved per size: *cold* (no start vector) and *warm* (the vector of the previous
+   estimate, taken before a small change of ``W`` like one SGD step), and the σ_1 part alone
+   (``top_singular_value``, cold and warm). The relative errors of σ_1, stable rank, effective
+   rank and k(0.9), k(0.99) are measured against the ``svdvals`` of the same matrix, on a
+   trained-like weight (Gaussian initialisation plus a power-law low-rank part) and on a
+   heavy-tailed one (Gaussian columns scaled by a power law).
+
 Sub-millisecond calls are repeated ``k`` times per timing (``k`` calibrated once per size so
 that a timing lasts ~20 ms; ours and bare of one size share ``k``).
 
     python -m benchmarks.bench_scaling [--quick] [--device cpu|cuda] [--repeats N] [--threads N]
+                                       [--large-only | --skip-large]
 """
 
 from __future__ import annotations
@@ -53,8 +66,13 @@ from benchmarks._common import (
     write_section,
 )
 from lightning_spectral import SpectralMonitor
-from lightning_spectral.functional.spectrum import autocorrelation_eigvals
-from lightning_spectral.functional.weights import singular_values
+from lightning_spectral.functional.estimate import estimate_weight, top_singular_value
+from lightning_spectral.functional.spectrum import autocorrelation_eigvals, effective_rank
+from lightning_spectral.functional.weights import (
+    singular_values,
+    stable_rank_from_singular_values,
+    truncation_rank,
+)
 
 #: SpectralMonitor's default ``max_samples``: the rows of one event per layer
 N_ROWS = SpectralMonitor().max_samples
@@ -62,6 +80,12 @@ DEPTH_WIDTH = 256
 GRAM_N = 256
 GRAM_DIMS = [64, 128, 192, 224, 256, 288, 320, 384, 512, 1024]
 TARGET_S = 0.02  # seconds per timing for calibrated repetition (quick: 5 ms)
+LARGE_DIMS = [1024, 2048, 4096, 8192]
+LARGE_RECT = (4096, 11008)  # a transformer MLP projection
+#: rounds of the large sizes whose one SVD takes a minute or more on 2 CPU cores
+LARGE_SLOW_REPEATS = 3
+#: relative size of the change between the two estimates of the warm start (one SGD step)
+STEP_SIZE = 1e-3
 
 
 # -- helpers (local to this script) --------------------------------------------------------------
@@ -151,7 +175,7 @@ def width_pairs(dims: list[int], device: str, gen: torch.Generator) -> tuple[dic
         monitor = SpectralMonitor(figures=False)
 
         def ours(m: SpectralMonitor = monitor, r: dict = rows) -> None:
-            m._emit(trainer, 0, r)
+            m._emit(trainer, 0, 0, r)
 
         def bare(z: torch.Tensor = rows["layer"]) -> None:
             bare_spectrum(z).cpu()
@@ -214,7 +238,7 @@ def depth_pairs(depths: list[int], device: str, gen: torch.Generator) -> dict:
         layers = list(rows.values())
 
         def ours(m: SpectralMonitor = monitor, r: dict = rows) -> None:
-            m._emit(trainer, 0, r)
+            m._emit(trainer, 0, 0, r)
 
         def bare_loop(ls: list[torch.Tensor] = layers) -> None:
             torch.cat([bare_spectrum(z) for z in ls]).cpu()
@@ -287,11 +311,184 @@ def gram_section(dims: list[int], res: dict) -> tuple[list[str], list[str]]:
     return lines, notes
 
 
+# -- 4. large weight matrices ---------------------------------------------------------------------
+def trained_like(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian initialisation (a Marchenko–Pastur bulk) plus a rank-``min(m, n)/16`` part with
+    power-law singular values ``3 i^{-0.6}``: the spikes of a trained weight above its bulk."""
+    k = max(16, min(m, n) // 16)
+    bulk = torch.randn(m, n, generator=gen) / n**0.5
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen)).Q
+    s = 3.0 * torch.arange(1, k + 1, dtype=torch.float32) ** -0.6
+    return 0.5 * bulk + (u * s) @ v.T
+
+
+def heavy_tailed(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian columns scaled by ``j^{-1/2}`` (shuffled): a heavy-tailed spectrum spanning
+    several decades, the hardest case for the low end of the sketch."""
+    scale = torch.arange(1, n + 1, dtype=torch.float32) ** -0.5
+    return torch.randn(m, n, generator=gen) / n**0.5 * scale[torch.randperm(n, generator=gen)]
+
+
+def exact_stats(s: torch.Tensor) -> dict[str, float]:
+    """The logged statistics from the full singular spectrum (the monitor's exact functions)."""
+    s = s.to(torch.float64)
+    return {"sv_max": float(s[0]), "stable_rank": float(stable_rank_from_singular_values(s)),
+            "erank": float(effective_rank(s.square())),
+            "rank90": float(truncation_rank(s, 0.9)), "rank99": float(truncation_rank(s, 0.99))}
+
+
+def estimate_stats(w: torch.Tensor, v0: torch.Tensor | None = None) -> dict[str, float]:
+    e = estimate_weight(w, v0)
+    return {"sv_max": float(e.sv_max), "stable_rank": float(e.stable_rank),
+            "erank": float(e.effective_rank), "rank90": float(e.truncation_rank(0.9)),
+            "rank99": float(e.truncation_rank(0.99))}
+
+
+STAT_KEYS = ("sv_max", "stable_rank", "erank", "rank90", "rank99")
+
+
+def rel_errors(got: dict[str, float], want: dict[str, float]) -> dict[str, float]:
+    return {k: got[k] / want[k] - 1.0 if want[k] else math.nan for k in STAT_KEYS}
+
+
+def large_case(m: int, n: int, repeats: int, device: str, gen: torch.Generator) -> dict[str, Any]:
+    """One size: interleaved timings and the errors of the warm estimate (and of the cold one
+    on the heavy-tailed matrix)."""
+    before = trained_like(m, n, gen).to(device)
+    change = torch.randn(m, n, generator=gen).to(device)
+    w = before + STEP_SIZE * (before.norm() / change.norm()) * change  # one small step
+    vec = estimate_weight(before).vector  # the start vector the previous event left
+    spectrum: list[torch.Tensor] = []
+
+    def svd() -> None:
+        spectrum[:] = [torch.linalg.svdvals(w)]  # kept: the reference of the errors
+
+    fns: dict[str, Callable[[], object]] = {
+        "svd": svd,
+        "cold": lambda: estimate_weight(w),
+        "warm": lambda: estimate_weight(w, vec),
+        "top_cold": lambda: top_singular_value(w),
+        "top_warm": lambda: top_singular_value(w, vec),
+    }
+    for name, fn in fns.items():  # warm-up (lazy init), except the minutes-long SVDs
+        if name != "svd" or m * n <= 2048 * 2048:
+            time_once(fn, device)
+    times = interleaved(fns, repeats=repeats, warmup=0, device=device)
+    want = exact_stats(spectrum[0])
+    heavy = heavy_tailed(m, n, gen).to(device)
+    heavy_want = exact_stats(torch.linalg.svdvals(heavy))
+    return {
+        "times": times,
+        "iters": (top_singular_value(w).iterations, top_singular_value(w, vec).iterations),
+        "errors": rel_errors(estimate_stats(w, vec), want),
+        "heavy": rel_errors(estimate_stats(heavy), heavy_want),
+        "exact": want,
+        "heavy_exact": heavy_want,
+        "repeats": repeats,
+    }
+
+
+def large_section(cases: dict[tuple[int, int], dict[str, Any]], device: str,
+                  quick: bool) -> str:
+    timing = ["| W | rounds | svdvals | estimate, cold | estimate, warm | svdvals / cold | "
+              "svdvals / warm | σ_1 alone: cold / warm | Lanczos steps cold → warm |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    errors = ["| W | matrix | σ_1 | stable rank | erank | k(0.9) | k(0.99) | exact k(0.9), "
+              "k(0.99), erank |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for (m, n), c in cases.items():
+        t = c["times"]
+        timing.append(
+            f"| {m}×{n} | {c['repeats']} | {fmt_ms(summary(t['svd'])[0])} | "
+            f"{fmt_ms(summary(t['cold'])[0])} | {fmt_ms(summary(t['warm'])[0])} | "
+            f"{fmt_ratio(ratio_summary(t['svd'], t['cold']))} | "
+            f"{fmt_ratio(ratio_summary(t['svd'], t['warm']))} | "
+            f"{fmt_ratio(ratio_summary(t['top_cold'], t['top_warm']))} | "
+            f"{c['iters'][0]} → {c['iters'][1]} |"
+        )
+        for label, key, ex in (("trained-like, warm", "errors", "exact"),
+                               ("heavy-tailed, cold", "heavy", "heavy_exact")):
+            e, x = c[key], c[ex]
+            errors.append(
+                f"| {m}×{n} | {label} | " + " | ".join(f"{e[k]:+.2%}" for k in STAT_KEYS)
+                + f" | {x['rank90']:.0f}, {x['rank99']:.0f}, {x['erank']:.0f} |"
+            )
+    worst = {k: max(abs(c[key][k]) for c in cases.values() for key in ("errors", "heavy"))
+             for k in STAT_KEYS}
+    at4096 = cases.get((4096, 4096))
+    verdict = ""
+    if at4096 is not None:
+        speed = ratio_summary(at4096["times"]["svd"], at4096["times"]["warm"])[0]
+        ok = speed >= 10 and worst["sv_max"] <= 0.01 and worst["stable_rank"] <= 0.01
+        verdict = (f" Target at d = 4096 (≥ 10× faster, ≤ 1 % on σ_1 and stable rank): "
+                   f"{'met' if ok else 'not met'} — {speed:.1f}× (warm, median of the rounds), "
+                   f"worst σ_1 error {worst['sv_max']:.1e}, stable rank "
+                   f"{worst['stable_rank']:.1e} over all sizes.")
+    smoke = " Quick smoke run (up to 2048, 3 rounds): not a result." if quick else ""
+    return "\n".join([
+        f"Float32 on `{device}`. `SpectralMonitor` estimates a weight whose smaller side reaches "
+        "`large_weight_threshold` (default 2048) between its exact events (every "
+        "`exact_every`-th weight event, default 10): *estimate* = "
+        "`functional.estimate_weight(W, v0)` with its defaults (Lanczos σ_1 to `tol = 1e-4`, "
+        "exact ‖W‖_F², a block Krylov sketch with 32 probes and 12 steps; "
+        "docs/definitions.md#large-weights); *svdvals* = `torch.linalg.svdvals(W)`, what an "
+        "exact event costs. *cold* has no start vector; *warm* starts from the vector of an "
+        f"estimate of W taken before a change of relative size {STEP_SIZE:g} (like one SGD "
+        "step). The five calls of a size are timed interleaved (round i: svdvals, cold, warm, "
+        "σ_1 cold, σ_1 warm) after one warm-up call each (none for the SVDs above 2048², which "
+        "take minutes); ratios are the median (min–max) of the per-round ratios; torch ran "
+        f"with {torch.get_num_threads()} thread(s) (`--threads`). The machine is shared with "
+        f"other jobs: absolute times drift, the ratios less.{smoke}",
+        "",
+        *timing,
+        "",
+        "Relative error of each estimate (estimate / exact − 1) against the `svdvals` of the "
+        "same matrix (the monitor's exact quantities: docs/definitions.md#stable-rank, #erank, "
+        "#capacity). *trained-like*: Gaussian initialisation plus a rank-min(m, n)/16 part with "
+        "singular values 3·i^−0.6; *heavy-tailed*: Gaussian columns scaled by j^−1/2 "
+        "(shuffled), whose spectrum spans several decades.",
+        "",
+        *errors,
+        "",
+        "Worst absolute error over all rows: " + ", ".join(
+            f"{k} {worst[k]:.2%}" for k in STAT_KEYS) + "." + verdict + " σ_1 is a Ritz value "
+        "(never above the true one) and ‖W‖_F is exact, so the stable rank errs only through "
+        "σ_1. The ranks and the effective rank come from the sketch; k(0.99) of a heavy-tailed "
+        "spectrum, set by its smallest singular values, is the least accurate (the Krylov "
+        "space resolves the bottom of the spectrum coarsely).",
+    ])
+
+
+def run_large(args: Any, device: str, gen: torch.Generator) -> None:
+    quick = args.quick
+    dims = [d for d in LARGE_DIMS if d <= 2048] if quick else LARGE_DIMS
+    shapes = [(d, d) for d in dims] + ([] if quick else [LARGE_RECT])
+    repeats = args.repeats or (3 if quick else 5)
+    cases = {}
+    t0 = time.perf_counter()
+    for m, n in shapes:
+        slow = m * n > 4096 * 4096
+        r = min(repeats, LARGE_SLOW_REPEATS) if slow and not args.repeats else repeats
+        print(f"large weights: {m}×{n}, {r} rounds", flush=True)
+        cases[(m, n)] = large_case(m, n, r, device, gen)
+    print(f"large weights measured in {time.perf_counter() - t0:.0f} s", flush=True)
+    out = None
+    if args.out is not None:
+        out = args.out.with_name(f"{args.out.stem}_large{args.out.suffix}")
+    write_section("bench_scaling_large", "Large weight matrices: estimates vs full SVD",
+                  large_section(cases, device, quick), device=device, out=out)
+
+
 # -- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--large-only", action="store_true",
+                       help="only the large-weight section (bench_scaling_large.md)")
+    which.add_argument("--skip-large", action="store_true",
+                       help="skip the large-weight section")
     args = p.parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -302,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
+    if args.large_only:
+        run_large(args, device, gen)
+        return 0
     quick = args.quick
     repeats = args.repeats or (3 if quick else 7)
     # a 4096² SVD costs ~10 s on 2 CPU cores: 5 rounds (the minimum) for the weight sweep, and
@@ -409,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
     write_section("bench_scaling", "How the cost grows: width, depth, Gram side", body,
                   device=device, out=args.out)
+    if not args.skip_large:
+        run_large(args, device, torch.Generator().manual_seed(1))
     return 0
 
 

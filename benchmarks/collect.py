@@ -25,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     "bench_functional",
     "bench_scaling",
+    "bench_scaling_large",
+    "bench_memory",
     "bench_overhead",
     "bench_callbacks",
     "bench_penalty",
@@ -33,6 +35,7 @@ ORDER = [
     "bench_curvature",
     "bench_analyze",
     "bench_mirrors",
+    "strategies",
 ]
 
 #: (import name, distribution name, what it is compared for)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lightning_spectral import report
+from lightning_spectral._compat import STEP_OUTPUT, LightningModule, Trainer, override
 from lightning_spectral.callbacks._base import (
     SpectralCallback,
     StepSchedule,
@@ -48,16 +49,23 @@ from lightning_spectral.callbacks._base import (
 )
 from lightning_spectral.capture import LayerCapture, weight_matrices
 from lightning_spectral.errors import SpectralConfigError
+from lightning_spectral.functional.estimate import estimate_weight
 from lightning_spectral.functional.quantities import (
     ACTIVATION_QUANTITIES,
+    ESTIMATED_QUANTITIES,
     QUANTITIES,
     WEIGHT_QUANTITIES,
     Spectra,
     compute_quantities,
+    estimate_quantities,
     quantity,
 )
-from lightning_spectral.functional.spectrum import autocorrelation_eigvals, spectral_distribution
-from lightning_spectral.functional.weights import singular_values_many
+from lightning_spectral.functional.spectrum import (
+    autocorrelation_eigvals,
+    autocorrelation_eigvals_pair,
+    spectral_distribution,
+)
+from lightning_spectral.functional.weights import singular_values_many, weight_matrix
 
 __all__ = [
     "SpectralMonitor",
@@ -83,6 +91,40 @@ _MAX_HISTORY = 512  # heatmap rows kept per layer (thinned by 2 when full)
 #: default of ``figure_budget``: the per-event spectra figure is skipped while figure rendering
 #: has used more than this fraction of the fit's wall time (the first event always gets one)
 FIGURE_BUDGET = 0.01
+#: default of ``large_weight_threshold``: a weight matrix with ``min(out, in·k…)`` at least this
+#: large is estimated between exact events (docs/definitions.md#large-weights)
+LARGE_WEIGHT_THRESHOLD = 2048
+#: default of ``exact_every``: every this many weight events, large weights get the full SVD
+EXACT_EVERY = 10
+#: histogram buckets: TensorBoard's default exponential buckets merged by this factor, so each
+#: spans a factor 1.1**8 ≈ 2.1 (``SummaryWriter.add_histogram(..., max_bins=1548 // 8)``): ~35
+#: buckets for a spectrum instead of ~280, a record 7× smaller to write
+HISTOGRAM_MERGE = 8
+#: ``memory_budget=None``: an activation event's working memory is half the size of its
+#: captured rows, clamped to this range (bytes)
+MEMORY_BUDGET_RANGE = (32 * 2**20, 256 * 2**20)
+
+
+def _layer_bytes(n: int, d: int, itemsize: int, need_raw: bool) -> int:
+    """Estimated peak working memory of one ``n × d`` layer's spectra in an event, in bytes.
+
+    Its rows' working copy, plus what ``autocorrelation_eigvals_pair`` /
+    ``autocorrelation_eigvals`` allocate without autograd (``m = min(n, d)``): the float64 Gram
+    with its scaling and the working-precision copies for ``eigvalsh`` (at most ``5·itemsize·m²``
+    bytes); the float32 product's partial sums when ``max(n, d) > 4m``; the float64 copies of
+    the rows when the product is formed in float64 (``m < 32``, or float32 matmuls that are not
+    IEEE); and a normalised copy of the rows for ``n > d`` when no raw spectrum is computed.
+    """
+    m, length = min(n, d), max(n, d)
+    total = n * d * itemsize + 5 * itemsize * m * m
+    if itemsize == 4:
+        if m < 32 or torch.get_float32_matmul_precision() != "highest":
+            total += 2 * 8 * n * d
+        elif length > 4 * m:
+            total += 4 * (length // (4 * m)) * m * m
+    if n > d and not need_raw:
+        total += n * d * itemsize
+    return max(total, 1)
 
 
 def _check_quantities(quantities: Any) -> tuple[str, ...]:
@@ -142,6 +184,27 @@ class SpectralMonitor(SpectralCallback):
             them); e.g. ``["vne", "erank", "weight_stable_rank"]``. An unknown name raises
             :class:`~lightning_spectral.errors.SpectralConfigError` listing the table.
             ``rows/<layer>`` and the histograms are always written.
+        large_weight_threshold: a weight matrix whose smaller side ``min(out, in·k…)`` is at
+            least this large is *estimated* between exact events instead of decomposed by a
+            full SVD (docs/definitions.md#large-weights): ``weight_sv_max`` and
+            ``weight_stable_rank`` from a warm-started Lanczos iteration and the exact
+            ``‖W‖_F``, ``weight_erank``, ``weight_rank90`` and ``weight_rank99`` from a block
+            Krylov sketch; ``weight_alpha``, ``weight_alpha_weighted`` and its
+            ``weight_svals`` histogram (and its panel of the spectra figure) are written at
+            exact events only. ``None``: every weight gets the full SVD at every event.
+            Smaller weights always do, with the same values as without this option.
+        exact_every: large weights get the full SVD at every ``exact_every``-th weight event of
+            the schedule (those at steps ``k · exact_every · weights_every_n_steps``), at their
+            first event in each fit (the first event of a fit, a lazy weight once it exists,
+            every weight after a resume) and at the end of training; ``1``: always.
+        memory_budget: bytes of working memory an activation event may use on top of the rows
+            it captured. Layers of equal shape are solved together, in chunks whose working
+            memory (rows, Gram matrices, ``eigvalsh``'s copy) fits the budget, and each layer's
+            captured rows are released once they are copied into their chunk, so an event
+            peaks at about its rows plus the budget; a layer that alone needs more is solved on
+            its own. ``None``: half the size of the captured rows, clamped to 32–256 MiB, so
+            that an event needs at most about 1.5 times the memory of its rows when they exceed
+            64 MiB (docs/performance.md). The logged values do not depend on it.
 
     Every scalar also goes into ``trainer.callback_metrics`` on every rank, so
     ``EarlyStopping(monitor="vne/<layer>")`` and ``ModelCheckpoint(monitor="erank/<layer>")``
@@ -172,6 +235,9 @@ class SpectralMonitor(SpectralCallback):
         prefix: str = "",
         prog_bar: str | list[str] | None = None,
         quantities: list[str] | None = None,
+        large_weight_threshold: int | None = LARGE_WEIGHT_THRESHOLD,
+        exact_every: int = EXACT_EVERY,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__(
             strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
@@ -195,6 +261,15 @@ class SpectralMonitor(SpectralCallback):
         self.quantities = _check_quantities(quantities)
         self._act_quantities = tuple(n for n in self.quantities if n in ACTIVATION_QUANTITIES)
         self._weight_quantities = tuple(n for n in self.quantities if n in WEIGHT_QUANTITIES)
+        self.large_weight_threshold: int | None = check_int(
+            "large_weight_threshold", large_weight_threshold, optional=True
+        )
+        self.exact_every: int = check_int("exact_every", exact_every)
+        self.memory_budget: int | None = check_int("memory_budget", memory_budget, optional=True)
+        #: the selected weight quantities that large weights log between exact events
+        self._estimated_quantities = tuple(
+            n for n in self._weight_quantities if n in ESTIMATED_QUANTITIES
+        )
         self._capture: LayerCapture | None = None
         #: weight tag -> (owner module, parameter name), read when due
         self._weight_layers: dict[str, tuple[nn.Module, str]] = {}
@@ -214,6 +289,13 @@ class SpectralMonitor(SpectralCallback):
         self._capturing_for: int | None = None
         self._capturing_log = 0
         self._pending_weights: tuple[int, int, dict[str, torch.Tensor]] | None = None
+        #: large weights: the tags whose full SVD this fit has computed, the pending event's
+        #: estimate rows (tag -> the row it holds in the pending dict), that event's exact padding
+        #: width, and the Lanczos warm starts (tag -> top right singular vector; not checkpointed)
+        self._exact_seen: set[str] = set()
+        self._estimated: dict[str, torch.Tensor] = {}
+        self._pad_width = 0
+        self._sv_vectors: dict[str, torch.Tensor] = {}
         self._layout_done = False
         self._warned_empty: set[str] = set()
         #: ``{"step": g, "rows": {layer: rows used}}`` of the last activation event (all ranks)
@@ -226,6 +308,7 @@ class SpectralMonitor(SpectralCallback):
 
     # -- identity and state ----------------------------------------------------------------------
     @property
+    @override
     def state_key(self) -> str:
         extra = {"prefix": self.prefix} if self.prefix else {}
         return self._generate_state_key(
@@ -235,6 +318,7 @@ class SpectralMonitor(SpectralCallback):
             **extra,
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Schedule and heatmap history (tensors and plain values only: safe ``weights_only``)."""
         return {
@@ -248,6 +332,7 @@ class SpectralMonitor(SpectralCallback):
             },
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._act_schedule.load_state_dict(state_dict.get("next_step"))
         self._weight_schedule.load_state_dict(state_dict.get("next_weight_step"))
@@ -294,17 +379,20 @@ class SpectralMonitor(SpectralCallback):
         self._pending_weights = None
 
     # -- schedule --------------------------------------------------------------------------------
+    @override
     def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._capture is None or self._capturing_for is not None:
             return  # not set up, or inside an accumulation window already being captured
         g = int(trainer.global_step)
-        log_step = logging_step(trainer)
         act_due = self._act_schedule.due(g)
         weight_due = (
             self._log_weights and bool(self._weight_layers) and self._weight_schedule.due(g)
         )
+        if not (act_due or weight_due):
+            return  # every other step: a few microseconds
+        log_step = logging_step(trainer)
         if weight_due:
             self._weight_schedule.done(g)
             self._pending_weights = (g, log_step, self._weight_spectra(trainer))
@@ -315,8 +403,14 @@ class SpectralMonitor(SpectralCallback):
         elif weight_due:
             self._emit(trainer, g, log_step, None)
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         g = self._capturing_for
         if g is None or self._capture is None or int(trainer.global_step) == g:
@@ -334,23 +428,27 @@ class SpectralMonitor(SpectralCallback):
         else:
             self._postponed = 0
             self._act_schedule.done(g)
-            for n, r in (rows or {}).items():
-                self._full_rows[n] = max(self._full_rows.get(n, 0), int(r.shape[0]))
+            for n, count in [(n, int(r.shape[0])) for n, r in (rows or {}).items()]:
+                self._full_rows[n] = max(self._full_rows.get(n, 0), count)
         if rows is not None or self._pending_weights is not None:
             self._emit(trainer, g, self._capturing_log, rows)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._figures.start()
 
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._capture is not None:
             self._capture.stop()  # never capture validation forwards
 
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._capture is not None and self._capturing_for is not None:
             self._capture.active = True
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._capture is not None:
             self._capture.stop()
             self._capture.take()  # an unfinished window (interrupted fit) is dropped
@@ -358,7 +456,7 @@ class SpectralMonitor(SpectralCallback):
         g = int(trainer.global_step)
         log_step = logging_step(trainer)
         if self._log_weights and self._weight_layers and self._last_weight_step != g:
-            self._pending_weights = (g, log_step, self._weight_spectra(trainer))
+            self._pending_weights = (g, log_step, self._weight_spectra(trainer, final=True))
             self._emit(trainer, g, log_step, None)
         if self.figures and trainer.is_global_zero and report.tensorboard_writers(trainer):
             from lightning_spectral.plots.spectral import spectrum_heatmap
@@ -371,13 +469,20 @@ class SpectralMonitor(SpectralCallback):
                 self._figure(trainer, f"spectrum_heatmap/{layer}", fig, log_step)
 
     # -- computing -------------------------------------------------------------------------------
-    def _weight_spectra(self, trainer: Any) -> dict[str, torch.Tensor]:
+    def _weight_spectra(self, trainer: Any, final: bool = False) -> dict[str, torch.Tensor]:
         """Singular values of every watched weight, one batched SVD per shape (rank zero only).
 
         The parameters are read now (a lazy module's weight once it exists; a weight that is
         still uninitialised is left out of this event). Under FSDP2 (``ModelParallelStrategy``)
         each sharded weight is gathered whole — every rank joins, and holds one whole matrix at
-        a time; only rank zero keeps it and computes."""
+        a time; only rank zero keeps it and computes.
+
+        Between exact events (:meth:`_exact_weight_event`; ``final``: the end of training) a
+        large weight (``large_weight_threshold``) is estimated instead, now, from the weights
+        of this moment: its entry is a row of estimated quantities (:meth:`_estimate_large`),
+        which :meth:`_weight_metrics` recognises by identity in ``self._estimated``. The other
+        weights get exactly the SVD they would get without large ones (a large and a small
+        matrix never share a shape, hence never a batch)."""
         tags: list[str] = []
         mats: list[torch.Tensor] = []
         zero = bool(trainer.is_global_zero)
@@ -392,11 +497,64 @@ class SpectralMonitor(SpectralCallback):
             if zero:
                 tags.append(tag)
                 mats.append(whole)
+        exact = self._exact_weight_event(int(trainer.global_step), final)
+        self._estimated = {}
         if not mats:
             return {}
+        # a weight's first event in a fit is exact (the first event, a lazy weight once it
+        # exists, every weight after a resume)
+        large = [] if exact else [i for i, m in enumerate(mats)
+                                  if tags[i] in self._exact_seen and self._is_large(m)]
+        self._exact_seen.update(t for i, t in enumerate(tags) if i not in set(large))
+        if not large:
+            with torch.no_grad():
+                svals = singular_values_many(mats, dtype=self._dtype)
+            return dict(zip(tags, svals, strict=True))
+        self._pad_width = max(min(weight_matrix(m).shape) for m in mats)
+        small = [i for i in range(len(mats)) if i not in set(large)]
         with torch.no_grad():
-            svals = singular_values_many(mats, dtype=self._dtype)
-        return dict(zip(tags, svals, strict=True))
+            svals = singular_values_many([mats[i] for i in small], dtype=self._dtype)
+            rows = self._estimate_large({tags[i]: mats[i] for i in large})
+        out = dict(zip([tags[i] for i in small], svals, strict=True))
+        out.update(rows)
+        return {t: out[t] for t in tags if t in out}  # the watched order
+
+    def _exact_weight_event(self, step: int, final: bool) -> bool:
+        """Every weight gets the full SVD at this weight event: the one at the end of training,
+        every ``exact_every``-th one of the schedule's grid (steps that are multiples of
+        ``exact_every · weights_every_n_steps``), or always without a threshold. (A large
+        weight's first event in a fit is exact too: :meth:`_weight_spectra`.)"""
+        return (
+            final
+            or self.large_weight_threshold is None
+            or (step // self.weights_every_n_steps) % self.exact_every == 0
+        )
+
+    def _is_large(self, w: torch.Tensor) -> bool:
+        """The matrix view's smaller side reaches ``large_weight_threshold`` (shapes only)."""
+        threshold = self.large_weight_threshold
+        return threshold is not None and min(weight_matrix(w).shape) >= threshold
+
+    def _estimate_large(self, mats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rank zero, between exact events: per large weight the row of its selected estimated
+        quantities followed by ``σ̃_1`` (the non-finite probe), recorded in ``self._estimated``.
+
+        :func:`~lightning_spectral.functional.estimate.estimate_weight` warm-starts its Lanczos
+        iteration from the weight's previous top singular vector (kept per tag, on the weight's
+        device); a non-finite weight logs NaN and drops its vector. Weights with no selected
+        estimated quantity are left out of the event (alpha only: exact events only).
+        """
+        if not self._estimated_quantities:
+            return {}
+        for tag, w in mats.items():
+            est = estimate_weight(w, self._sv_vectors.get(tag), dtype=self._dtype)
+            if est.vector is None:
+                self._sv_vectors.pop(tag, None)
+            else:
+                self._sv_vectors[tag] = est.vector
+            values = estimate_quantities(self._estimated_quantities, [est])[0]
+            self._estimated[tag] = torch.cat([values, est.sv_max.reshape(1)])
+        return dict(self._estimated)
 
     def _short_window(self, rows: dict[str, torch.Tensor]) -> bool:
         """True when the window should be postponed: a layer holds fewer than half the rows of
@@ -408,7 +566,11 @@ class SpectralMonitor(SpectralCallback):
         )
 
     def _gather(self, trainer: Any, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The union of every rank's rows per layer (rank order); two collectives on all ranks."""
+        """The union of every rank's rows per layer (rank order); two collectives on all ranks.
+
+        ``rows`` is consumed: each layer's rows are popped once copied into the one send buffer
+        (zero-padded to the largest count of any rank), so a rank holds at most that buffer,
+        the gathered buffers of all ranks and the per-layer unions at a time."""
         names = self._capture.names if self._capture is not None else []
         device = trainer.strategy.root_device
         shape = torch.tensor(
@@ -420,18 +582,23 @@ class SpectralMonitor(SpectralCallback):
         counts = shapes[..., 0]
         dims = shapes[..., 1].amax(dim=0)
         top = counts.amax(dim=0)
-        parts = []
+        sizes = [int(top[i]) * int(dims[i]) for i in range(len(names))]
+        flat = torch.zeros(sum(sizes), dtype=self._dtype, device=device)
+        offset = 0
         for i, n in enumerate(names):
-            block = torch.zeros(int(top[i]), int(dims[i]), dtype=self._dtype, device=device)
-            if n in rows and rows[n].shape[0]:
-                block[: rows[n].shape[0]] = rows[n].to(device=device, dtype=self._dtype)
-            parts.append(block.reshape(-1))
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=self._dtype, device=device)
+            part = rows.pop(n, None)
+            if part is not None and part.shape[0]:
+                block = flat[offset : offset + sizes[i]].view(int(top[i]), int(dims[i]))
+                block[: part.shape[0]].copy_(part)
+            del part
+            offset += sizes[i]
+        rows.clear()
         gathered = trainer.strategy.all_gather(flat)  # (world, total)
+        del flat
         out: dict[str, torch.Tensor] = {}
         offset = 0
         for i, n in enumerate(names):
-            size = int(top[i]) * int(dims[i])
+            size = sizes[i]
             pieces = [
                 gathered[r, offset : offset + size].reshape(int(top[i]), int(dims[i]))[
                     : int(counts[r, i])
@@ -449,7 +616,8 @@ class SpectralMonitor(SpectralCallback):
         """Compute, move to the host once, and log one event of schedule step ``step`` at logger
         step ``log_step`` (rows already gathered across ranks). Every rank calls this at the
         same point: values computed on rank zero are broadcast into every rank's
-        ``callback_metrics``."""
+        ``callback_metrics``. On rank zero ``rows`` is consumed: each layer's rows are popped
+        (and released) as the computation reaches them."""
         if rows is not None:
             self.last_event = {"step": step, "rows": {n: int(r.shape[0]) for n, r in rows.items()}}
             self._warn_empty(rows)
@@ -474,9 +642,10 @@ class SpectralMonitor(SpectralCallback):
         pending: tuple[int, int, dict[str, torch.Tensor]] | None,
     ) -> dict[str, float]:
         """Rank zero: the event's scalars (returned, unprefixed); histograms and figures are
-        written here."""
+        written here. ``rows`` is consumed (emptied) by the computation."""
         packed: dict[str, torch.Tensor] = {}
         unpack: list[tuple[str, list[str], tuple[str, ...], list[int] | None]] = []
+        counts = {n: int(r.shape[0]) for n, r in (rows or {}).items()}
         if rows:
             self._activation_metrics(rows, packed, unpack)
         weight_names: list[str] = []
@@ -488,16 +657,18 @@ class SpectralMonitor(SpectralCallback):
             return {}
         _, host = report.to_host({}, packed)  # the event's one device-to-host copy
         host_s, host_v = self._unpack(host, unpack)
-        for n, r in (rows or {}).items():
-            host_s[f"rows/{n}"] = float(r.shape[0])
-        self._check_finite(host_s, list(rows or {}), weight_names)
+        for n, count in counts.items():
+            host_s[f"rows/{n}"] = float(count)
+        self._check_finite(host_s, list(counts), weight_names)
         host_s = {t: v for t, v in host_s.items() if not t.startswith("_")}  # drop the probes
         tb = bool(report.tensorboard_writers(trainer))
         if tb and not self._layout_done:
             self._register_layout(trainer)
-        if self.histograms and tb:
-            for tag, values in host_v.items():
-                self._histogram(trainer, tag, values, step)
+        if self.histograms and tb:  # one record per writer for all of them
+            report.log_histograms(
+                trainer, {self.prefix + tag: v for tag, v in host_v.items()}, step,
+                merge=HISTOGRAM_MERGE,
+            )
         act = {t.split("/", 1)[1]: v for t, v in host_v.items() if t.startswith("eigvals/")}
         wts = {t.split("/", 1)[1]: v for t, v in host_v.items() if t.startswith("weight_svals/")}
         if self.figures:
@@ -516,34 +687,69 @@ class SpectralMonitor(SpectralCallback):
         self, rows: dict[str, torch.Tensor], packed: dict, unpack: list
     ) -> None:
         """The selected activation quantities of the table (docs/definitions.md#spectra): one
-        ``eigvalsh`` per shape (two when a selected quantity needs the raw rows, RankMe).
+        batched ``eigvalsh`` per shape and chunk (two when a selected quantity needs the raw
+        rows, RankMe, whose spectrum shares the normalised one's Gram product when ``n <= d``).
 
         Results stay packed per shape group (a ``(G, q + 1)`` block — the last column is
         ``λ_1``, the non-finite probe — and a ``(G, m)`` block), so an event costs a few tensor
         operations per *shape*, not per layer and quantity.
+
+        Memory: ``rows`` is consumed. A group is solved in chunks of layers whose estimated
+        working memory (:func:`_layer_bytes`) fits the event's budget (``memory_budget``); each
+        layer's rows are copied into its chunk's working tensor (in the working precision) and
+        popped from ``rows`` at once, so the captured rows are released as the event proceeds.
+        Each problem is solved independently, so the values do not depend on the chunking.
         """
         groups: dict[tuple, list[str]] = {}
-        for name, r in rows.items():
-            groups.setdefault((tuple(r.shape), r.device), []).append(name)
+        for name in rows:  # (no loop variable left holding a layer's rows)
+            groups.setdefault((tuple(rows[name].shape), rows[name].device), []).append(name)
         want_dist = self.histograms or self.figures
         selected = self._act_quantities
         need_raw = any(quantity(n).raw for n in selected)
-        with torch.no_grad():
-            for gi, names in enumerate(groups.values()):
-                stack = torch.stack([rows[n] for n in names]).to(self._dtype)
-                lam = autocorrelation_eigvals(stack, normalize=True, dtype=self._dtype)
-                # RankMe is defined on the raw (not row-normalised) rows' singular values
-                raw = (autocorrelation_eigvals(stack, normalize=False, dtype=self._dtype)
-                       if need_raw else None)
-                sp = Spectra(lam=lam, raw=raw)
-                probe = lam[..., :1] if lam.shape[-1] else lam.sum(dim=-1, keepdim=True)
-                block = (torch.cat([compute_quantities(selected, sp), probe], dim=-1)
-                         if selected else probe)
-                packed[f"a{gi}"] = block
+        itemsize = torch.empty(0, dtype=self._dtype).element_size()
+        budget = self._event_budget(rows, itemsize)
+        # inference mode: no autograd bookkeeping at all (≈ 15 % of an event of small layers,
+        # which is all dispatch); the results are only read, on the host
+        with torch.inference_mode():
+            for gi, ((shape, device), names) in enumerate(groups.items()):
+                n, d = shape
+                per_layer = _layer_bytes(n, d, itemsize, need_raw)
+                size = max(1, budget // per_layer)
+                blocks: list[torch.Tensor] = []
+                dists: list[torch.Tensor] = []
+                for start in range(0, len(names), size):
+                    chunk = names[start : start + size]
+                    stack = torch.empty((len(chunk), n, d), dtype=self._dtype, device=device)
+                    for i, name in enumerate(chunk):
+                        stack[i].copy_(rows.pop(name))  # the captured rows are released here
+                    if need_raw:
+                        # RankMe reads the raw (not row-normalised) rows' spectrum
+                        lam, raw = autocorrelation_eigvals_pair(
+                            stack, dtype=self._dtype, overwrite=True
+                        )
+                    else:
+                        lam, raw = autocorrelation_eigvals(stack, dtype=self._dtype), None
+                    del stack
+                    sp = Spectra(lam=lam, raw=raw)
+                    probe = lam[..., :1] if lam.shape[-1] else lam.sum(dim=-1, keepdim=True)
+                    blocks.append(torch.cat([compute_quantities(selected, sp), probe], dim=-1)
+                                  if selected else probe)
+                    if want_dist:
+                        dists.append(spectral_distribution(lam))
+                packed[f"a{gi}"] = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
                 unpack.append((f"a{gi}", names, (*selected, _PROBE_A), None))
                 if want_dist:
-                    packed[f"ad{gi}"] = spectral_distribution(lam)
+                    packed[f"ad{gi}"] = dists[0] if len(dists) == 1 else torch.cat(dists)
                     unpack.append((f"ad{gi}", names, ("eigvals",), None))
+
+    def _event_budget(self, rows: dict[str, torch.Tensor], itemsize: int) -> int:
+        """Bytes of working memory for this event: ``memory_budget``, or by default half the
+        rows' size in the working precision, clamped to :data:`MEMORY_BUDGET_RANGE`."""
+        if self.memory_budget is not None:
+            return self.memory_budget
+        captured = sum(r.numel() for r in rows.values()) * itemsize
+        low, high = MEMORY_BUDGET_RANGE
+        return min(max(captured // 2, low), high)
 
     def _weight_metrics(self, svals: dict[str, torch.Tensor], packed: dict, unpack: list) -> None:
         """The selected weight quantities of the table (docs/definitions.md#weights).
@@ -552,12 +758,26 @@ class SpectralMonitor(SpectralCallback):
         zeros change none of these quantities (they are cut off, add no energy and no mass),
         so every weight is handled by the same few batched operations. The last column is
         ``σ_1``, the non-finite probe.
+
+        Estimated large weights (the rows recorded by :meth:`_estimate_large`) form a block of
+        their own, ``(L_e, q_e + 1)``: the selected quantities that have an estimator, then
+        ``σ̃_1``; no distribution (histogram, figure panel) is written for them. The exact block
+        is then padded to the width it would have with the large weights' spectra in it.
         """
-        names = list(svals)
+        estimated = [n for n in svals if self._estimated.get(n) is svals[n]]
+        self._estimated = {}
+        if estimated:
+            packed["we"] = torch.stack([svals[n] for n in estimated])
+            unpack.append(("we", estimated, (*self._estimated_quantities, _PROBE_W), None))
+        names = [n for n in svals if n not in set(estimated)]
+        if not names:
+            return
         lengths = [int(svals[n].shape[-1]) for n in names]
         selected = self._weight_quantities
         with torch.no_grad():
             s = torch.nn.utils.rnn.pad_sequence([svals[n] for n in names], batch_first=True)
+            if estimated and self._pad_width > s.shape[-1]:
+                s = torch.nn.functional.pad(s, (0, self._pad_width - s.shape[-1]))
             sp = Spectra(s=s)
             probe = s.amax(dim=-1, keepdim=True)
             block = (torch.cat([compute_quantities(selected, sp), probe], dim=-1)

@@ -22,6 +22,13 @@ shared by the quantities that need them:
 Each function returns one value per spectrum (shape ``(...)``), on the input's device, without
 synchronising with the host. Adding a quantity is one :class:`Quantity` entry here plus its
 function, a test and its docs/metrics.md section.
+
+A weight quantity with an ``estimate`` also has a value without the full spectrum: read from a
+:class:`~lightning_spectral.functional.estimate.WeightEstimate` (Lanczos ``σ_1``, the exact
+``‖W‖_F²`` and a block Krylov sketch; docs/definitions.md#large-weights), which the monitor
+uses for large weights between its exact events (``ESTIMATED_QUANTITIES``,
+:func:`estimate_quantities`). The others (the power-law fit) need every singular value and are
+logged on exact spectra only.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -42,14 +49,19 @@ from lightning_spectral.functional.spectrum import (
 )
 from lightning_spectral.functional.weights import stable_rank_from_singular_values, truncation_rank
 
+if TYPE_CHECKING:
+    from lightning_spectral.functional.estimate import WeightEstimate
+
 __all__ = [
     "Quantity",
     "Spectra",
     "QUANTITIES",
     "ACTIVATION_QUANTITIES",
     "WEIGHT_QUANTITIES",
+    "ESTIMATED_QUANTITIES",
     "quantity",
     "compute_quantities",
+    "estimate_quantities",
 ]
 
 
@@ -59,6 +71,17 @@ class Spectra:
     ``lam``/``raw`` (activations) or ``s`` (weights), each ``(..., m)``. Derived values
     (``s2 = σ²``, the power-law fit of ``σ²``, the NaN mask of ``s``) are computed on first use
     and shared by every quantity of the group.
+
+    Examples:
+        Two weights with singular values ``(3, 4)`` and ``(1, 0)``; ``σ²`` is computed once:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import Spectra
+        >>> sp = Spectra(s=torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+        >>> sp.s2.tolist()
+        [[9.0, 16.0], [1.0, 0.0]]
+        >>> sp.s2 is sp.s2
+        True
     """
 
     def __init__(
@@ -103,7 +126,14 @@ class Spectra:
 
 @dataclass(frozen=True)
 class Quantity:
-    """One logged quantity: the tag ``<name>/<layer>`` and how it is computed and shown."""
+    """One logged quantity: the tag ``<name>/<layer>`` and how it is computed and shown.
+
+    Examples:
+        >>> from lightning_spectral.functional import Quantity, quantity
+        >>> q = quantity("weight_stable_rank")
+        >>> isinstance(q, Quantity), q.kind, q.direction, q.anchor
+        (True, 'weight', 'higher', 'stable-rank')
+    """
 
     name: str
     """Tag prefix, e.g. ``"vne"`` → ``vne/<layer>``."""
@@ -125,6 +155,10 @@ class Quantity:
     raw: bool = False
     """Activation quantity that also needs the unnormalised rows' eigenvalues (one more
     ``eigvalsh`` per group, skipped when no selected quantity needs it)."""
+    estimate: Callable[[WeightEstimate], torch.Tensor] | None = None
+    """Weight quantity with an estimator: its value read from a
+    :class:`~lightning_spectral.functional.estimate.WeightEstimate` of one weight (0-d);
+    ``None``: computed from exact spectra only (docs/definitions.md#large-weights)."""
 
 
 def _vne(sp: Spectra) -> torch.Tensor:
@@ -170,6 +204,14 @@ def _rank_at(tau: float) -> Callable[[Spectra], torch.Tensor]:
     return rank
 
 
+def _rank_at_estimated(tau: float) -> Callable[[WeightEstimate], torch.Tensor]:
+    def rank(e: WeightEstimate) -> torch.Tensor:
+        return e.truncation_rank(tau)
+
+    rank.__name__ = f"_estimated_rank{round(tau * 100)}"
+    return rank
+
+
 def _weight_alpha(sp: Spectra) -> torch.Tensor:
     return sp.powerlaw.alpha.to(sp._need(sp.s, "s").dtype)
 
@@ -194,17 +236,20 @@ QUANTITIES: tuple[Quantity, ...] = (
              "RankMe of the raw embedding (Garrido et al. 2023)", "rankme",
              chart="ranks", raw=True),
     Quantity("weight_stable_rank", "weight", _weight_stable_rank, "higher",
-             "stable rank Σσ²/σ_1² of the weight", "stable-rank", chart="ranks"),
+             "stable rank Σσ²/σ_1² of the weight", "stable-rank", chart="ranks",
+             estimate=lambda e: e.stable_rank),
     Quantity("weight_erank", "weight", _weight_erank, "higher",
-             "effective rank exp(S(σ²)) of the weight", "erank", chart="ranks"),
+             "effective rank exp(S(σ²)) of the weight", "erank", chart="ranks",
+             estimate=lambda e: e.effective_rank),
     Quantity("weight_sv_max", "weight", _weight_sv_max, "neutral",
-             "largest singular value σ_1 = ‖W‖₂ (the layer's gain)", "singular-spectrum"),
+             "largest singular value σ_1 = ‖W‖₂ (the layer's gain)", "singular-spectrum",
+             estimate=lambda e: e.sv_max),
     Quantity("weight_rank90", "weight", _rank_at(0.9), "higher",
              "memory-capacity estimate k(0.9): rank-one terms carrying 90 % of the energy",
-             "capacity"),
+             "capacity", estimate=_rank_at_estimated(0.9)),
     Quantity("weight_rank99", "weight", _rank_at(0.99), "higher",
              "memory-capacity estimate k(0.99): rank-one terms carrying 99 % of the energy",
-             "capacity"),
+             "capacity", estimate=_rank_at_estimated(0.99)),
     Quantity("weight_alpha", "weight", _weight_alpha, "lower",
              "heavy-tailed power-law exponent α of σ² (lower: heavier tail)", "heavy-tail"),
     Quantity("weight_alpha_weighted", "weight", _weight_alpha_weighted, "lower",
@@ -218,10 +263,24 @@ ACTIVATION_QUANTITIES: tuple[str, ...] = tuple(q.name for q in QUANTITIES
                                                if q.kind == "activation")
 #: tag prefixes of the weight quantities, in logging order
 WEIGHT_QUANTITIES: tuple[str, ...] = tuple(q.name for q in QUANTITIES if q.kind == "weight")
+#: tag prefixes of the weight quantities that have an estimator (``Quantity.estimate``)
+ESTIMATED_QUANTITIES: tuple[str, ...] = tuple(q.name for q in QUANTITIES
+                                              if q.estimate is not None)
 
 
 def quantity(name: str) -> Quantity:
-    """The table entry named ``name``; ``KeyError`` listing the table for an unknown name."""
+    """The table entry named ``name``; ``KeyError`` listing the table for an unknown name.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import Spectra, quantity
+        >>> q = quantity("erank")
+        >>> q.kind, q.direction
+        ('activation', 'higher')
+        >>> flat = Spectra(lam=torch.full((4,), 0.25))  # four equal eigenvalues
+        >>> round(float(q.fn(flat)), 4)
+        4.0
+    """
     try:
         return _BY_NAME[name]
     except KeyError:
@@ -234,5 +293,46 @@ def compute_quantities(names: Sequence[str], spectra: Spectra) -> torch.Tensor:
     """The quantities ``names`` of one group stacked as ``(..., len(names))``, in that order.
 
     Shared intermediates are computed once; nothing synchronises with the host.
+
+    Examples:
+        A flat activation spectrum of 4 directions: ``VNE = log 4``, ``erank = 4``,
+        ``eig_max = 1/4``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import Spectra, compute_quantities
+        >>> flat = Spectra(lam=torch.full((4,), 0.25))
+        >>> values = compute_quantities(["vne", "erank", "eig_max"], flat)
+        >>> [round(v, 4) for v in values.tolist()]
+        [1.3863, 4.0, 0.25]
     """
     return torch.stack([quantity(n).fn(spectra) for n in names], dim=-1)
+
+
+def estimate_quantities(names: Sequence[str], estimates: Sequence[WeightEstimate]) -> torch.Tensor:
+    """The estimated quantities ``names`` of several weights, ``(len(estimates), len(names))``.
+
+    Each name must have an estimator (``ESTIMATED_QUANTITIES``; ``ValueError`` otherwise). The
+    values are those of :class:`~lightning_spectral.functional.estimate.WeightEstimate`
+    (docs/definitions.md#large-weights), in the estimates' working dtype.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import estimate_quantities, estimate_weight
+        >>> e = estimate_weight(2 * torch.eye(600))
+        >>> estimate_quantities(["weight_stable_rank", "weight_rank90"], [e]).round().tolist()
+        [[600.0, 540.0]]
+    """
+    fns = []
+    for n in names:
+        fn = quantity(n).estimate
+        if fn is None:
+            raise ValueError(
+                f"{n!r} has no estimator (it needs every singular value); estimated quantities: "
+                f"{', '.join(ESTIMATED_QUANTITIES)}"
+            )
+        fns.append(fn)
+    rows = [torch.stack([fn(e).to(e.sv_max.dtype).reshape(()) for fn in fns]) if fns
+            else e.sv_max.new_zeros(0) for e in estimates]
+    if not rows:
+        return torch.zeros(0, len(fns))
+    return torch.stack(rows)

@@ -26,6 +26,7 @@ __all__ = [
     "normalize_rows",
     "gram_eigvals",
     "autocorrelation_eigvals",
+    "autocorrelation_eigvals_pair",
     "covariance_eigvals",
     "vne",
     "effective_rank",
@@ -47,6 +48,13 @@ def normalize_rows(h: torch.Tensor) -> torch.Tensor:
     gradient is 0). A row holding NaN or Inf keeps a NaN (it is not mistaken for a zero row); a
     finite row whose norm overflows the working dtype becomes zero (the spectrum functions below
     report that case as NaN).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import normalize_rows
+        >>> z = normalize_rows(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        >>> [[round(v, 4) for v in row] for row in z.tolist()]  # the zero row stays zero
+        [[0.6, 0.8], [0.0, 0.0]]
     """
     norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
     # 1/inf = 0 for rows below the floor (``<`` is false for NaN, so NaN rows stay NaN)
@@ -80,31 +88,78 @@ def _smaller_side_eigvals(z: torch.Tensor, scale: float | torch.Tensor,
       computation, ``λ_max · k · ε`` with ``k`` from :func:`~._utils.gram_round_off`, is set to
       exactly 0 (zero gradient): ``k = min(n, d)`` in float32, ``max(n, d)`` in float64.
     """
+    return _gram_spectra(z, scale, (normalize,))[0]
+
+
+def _gram_spectra(z: torch.Tensor, scale: float | torch.Tensor, modes: tuple[bool, ...],
+                  overwrite: bool = False) -> list[torch.Tensor]:
+    """:func:`_smaller_side_eigvals` for each ``normalize`` flag in ``modes``, sharing work.
+
+    With ``n <= d`` every mode comes from the one product ``G = z zᵀ`` (the raw spectrum from
+    ``G``, the normalised one from ``D G D``), so asking for both costs one matmul; with
+    ``n > d`` each mode has its own ``d×d`` product (the raw one first). The arithmetic of each
+    mode is that of a call with that mode alone, so the values are identical.
+
+    When autograd does not record (no grad mode, or ``z`` does not require grad), the working
+    memory is kept small: ``D G D`` is formed in place, each float64 Gram is released as soon
+    as its working-precision copy exists, and with ``overwrite`` the rows of ``z`` are
+    normalised in place (``z``'s contents are then unspecified). The peak is then about
+    ``16·m²`` bytes in float32 (``m = min(n, d)``), besides ``z`` and the product's own
+    accumulation buffer (:func:`~._utils.gram_matmul`).
+    """
     n, d = z.shape[-2], z.shape[-1]
     work = z.dtype
+    lean = not (torch.is_grad_enabled() and z.requires_grad)
+    cut = gram_round_off(min(n, d), max(n, d), work)
+    out: dict[bool, torch.Tensor] = {}
     if n <= d:
         g = gram_matmul(z, z.mT)  # float64
         sq = g.diagonal(dim1=-2, dim2=-1)
         check = sq.sum(dim=-1).to(work)  # overflows exactly when a float32 Gram would
-        if normalize:
+        bad = (check * 0.0) != 0.0  # true exactly for NaN and ±Inf
+        inv = None
+        if True in modes:
             # rsqrt(inf) = 0 turns rows below the floor into zero rows with a zero gradient
             inv = sq.masked_fill(sq < _ROW_NORM_FLOOR**2, float("inf")).rsqrt()
-            g = g * (inv.unsqueeze(-1) * inv.unsqueeze(-2))
+        del sq
+        if False in modes:
+            # a float64 working precision makes ``.to`` return ``g`` itself, whose non-finite
+            # problems are then zeroed in place: their normalised values are NaN all the same
+            out[False] = _gram_eigvals(g.to(work), bad, scale, cut)
+        if inv is not None:
+            outer = inv.unsqueeze(-1) * inv.unsqueeze(-2)
+            g = g.mul_(outer) if lean else g * outer
+            del outer
+            g = g.to(work)  # the float64 Gram is released here
+            out[True] = _gram_eigvals(g, bad, scale, cut)
+        del g
     else:
-        if normalize:
-            norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-            check = norm.sum(dim=(-2, -1))
-            z = z * norm.masked_fill(norm < _ROW_NORM_FLOOR, float("inf")).reciprocal()
-            g = gram_matmul(z.mT, z)
-        else:
-            g = gram_matmul(z.mT, z)
-            check = g.diagonal(dim1=-2, dim2=-1).sum(dim=-1).to(work)
-    bad = (check * 0.0) != 0.0  # true exactly for NaN and ±Inf
-    g = g.to(work)
-    # in place: ``g`` is always a fresh product that no backward formula saved
+        for normalize in sorted(set(modes)):  # the raw product first, before z is normalised
+            if normalize:
+                norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+                check = norm.sum(dim=(-2, -1))
+                recip = norm.masked_fill(norm < _ROW_NORM_FLOOR, float("inf")).reciprocal()
+                z = z.mul_(recip) if lean and overwrite else z * recip
+                g = gram_matmul(z.mT, z)
+            else:
+                g = gram_matmul(z.mT, z)
+                check = g.diagonal(dim1=-2, dim2=-1).sum(dim=-1).to(work)
+            bad = (check * 0.0) != 0.0
+            g = g.to(work)
+            out[normalize] = _gram_eigvals(g, bad, scale, cut)
+            del g
+    return [out[mode] for mode in modes]
+
+
+def _gram_eigvals(g: torch.Tensor, bad: torch.Tensor, scale: float | torch.Tensor,
+                  cut: int) -> torch.Tensor:
+    """Descending eigenvalues of ``scale · g`` (``g`` in the working precision, zeroed in place
+    for the non-finite problems ``bad``, whose values become NaN), cut at round-off level."""
+    # in place: ``g`` is always a fresh product or copy that no backward formula saved
     g.masked_fill_(bad.unsqueeze(-1).unsqueeze(-1), 0.0)
     ev = torch.linalg.eigvalsh(g).flip(-1) * scale
-    ev = apply_cutoff(ev, gram_round_off(min(n, d), max(n, d), work))
+    del g
+    ev = apply_cutoff(ev, cut)
     return ev.masked_fill(bad.unsqueeze(-1), float("nan"))
 
 
@@ -116,6 +171,13 @@ def gram_eigvals(z: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     coincide. Non-finite problems give NaN without raising. Computed in float64 for float64 ``z``,
     else in float32 (see :func:`resolve_dtype`); clipped at 0 and cut at round-off level as in
     :func:`autocorrelation_eigvals`.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import gram_eigvals
+        >>> z = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]])  # n = 2 < d = 3: z zᵀ = diag(2, 4)
+        >>> gram_eigvals(z, 1.0).tolist()
+        [4.0, 2.0]
     """
     check_matrix(z, "z")
     return _smaller_side_eigvals(z.to(resolve_dtype(None, z)), scale, normalize=False)
@@ -141,12 +203,60 @@ def autocorrelation_eigvals(
     ``k = min(n, d)`` in float32, ``max(n, d)`` in float64) set to exactly 0, so the eigenvalues
     a rank-deficient input does not have come out as zeros, not as round-off. A problem whose
     input holds NaN/Inf gives NaN values (no exception).
+
+    Examples:
+        Isotropic rows spread the unit mass evenly; identical rows put it all on one direction:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import autocorrelation_eigvals
+        >>> autocorrelation_eigvals(torch.eye(4)).tolist()
+        [0.25, 0.25, 0.25, 0.25]
+        >>> autocorrelation_eigvals(torch.ones(3, 2)).tolist()
+        [1.0, 0.0]
     """
     z = _working(h, dtype)
     n, d = z.shape[-2], z.shape[-1]
     if n == 0 or d == 0:
         return z.new_empty(*z.shape[:-2], 0)
     return _smaller_side_eigvals(z, 1.0 / n, normalize=normalize)
+
+
+def autocorrelation_eigvals_pair(
+    h: torch.Tensor, dtype: torch.dtype | str | None = None, *, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-normalised and the raw autocorrelation spectra of ``h``, sharing their work.
+
+    Returns ``(autocorrelation_eigvals(h, dtype=dtype),
+    autocorrelation_eigvals(h, normalize=False, dtype=dtype))`` with identical values
+    (docs/definitions.md#autocorrelation); the raw spectrum is what RankMe reads
+    (:func:`rankme_from_eigvals`). With ``n <= d`` both come from one Gram product ``G = z zᵀ``
+    (the normalised one is ``D G D``, ``D = diag(1/‖z_i‖)``), so the pair costs one matmul and
+    two ``eigvalsh``; with ``n > d`` each has its own ``d×d`` product.
+
+    When autograd does not record (``torch.no_grad()``, or ``h`` does not require grad), the
+    working memory stays at about ``16·m²`` bytes in float32 (``m = min(n, d)``) besides ``h``:
+    ``D G D`` is formed in place and each float64 Gram is released as soon as its
+    working-precision copy exists. ``overwrite=True`` also lets the function normalise the rows
+    of ``h`` in place when ``n > d`` and ``h`` already has the working precision (``h``'s
+    contents are then unspecified): pass it for a working copy you own. Under autograd the two
+    spectra are computed separately (``overwrite`` is ignored) and are differentiable.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import autocorrelation_eigvals_pair
+        >>> lam, raw = autocorrelation_eigvals_pair(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        >>> lam.tolist(), raw.tolist()  # normalised rows: I/2; raw: diag(9, 1)/2
+        ([0.5, 0.5], [4.5, 0.5])
+    """
+    if torch.is_grad_enabled() and h.requires_grad:
+        return (autocorrelation_eigvals(h, dtype=dtype),
+                autocorrelation_eigvals(h, normalize=False, dtype=dtype))
+    z = _working(h, dtype)
+    n, d = z.shape[-2], z.shape[-1]
+    if n == 0 or d == 0:
+        return z.new_empty(*z.shape[:-2], 0), z.new_empty(*z.shape[:-2], 0)
+    lam, raw = _gram_spectra(z, 1.0 / n, (True, False), overwrite=overwrite)
+    return lam, raw
 
 
 def covariance_eigvals(h: torch.Tensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
@@ -156,6 +266,13 @@ def covariance_eigvals(h: torch.Tensor, dtype: torch.dtype | str | None = None) 
     explicitly, before the Gram product, to avoid cancellation); no row normalisation. Shape
     ``(..., min(n, d))``, clipped at 0 and cut at round-off level as in
     :func:`autocorrelation_eigvals`; every entry is NaN when ``n < 2`` or the input holds NaN/Inf.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import covariance_eigvals
+        >>> h = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+        >>> [round(v, 4) for v in covariance_eigvals(h).tolist()]  # diag(8, 2) / (n − 1)
+        [2.6667, 0.6667]
     """
     x = _working(h, dtype)
     n, d = x.shape[-2], x.shape[-1]
@@ -178,6 +295,17 @@ def vne(
     ``V diag(∂L/∂λ) Vᵀ``, which has no ``1/(λ_i − λ_j)`` terms, so repeated eigenvalues are
     harmless; eigenvalues at or below the cutoff, and zero rows, get exactly zero gradient. Returns
     a tensor of shape ``h.shape[:-2]``; NaN where the input holds NaN/Inf or is empty.
+
+    Examples:
+        Isotropic rows give ``log d``, rank one gives 0:
+
+        >>> import math
+        >>> import torch
+        >>> from lightning_spectral.functional import vne
+        >>> round(float(vne(torch.eye(4))), 4), round(math.log(4), 4)
+        (1.3863, 1.3863)
+        >>> float(vne(torch.ones(5, 3)))
+        0.0
     """
     lam = autocorrelation_eigvals(h, normalize=normalize, dtype=dtype)
     if lam.shape[-1] == 0:
@@ -192,6 +320,16 @@ def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
     values give ``k`` (up to the rounding of ``exp(log k)``); a spectrum of zero total mass
     gives 0; NaN/Inf values give NaN. For a weight matrix pass ``σ²`` (the eigenvalues of
     ``WᵀW``), not ``σ``, so that ``erank = exp(VNE)``.
+
+    Examples:
+        A flat spectrum of ``k`` non-zero values has effective rank ``k``:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import effective_rank
+        >>> round(float(effective_rank(torch.ones(5))), 4)
+        5.0
+        >>> round(float(effective_rank(torch.tensor([1.0, 1.0, 0.0, 0.0]))), 4)
+        2.0
     """
     check_vector(eigvals, "eigvals")
     lam = apply_cutoff(as_spectrum(eigvals))
@@ -215,6 +353,14 @@ def rankme_from_eigvals(eigvals: torch.Tensor, eps: float = RANKME_EPS) -> torch
     quantity; see :func:`rankme`. ``eigvals`` ``(..., m)``; returns ``(...)``: 0 for zero total
     mass or an empty spectrum, NaN for NaN/Inf values. Differentiable (cut values get zero
     gradient).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import rankme_from_eigvals
+        >>> round(float(rankme_from_eigvals(torch.ones(4), eps=0.0)), 4)  # flat: m
+        4.0
+        >>> round(float(rankme_from_eigvals(torch.tensor([9.0, 0.0, 0.0]))), 4)  # rank one: ≈ 1
+        1.0
     """
     check_vector(eigvals, "eigvals")
     lam = apply_cutoff(as_spectrum(eigvals))
@@ -253,6 +399,16 @@ def rankme(
     resolved by a Gram spectrum and count as 0; use ``dtype="float64"`` for embeddings that
     ill-conditioned. ``h`` ``(..., n, d)``; returns ``h.shape[:-2]``; 0 for ``H = 0``, NaN
     where the input holds NaN/Inf. Differentiable.
+
+    Examples:
+        ``H = I_d`` gives ``d``, a rank-one ``H`` gives 1 (up to the ``ε`` terms):
+
+        >>> import torch
+        >>> from lightning_spectral.functional import rankme
+        >>> round(float(rankme(torch.eye(8))), 4)
+        8.0
+        >>> round(float(rankme(torch.ones(16, 4))), 4)
+        1.0
     """
     lam = autocorrelation_eigvals(h, normalize=False, dtype=dtype)
     return rankme_from_eigvals(lam, eps)
@@ -264,6 +420,18 @@ def stable_rank(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> torc
     A weight of shape ``(out, in, k1, ...)`` is read as ``W.reshape(out, in·k1·...)``
     (#weight-matrix). Range ``[1, rank W]``; NaN when ``W = 0`` or ``W`` holds NaN/Inf. Returns a
     0-d tensor.
+
+    Examples:
+        An orthogonal ``d × d`` matrix has stable rank ``d``, an outer product has stable rank 1:
+
+        >>> import torch
+        >>> from lightning_spectral.functional import stable_rank
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+        >>> round(float(stable_rank(q)), 4)
+        6.0
+        >>> round(float(stable_rank(torch.outer(torch.arange(1.0, 4.0), torch.ones(5)))), 4)
+        1.0
     """
     from lightning_spectral.functional.weights import (
         singular_values,
@@ -278,6 +446,14 @@ def condition_number(eigvals: torch.Tensor) -> torch.Tensor:
 
     Over the values given (last dimension): ``+inf`` when ``λ_min <= λ_max · m · ε`` (#cutoff),
     NaN when ``λ_max <= 0``, the spectrum is empty, or it holds NaN/Inf.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import condition_number
+        >>> float(condition_number(torch.tensor([4.0, 2.0, 1.0])))
+        4.0
+        >>> float(condition_number(torch.tensor([1.0, 0.0])))  # singular
+        inf
     """
     check_vector(eigvals, "eigvals")
     lam = as_spectrum(eigvals)
@@ -297,6 +473,12 @@ def spectral_distribution(eigvals: torch.Tensor) -> torch.Tensor:
 
     See docs/definitions.md#distribution. Pass ``σ²`` for a weight. A spectrum of zero mass gives
     zeros; NaN/Inf values give NaN.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import spectral_distribution
+        >>> spectral_distribution(torch.tensor([3.0, 1.0, 0.0])).tolist()
+        [0.75, 0.25, 0.0]
     """
     check_vector(eigvals, "eigvals")
     lam = apply_cutoff(as_spectrum(eigvals))
