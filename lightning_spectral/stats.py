@@ -145,9 +145,10 @@ class RowReservoir:
     label) and moves by only ``~φ·ε`` under round-off, so the same rows computed in a different
     batch split keep (almost always) the same keys.
     Rows are buffered and compacted once the buffer holds twice the budget, so an update costs
-    ``O(d)`` per row amortised (feed it large chunks: the work is vectorised per call), with no
-    host synchronisation. Memory: at most
-    ``3 · max_samples`` rows.
+    ``O(d)`` per row amortised (feed it large chunks: the work is vectorised per call). On a CPU,
+    once the sample is full, a pair whose key is not below the largest kept key is dropped on
+    arrival (it can never enter the sample); on an accelerator every pair is buffered, so that
+    an update never synchronises with the host. Memory: at most ``3 · max_samples`` rows.
     """
 
     _PHI = 64.0
@@ -168,6 +169,9 @@ class RowReservoir:
         self._labels: list[torch.Tensor] = []
         self._keys: list[torch.Tensor] = []
         self._buffered = 0
+        #: the largest kept key once the sample is full (CPU only; see the class docstring)
+        self._threshold: float | None = None
+        self._compact_now = True  # the parts are one sorted part within the budget
 
     @property
     def device(self) -> torch.device:
@@ -179,8 +183,11 @@ class RowReservoir:
     def reset(self) -> None:
         self._rows, self._labels, self._keys = [], [], []
         self._buffered = 0
+        self._threshold = None
+        self._compact_now = True
 
     def to(self, device: torch.device | str) -> RowReservoir:
+        self._threshold = None
         self._proj = self._proj.to(device)
         self._rows = [r.to(device) for r in self._rows]
         self._labels = [y.to(device) for y in self._labels]
@@ -207,11 +214,22 @@ class RowReservoir:
 
         ``copy=False`` lets the reservoir keep the given tensors when no conversion is needed
         (the caller promises not to modify them); ``rows64``, the same rows already in float64,
-        saves a conversion when hashing.
+        saves a conversion when hashing. Only the pairs kept are converted to float32.
         """
-        rows = rows.detach().to(device=self.device, dtype=torch.float32, copy=copy)
+        rows = rows.detach().to(device=self.device)
         labels = labels.detach().to(device=self.device, dtype=torch.long, copy=copy)
-        self._keys.append(self.keys_for(rows if rows64 is None else rows64, labels))
+        source = rows if rows64 is None else rows64.detach().to(device=self.device)
+        keys = self.keys_for(source, labels)
+        if self._threshold is not None:
+            # the k kept keys are <= the threshold and later compactions only lower the k-th
+            # smallest key: a pair with a larger key never enters the sample (an equal key is
+            # the same pair, see ``gather``)
+            fresh = torch.nonzero(keys < self._threshold).flatten()
+            rows, labels, keys = (t.index_select(0, fresh) for t in (rows, labels, keys))
+            copy = False  # ``index_select`` made the copies
+        rows = rows.to(dtype=torch.float32, copy=copy)
+        self._compact_now = False
+        self._keys.append(keys)
         self._rows.append(rows)
         self._labels.append(labels)
         self._buffered += rows.shape[0]
@@ -225,20 +243,34 @@ class RowReservoir:
                 torch.zeros(0, dtype=torch.long, device=self.device),
                 torch.zeros(0, dtype=torch.float64, device=self.device),
             )
+        if len(self._rows) == 1:
+            return self._rows[0], self._labels[0], self._keys[0]
         return torch.cat(self._rows), torch.cat(self._labels), torch.cat(self._keys)
 
     @staticmethod
     def _bottom_k(
         rows: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``k`` pairs of smallest key, in increasing key order (ties broken stably)."""
-        order = torch.sort(keys, stable=True).indices[:k]
-        return rows[order], labels[order], keys[order]
+        """The ``k`` pairs of smallest key, in increasing key order (NaN keys last).
+
+        Equal keys mean (practically) identical pairs, so which of them is kept, and their order,
+        does not change the sample.
+        """
+        k = min(k, keys.shape[0])
+        order = torch.topk(keys, k, largest=False, sorted=True).indices
+        pick = (t.index_select(0, order) for t in (rows, labels, keys))
+        return next(pick), next(pick), next(pick)
 
     def _compact(self) -> None:
+        if self._compact_now:
+            return  # nothing arrived since the last compaction
         rows, labels, keys = self._bottom_k(*self._cat(), self.max_samples)
         self._rows, self._labels, self._keys = [rows], [labels], [keys]
         self._buffered = rows.shape[0]
+        self._compact_now = True
+        if rows.shape[0] == self.max_samples and self.device.type == "cpu":
+            top = float(keys[-1])  # a host read, free on a CPU
+            self._threshold = top if math.isfinite(top) else None
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept ``(rows (m, d) float32, labels (m,))``, ``m <= max_samples``, key order."""

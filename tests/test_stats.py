@@ -179,3 +179,40 @@ def test_reservoir_reset_and_bad_budget():
     assert rows.shape == (0, 5) and got.shape == (0,)
     with pytest.raises(ValueError, match="max_samples"):
         RowReservoir(max_samples=0, dim=5)
+
+
+def test_reservoir_drops_on_arrival_only_pairs_that_cannot_enter_the_sample():
+    """Once full, a CPU reservoir drops pairs whose key is not below its largest kept key; the
+    sample is still the bottom-k of every pair seen, duplicates (equal keys) included."""
+    features, labels = data(n=200)
+    features, labels = features.repeat(5, 1), labels.repeat(5)  # every pair five times
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(1))
+    res = RowReservoir(max_samples=64, dim=5)
+    for chunk in order.split(37):
+        res.update(features[chunk], labels[chunk])
+        assert res._buffered < 3 * 64
+    assert res._threshold is not None  # the sample filled up, so arrivals were filtered
+    rows, got = res.sample()
+    keys = res.keys_for(features.float(), labels)
+    expected = torch.sort(keys, stable=True).indices[:64]
+    assert torch.equal(rows, features.float()[expected])
+    assert torch.equal(got, labels[expected])
+    # the same sample when everything arrives at once (no filtering)
+    one = RowReservoir(max_samples=64, dim=5)
+    one.update(features, labels)
+    assert torch.equal(one.sample()[0], rows) and torch.equal(one.sample()[1], got)
+
+
+def test_reservoir_non_finite_rows_never_set_the_threshold():
+    features, labels = data(n=120)
+    bad = torch.full((40, 5), float("nan"), dtype=torch.float64)
+    res = RowReservoir(max_samples=8, dim=5)
+    res.update(bad, torch.zeros(40, dtype=torch.long))  # compacted: 8 NaN-keyed rows held
+    assert res._threshold is None
+    res.update(features, labels)
+    rows, _ = res.sample()
+    assert rows.shape == (8, 5) and bool(torch.isfinite(rows).all())
+    keys = res.keys_for(features.float(), labels)
+    assert torch.equal(rows, features.float()[torch.sort(keys, stable=True).indices[:8]])
+    res.reset()
+    assert res._threshold is None and len(res) == 0

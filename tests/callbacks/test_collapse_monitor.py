@@ -144,6 +144,27 @@ def test_constructor_validation_and_state_key():
     a, b = CollapseMonitor(head="fc"), CollapseMonitor(head="head")
     assert a.state_key != b.state_key
     assert CollapseMonitor(source="val").state_key != CollapseMonitor().state_key
+    # built once (Lightning reads it around every hook call) but follows the configuration
+    key = a.state_key
+    assert a.state_key == key == "CollapseMonitor{'head': 'fc', 'labels': 1, 'source': 'train'}"
+    a.prefix = "run2/"
+    assert a.state_key != key and "run2/" in a.state_key
+
+
+def test_public_names_stay_on_the_public_module():
+    """The class is assembled from private layers; its import paths, its documented members and
+    the dashboard layout stay where users find them."""
+    import lightning_spectral
+    from lightning_spectral.callbacks import collapse
+
+    assert lightning_spectral.CollapseMonitor is collapse.CollapseMonitor is CollapseMonitor
+    assert collapse.__all__ == ["CollapseMonitor"]
+    for name in ("compute", "namespace", "head_name", "state_key", "state_dict",
+                 "load_state_dict", "on_train_epoch_end", "on_validation_epoch_end"):
+        assert name in vars(CollapseMonitor), name
+    assert collapse.LAYOUT == collapse.layout("collapse")
+    assert set(collapse.layout("collapse_val")) == {"collapse_val"}
+    assert CollapseMonitor(source="train_eval").namespace == collapse.NAMESPACES["train_eval"]
 
 
 def test_setup_errors_name_what_was_found():
@@ -180,6 +201,45 @@ def test_logged_metrics_equal_functional_on_the_epoch_features():
     assert values["collapse/hdr"] == pytest.approx(float(inter["hdr"]), abs=1e-4)
     assert [e for e, _ in mon.history] == [0, 1]
     assert model.head._forward_pre_hooks == {}  # removed at teardown
+
+
+@pytest.mark.parametrize("block", [16, 40])
+def test_small_staging_blocks_and_batches_larger_than_a_block(monkeypatch, block):
+    """A wide head stages fewer rows per bulk update, and a batch larger than the staging block
+    is split across updates: the statistics and the sample are those of all the rows."""
+    from lightning_spectral.callbacks import _collapse_rows
+
+    monkeypatch.setattr(_collapse_rows, "_STAGE_ELEMENTS", block * 8)  # d = 8: `block` rows
+    x, y = make_data(n=90)
+    model = Tiny(lr=0.0)
+    logger = MemoryLogger()
+    mon = CollapseMonitor(max_samples=50)
+    trainer([mon], logger=logger).fit(model, loader(x, y, batch_size=25))
+    assert mon._stage is not None and mon._stage[0].shape[0] == block
+    values = logger.collapse()[-1][1]
+    h = features_of(model, x)
+    ref = neural_collapse(h, y, *head_of(model))
+    for key, val in ref.items():
+        if key != "nc4":  # NC4 is scored on the 50-row sample
+            assert values[f"collapse/{key}"] == pytest.approx(float(val), rel=1e-5, abs=1e-7)
+    sample = RowReservoir(50, 8)
+    sample.update(h.float(), y)
+    rows, labels = sample.sample()
+    inter = information_interplay(rows.double(), head_of(model)[0], labels)
+    assert values["collapse/mir"] == pytest.approx(float(inter["mir"]), abs=1e-4)
+
+
+def test_float64_features_give_float64_statistics():
+    """A float64 model's rows are accumulated without a float32 round trip."""
+    x, y = make_data(n=80)
+    model = Tiny(lr=0.0).double()
+    logger = MemoryLogger()
+    trainer([CollapseMonitor()], logger=logger).fit(model, loader(x.double(), y, batch_size=16))
+    values = logger.collapse()[-1][1]
+    h = features_of(model, x.double())
+    ref = neural_collapse(h, y, *head_of(model), dtype=torch.float64)
+    for key in ("nc1", "nc2_etf", "nc3", "nc3_wh"):
+        assert values[f"collapse/{key}"] == pytest.approx(float(ref[key]), rel=1e-10), key
 
 
 def test_observing_never_perturbs():

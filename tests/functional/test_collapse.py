@@ -382,3 +382,24 @@ def test_non_finite_input_gives_nan_not_an_exception():
     wb = w.clone()
     wb[1, 0] = float("nan")
     assert all(math.isnan(v) for v in floats(neural_collapse(h, y, wb)).values())
+
+
+def test_nearest_class_mean_equals_the_exact_differences():
+    """NC4's nearest class mean is the argmin of ‖h − μ_c‖² from the differences (no
+    ‖h‖² − 2h·μ + ‖μ‖² cancellation): equal to the brute-force float64 argmin on many rows, far
+    from the origin (where the expansion would lose digits), with exact ties at the lowest
+    index."""
+    from lightning_spectral.functional.collapse import _nearest_class_mean
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(7, 16, dtype=torch.float64, generator=g) + 1e4
+    h = mu[torch.randint(0, 7, (3000,), generator=g)] + torch.randn(
+        3000, 16, dtype=torch.float64, generator=g
+    )
+    brute = ((h[:, None, :] - mu[None, :, :]) ** 2).sum(-1).argmin(dim=1)
+    assert torch.equal(_nearest_class_mean(h, mu), brute)
+    # exactly equidistant rows go to the lowest index
+    centres = torch.tensor([[3.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 7.0]], dtype=torch.float64)
+    rows = torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert _nearest_class_mean(rows, centres).tolist() == [0, 1, 1]
+    assert _nearest_class_mean(h[:0], mu).shape == (0,)

@@ -274,3 +274,101 @@ def test_non_finite_input_gives_nan_not_an_exception():
     f, w, y = random_problem(20, 4, 3, 0)
     w[0, 0] = float("inf")
     assert math.isnan(float(hdr(f, w, y)))
+
+
+# ----------------------------------------------------------------------------- factor sides
+
+
+def labelled_problem(n: int, d: int, c: int, seed: int, share: list[float] | None = None):
+    """Float64 features and head with labels drawn with the class shares ``share``."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, d, dtype=torch.float64, generator=g) + 0.5
+    w = torch.randn(c, d, dtype=torch.float64, generator=g)
+    probs = torch.full((c,), 1.0 / c) if share is None else torch.tensor(share)
+    y = torch.multinomial(probs, n, replacement=True, generator=g)
+    return f, w, y
+
+
+@pytest.mark.parametrize(
+    "n,d,c,share",
+    [
+        (400, 6, 5, None),  # d·C = 30 < n: the Kronecker side, C <= d
+        (300, 3, 9, None),  # C > d: r = d, d·r = 9 < n
+        (200, 8, 4, [0.7, 0.2, 0.1, 0.0]),  # unbalanced, one class absent
+        (120, 5, 3, [0.96, 0.02, 0.02]),  # one class holds almost every row
+        (31, 6, 5, None),  # n just above d·r = 30
+        (30, 6, 5, None),  # n = d·r: the n×n side
+        (12, 6, 5, None),  # n < d·r
+    ],
+)
+def test_every_side_equals_the_dense_float64_formula(n, d, c, share):
+    """The spectra from the smaller factors (the class scatters S_c and Σ_c (a_c a_cᵀ) ⊗ S_c
+    when d·r < n) equal the dense n×n float64 formula of docs/definitions.md#mir-hdr."""
+    f, w, y = labelled_problem(n, d, c, seed=n + d + c, share=share)
+    fn, wn = f.numpy(), w.numpy()[y.numpy()]
+    z = fn / np.linalg.norm(fn, axis=1, keepdims=True)
+    wy = wn / np.linalg.norm(wn, axis=1, keepdims=True)
+    gz, gw = z @ z.T, wy @ wy.T
+    want = {"h_z": np_entropy(gz), "h_w": np_entropy(gw), "h_zw": np_entropy(gz * gw)}
+    ref_mir, ref_hdr = np_interplay(f.numpy(), w.numpy(), y.numpy())
+    out = information_interplay(f, w, y)
+    for key, value in want.items():
+        assert float(out[key]) == pytest.approx(value, abs=1e-9), key
+    assert float(out["mir"]) == pytest.approx(ref_mir, abs=1e-9)
+    assert float(out["hdr"]) == pytest.approx(ref_hdr, abs=1e-9)
+    # the float32 working precision agrees to float32 accuracy
+    out32 = information_interplay(f.float(), w.float(), y)
+    assert float(out32["mir"]) == pytest.approx(ref_mir, abs=2e-5)
+    assert float(out32["hdr"]) == pytest.approx(ref_hdr, abs=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_scatter_equals_the_per_class_sums(dtype):
+    """S_c from the rows grouped by class (several float32 chunks per class: d >= 32 and far
+    more than 4d rows in a class) equals Σ_{y_i=c} z_i z_iᵀ summed in float64."""
+    from lightning_spectral.functional.interplay import _class_scatter
+
+    f, _, y = labelled_problem(3000, 40, 4, seed=1, share=[0.6, 0.3, 0.1, 0.0])
+    largest = int(torch.bincount(y, minlength=4).max())
+    for width in (largest, 3000):  # the largest class count, or any bound above it
+        got = _class_scatter(f.to(dtype), y, 4, width)
+        assert got.dtype == torch.float64 and got.shape == (4, 40, 40)
+        f32 = f.to(dtype).double()
+        for c in range(4):
+            rows = f32[y == c]
+            torch.testing.assert_close(got[c], rows.T @ rows, rtol=1e-6, atol=1e-6)
+        assert float(got[3].abs().max()) == 0.0  # the absent class
+
+
+def test_one_host_transfer_with_labels_none_without():
+    """The label check and the class blocks' padding share one transfer; predicted labels need
+    none (the padding then takes the row count as its bound)."""
+    from lightning_spectral.testing import count_host_syncs
+
+    f, w, y = labelled_problem(400, 6, 5, seed=2)
+    with count_host_syncs("cpu") as syncs:
+        out = information_interplay(f, w, y)
+    assert syncs.count_under("lightning_spectral") == 1, syncs.describe()
+    with count_host_syncs("cpu") as syncs:
+        predicted = information_interplay(f, w)
+    assert syncs.count_under("lightning_spectral") == 0, syncs.describe()
+    again = information_interplay(f, w, predicted_labels(f, w))
+    assert float(predicted["mir"]) == pytest.approx(float(again["mir"]), abs=1e-12)
+    assert math.isfinite(float(out["mir"]))
+
+
+def test_kronecker_side_gradient_matches_the_dense_path():
+    f, w, y = labelled_problem(60, 3, 4, seed=5, share=[0.5, 0.3, 0.2, 0.0])  # d·r = 9 < 60
+    f1, w1 = f.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    hdr(f1, w1, y).backward()
+
+    def dense(ff, ww):
+        z = torch.nn.functional.normalize(ff, dim=1)
+        wy = torch.nn.functional.normalize(ww, dim=1)[y]
+        hz, hw = matrix_entropy(z @ z.T), matrix_entropy(wy @ wy.T)
+        return (hz - hw).abs() / torch.maximum(hz, hw)
+
+    f2, w2 = f.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    dense(f2, w2).backward()
+    torch.testing.assert_close(f1.grad, f2.grad, atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-8, rtol=1e-6)
