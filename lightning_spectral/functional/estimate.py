@@ -53,10 +53,10 @@ __all__ = [
     "estimate_weight",
 ]
 
-#: default seed of the probe vectors (fixed: repeated calls give equal results; an unusual value,
-#: so that the probes are not the first draws of a generator seeded 0, 1 or 42 like a model's
-#: initialisation)
 ESTIMATE_SEED = 0x5EC7_2A11
+"""Default seed of the probe vectors: fixed, so repeated calls give equal results; an unusual
+value, so that the probes are not the first draws of a generator seeded 0, 1 or 42 like a
+model's initialisation."""
 #: share of a seeded random unit vector mixed into a warm start (keeps every direction reachable)
 _WARM_MIX = 1e-3
 #: a Ritz value whose residual is at most this fraction of the largest Ritz value is converged
