@@ -25,6 +25,10 @@ captured a second time, and nothing is captured inside :func:`paused` (a callbac
 model itself, e.g. for Hessian products).
 
 Nothing here imports Lightning.
+
+Kept in one module, longer than most, on purpose: it is the package's only place where hooks are
+registered, so the reduction table, layer resolution, the pause switch and :class:`LayerCapture`
+stay together; splitting them would invite a second capture path.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ behind every logged value.
 
 Lifecycle: a new fit starts a fresh schedule (only a ``ckpt_path`` resume continues one);
 ``teardown`` and ``on_exception`` remove every hook.
+
+Longer than the other callbacks: one monitor owns two schedules (activations and weights) that
+must agree step by step, the rank-zero computation with its broadcast, the chunked activation
+event under ``memory_budget``, the exact/estimated weight events and the dashboard layout; the
+mathematics itself is in :mod:`lightning_spectral.functional`.
 """
 
 from __future__ import annotations

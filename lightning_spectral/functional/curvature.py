@@ -18,6 +18,10 @@ parameter vector is flattened over ``params`` in the order given (``P`` = total 
 Random probes come from the caller's ``torch.Generator`` (or one seeded with ``seed``); the global
 RNG is never touched. Nothing here writes ``.grad``: gradients are taken with
 :func:`torch.autograd.grad`, so an optimiser's accumulated gradients are left alone.
+
+Longer than most modules mainly through its worked examples (run as doctests); the Lanczos
+iteration, Hutchinson's trace and the noise estimate share one Hessian-vector product and one
+parameter flattening, which is why they live together.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ input, seed and device give the same result.
 Unlike the exact functions of this package these routines synchronise with the host (a few
 scalars per Lanczos step, one mask per Krylov block): they decide when to stop. They are meant
 for matrices whose SVD costs seconds, where that does not matter.
+
+Kept in one module, longer than most: the σ_1 iteration and the spectrum sketch share the
+matrix view, the Krylov machinery and the seeded probes, and :func:`estimate_weight` combines
+them; a fifth of the length is worked examples run as doctests.
 """
 
 from __future__ import annotations

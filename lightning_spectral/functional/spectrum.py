@@ -5,6 +5,10 @@ columns features — or ``(..., n, d)`` for independent problems solved in one b
 They compute on ``h``'s device, in float32 by default (float64 inputs stay float64, and
 ``dtype="float64"`` asks for it), and never synchronise with the host: NaN/Inf input gives a NaN
 result for that problem, not an exception.
+
+Longer than most modules because every function carries worked examples that run as doctests;
+the code itself is the one shared path from rows to eigenvalues (normalisation, Gram side,
+precision) that all activation quantities use, kept together so the conventions cannot drift.
 """
 
 from __future__ import annotations
