@@ -40,12 +40,15 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from lightning_spectral.functional._utils import apply_cutoff, entropy_of_spectrum
+from lightning_spectral.functional._utils import apply_cutoff, as_spectrum, entropy_and_total
 from lightning_spectral.functional.powerlaw import PowerLawFit, powerlaw_alpha
 from lightning_spectral.functional.spectrum import (
+    RANKME_EPS,
+    _condition_of,
+    _erank_of,
+    _rankme_of_cut,
     condition_number,
     effective_rank,
-    rankme_from_eigvals,
 )
 from lightning_spectral.functional.weights import stable_rank_from_singular_values, truncation_rank
 
@@ -69,8 +72,17 @@ class Spectra:
     """The spectra of one stacked group of layers, and the intermediates computed from them.
 
     ``lam``/``raw`` (activations) or ``s`` (weights), each ``(..., m)``. Derived values
-    (``s2 = σ²``, the power-law fit of ``σ²``, the NaN mask of ``s``) are computed on first use
-    and shared by every quantity of the group.
+    (the cut activation spectra and their entropy and total, ``s2 = σ²``, the power-law fit of
+    ``σ²``, the NaN mask of ``s``) are computed on first use and shared by every quantity of
+    the group.
+
+    Activation spectra of different lengths can share one group: zero-pad them to a common
+    width and pass ``sizes`` (``(...)``, integer: how many leading values of each row are its
+    spectrum). Padded spectra must already be cut (``cut=True``), as those of
+    :func:`~lightning_spectral.functional.autocorrelation_eigvals` are: the cutoff's threshold
+    depends on the length of the spectrum (docs/definitions.md#cutoff), which the padded width
+    is not. ``cut=True`` on its own skips re-applying the cutoff to spectra that already had it
+    (at the same or a finer level: re-applying it changes nothing).
 
     Examples:
         Two weights with singular values ``(3, 4)`` and ``(1, 0)``; ``σ²`` is computed once:
@@ -82,6 +94,14 @@ class Spectra:
         [[9.0, 16.0], [1.0, 0.0]]
         >>> sp.s2 is sp.s2
         True
+
+        Two activation spectra of lengths 3 and 2 in one group, the second zero-padded:
+
+        >>> from lightning_spectral.functional import compute_quantities
+        >>> lam = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.5, 0.0]])
+        >>> padded = Spectra(lam=lam, sizes=torch.tensor([3, 2]), cut=True)
+        >>> [round(v, 4) for v in compute_quantities(["erank", "condition"], padded)[1].tolist()]
+        [2.0, 1.0]
     """
 
     def __init__(
@@ -89,10 +109,17 @@ class Spectra:
         lam: torch.Tensor | None = None,
         raw: torch.Tensor | None = None,
         s: torch.Tensor | None = None,
+        *,
+        sizes: torch.Tensor | None = None,
+        cut: bool = False,
     ) -> None:
+        if sizes is not None and not cut:
+            raise ValueError("zero-padded activation spectra (sizes=...) must be cut (cut=True)")
         self.lam = lam
         self.raw = raw
         self.s = s
+        self.sizes = sizes
+        self.cut = cut
         self._memo: dict[str, object] = {}
 
     def _need(self, value: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -105,6 +132,45 @@ class Spectra:
         if key not in self._memo:
             self._memo[key] = fn()
         return self._memo[key]
+
+    def _cut(self, name: str) -> torch.Tensor:
+        value = self._need(getattr(self, name), name)
+        if self.cut:
+            return value
+        return self.shared(  # type: ignore[return-value]
+            f"{name}_cut", lambda: apply_cutoff(as_spectrum(value))
+        )
+
+    @property
+    def lam_cut(self) -> torch.Tensor:
+        """``lam`` after the cutoff (docs/definitions.md#cutoff)."""
+        return self._cut("lam")
+
+    @property
+    def raw_cut(self) -> torch.Tensor:
+        """``raw`` after the cutoff."""
+        return self._cut("raw")
+
+    @property
+    def entropy_total(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S(λ), Σλ)`` of the cut ``lam``, each ``(...)`` (docs/definitions.md#entropy)."""
+        return self.shared(  # type: ignore[return-value]
+            "entropy_total", lambda: entropy_and_total(self.lam_cut)
+        )
+
+    @property
+    def padding(self) -> torch.Tensor | None:
+        """True at the zero padding of each activation spectrum (``None`` without ``sizes``)."""
+        sizes = self.sizes
+        if sizes is None:
+            return None
+        lam = self.lam if self.lam is not None else self._need(self.raw, "lam")
+
+        def mask() -> torch.Tensor:
+            index = torch.arange(lam.shape[-1], device=lam.device)
+            return index >= sizes.to(lam.device).unsqueeze(-1)
+
+        return self.shared("padding", mask)  # type: ignore[return-value]
 
     @property
     def s2(self) -> torch.Tensor:
@@ -162,11 +228,14 @@ class Quantity:
 
 
 def _vne(sp: Spectra) -> torch.Tensor:
-    return entropy_of_spectrum(apply_cutoff(sp._need(sp.lam, "lam")))
+    return sp.entropy_total[0]
 
 
 def _erank(sp: Spectra) -> torch.Tensor:
-    return effective_rank(sp._need(sp.lam, "lam"))
+    lam = sp.lam_cut
+    if lam.shape[-1] == 0:
+        return lam.sum(dim=-1)
+    return _erank_of(*sp.entropy_total)
 
 
 def _eig_max(sp: Spectra) -> torch.Tensor:
@@ -174,11 +243,21 @@ def _eig_max(sp: Spectra) -> torch.Tensor:
 
 
 def _condition(sp: Spectra) -> torch.Tensor:
-    return condition_number(sp._need(sp.lam, "lam"))
+    lam = sp._need(sp.lam, "lam")
+    padding = sp.padding
+    if padding is None or lam.shape[-1] == 0:
+        return condition_number(lam)
+    sizes = sp._need(sp.sizes, "sizes").to(device=lam.device, dtype=lam.dtype)
+    lam_min = lam.masked_fill(padding, math.inf).amin(dim=-1)
+    value = _condition_of(lam, lam_min, sizes * torch.finfo(lam.dtype).eps)
+    return value.masked_fill(sizes == 0, math.nan)  # an empty spectrum has none
 
 
 def _rankme(sp: Spectra) -> torch.Tensor:
-    return rankme_from_eigvals(sp._need(sp.raw, "raw"))
+    raw = sp.raw_cut
+    if raw.shape[-1] == 0:
+        return raw.sum(dim=-1)
+    return _rankme_of_cut(raw, RANKME_EPS, sp.padding)
 
 
 def _weight_stable_rank(sp: Spectra) -> torch.Tensor:

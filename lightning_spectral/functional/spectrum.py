@@ -339,7 +339,11 @@ def effective_rank(eigvals: torch.Tensor) -> torch.Tensor:
     lam = apply_cutoff(as_spectrum(eigvals))
     if lam.shape[-1] == 0:
         return lam.sum(dim=-1)
-    entropy, total = entropy_and_total(lam)
+    return _erank_of(*entropy_and_total(lam))
+
+
+def _erank_of(entropy: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``exp(S)`` from a cut spectrum's ``(S, Σλ)``: 0 for zero mass, NaN stays NaN."""
     # ``== 0`` is false for NaN, so a NaN total keeps its NaN entropy
     return torch.exp(entropy).masked_fill(total == 0, 0.0)
 
@@ -370,11 +374,20 @@ def rankme_from_eigvals(eigvals: torch.Tensor, eps: float = RANKME_EPS) -> torch
     lam = apply_cutoff(as_spectrum(eigvals))
     if lam.shape[-1] == 0:
         return lam.sum(dim=-1)
+    return _rankme_of_cut(lam, eps)
+
+
+def _rankme_of_cut(lam: torch.Tensor, eps: float, padding: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """RankMe of a cut spectrum ``(..., m)``, ``m >= 1``. ``padding`` (boolean, like ``lam``)
+    marks trailing zeros that are not part of the spectrum: they get no ``ε`` term."""
     zero = lam == 0
     # √λ with value and gradient 0 where λ = 0 (the square root never sees 0)
     sigma = lam.masked_fill(zero, 1.0).sqrt().masked_fill(zero, 0.0)
     total = sigma.sum(dim=-1, keepdim=True)
     p = sigma / total.clamp_min(torch.finfo(lam.dtype).tiny) + eps
+    if padding is not None:
+        p = p.masked_fill(padding, 0.0)
     # with ``eps=0`` some p are 0: the log only ever sees positive values (0 log 0 = 0)
     value = torch.exp(0.0 - (p * p.masked_fill(p == 0, 1.0).log()).sum(dim=-1))
     # ``== 0`` is false for NaN, so a NaN spectrum keeps its NaN
@@ -464,9 +477,15 @@ def condition_number(eigvals: torch.Tensor) -> torch.Tensor:
     m = lam.shape[-1]
     if m == 0:
         return torch.full(lam.shape[:-1], float("nan"), dtype=lam.dtype, device=lam.device)
+    return _condition_of(lam, lam.amin(dim=-1), m * torch.finfo(lam.dtype).eps)
+
+
+def _condition_of(lam: torch.Tensor, lam_min: torch.Tensor,
+                  tolerance: float | torch.Tensor) -> torch.Tensor:
+    """:func:`condition_number` of ``lam`` ``(..., m)``, ``m >= 1``, given its smallest value
+    and the relative resolution ``m · ε`` (a tensor ``(...)`` for zero-padded spectra)."""
     lam_max = lam.amax(dim=-1)
-    lam_min = lam.amin(dim=-1)
-    resolved = lam_min > lam_max * (m * torch.finfo(lam.dtype).eps)
+    resolved = lam_min > lam_max * tolerance
     kappa = torch.where(resolved, lam_max / torch.where(resolved, lam_min, 1.0), float("inf"))
     defined = (lam_max > 0) & torch.isfinite(lam_max) & ~torch.isnan(lam_min)
     return torch.where(defined, kappa, float("nan"))
@@ -486,6 +505,11 @@ def spectral_distribution(eigvals: torch.Tensor) -> torch.Tensor:
     """
     check_vector(eigvals, "eigvals")
     lam = apply_cutoff(as_spectrum(eigvals))
-    total = lam.sum(dim=-1, keepdim=True)
+    return _distribution_of_cut(lam, lam.sum(dim=-1))
+
+
+def _distribution_of_cut(lam: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``λ / Σλ`` of a cut spectrum given its total ``(...)``; NaN for a non-finite total."""
+    total = total.unsqueeze(-1)
     p = lam / total.clamp_min(torch.finfo(lam.dtype).tiny)
     return torch.where(torch.isfinite(total), p, float("nan"))

@@ -61,6 +61,46 @@ def test_activation_quantities_match_their_functions():
     torch.testing.assert_close(got[:, 4], LF.rankme(h))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_padded_activation_spectra_match_each_layer_alone(dtype):
+    """Spectra of different lengths zero-padded into one group (as the monitor batches every
+    layer of an event) give each layer's own values: the padding adds no RankMe ε term, does not
+    become λ_min, and the cutoff is not re-applied at the padded width."""
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        torch.randn(40, 12, generator=g, dtype=dtype),  # m = 12
+        torch.randn(5, 30, generator=g, dtype=dtype),  # m = 5 (n < d)
+        torch.randn(40, 3, generator=g, dtype=dtype) @ torch.randn(3, 9, generator=g, dtype=dtype),
+        torch.ones(7, 4, dtype=dtype),  # rank one: condition = inf
+        torch.zeros(6, 2, dtype=dtype),  # zero rows: erank = RankMe = 0, condition NaN
+        torch.full((4, 6), float("nan"), dtype=dtype),  # non-finite: NaN everywhere
+    ]
+    lams = [LF.autocorrelation_eigvals(h) for h in rows]
+    raws = [LF.autocorrelation_eigvals(h, normalize=False) for h in rows]
+    width = max(t.shape[-1] for t in lams)
+
+    def pad(ts):
+        return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in ts])
+
+    sizes = torch.tensor([t.shape[-1] for t in lams])
+    got = compute_quantities(ACTIVATION_QUANTITIES,
+                             Spectra(lam=pad(lams), raw=pad(raws), sizes=sizes, cut=True))
+    for i, (lam, raw) in enumerate(zip(lams, raws, strict=True)):
+        alone = compute_quantities(ACTIVATION_QUANTITIES, Spectra(lam=lam, raw=raw))
+        torch.testing.assert_close(got[i], alone, rtol=4 * torch.finfo(dtype).eps, atol=0.0,
+                                   equal_nan=True, msg=f"layer {i}")
+    assert math.isinf(got[3, 3]) and math.isnan(got[4, 3]) and got[4, 1] == 0 == got[4, 4]
+    assert torch.isnan(got[5]).all()
+    # the padding would otherwise be the smallest eigenvalue and add m_max - m ε-terms
+    naive = compute_quantities(ACTIVATION_QUANTITIES, Spectra(lam=pad(lams), raw=pad(raws)))
+    assert math.isinf(naive[1, 3]) and naive[1, 4] > got[1, 4]
+
+
+def test_padded_spectra_must_be_cut():
+    with pytest.raises(ValueError, match="cut"):
+        Spectra(lam=torch.ones(2, 3), sizes=torch.tensor([3, 2]))
+
+
 def test_raw_is_only_needed_by_rankme():
     lam = LF.autocorrelation_eigvals(torch.randn(20, 6))
     assert [q.name for q in QUANTITIES if q.raw] == ["rankme"]
