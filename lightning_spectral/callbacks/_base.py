@@ -253,22 +253,31 @@ class FigureClock:
     """The figure budget shared by the callbacks that draw (``figure_budget`` arguments).
 
     ``start()`` at the beginning of training; wrap each drawing in ``with clock.timed():``;
-    ``allowed(budget)`` is true for the first figure and then while drawing has used at most
-    ``budget`` of the wall time since ``start()``.
+    ``allowed(budget)`` is true for the first figure and then while drawing — plus the other
+    work a callback charges to it (:meth:`charge`) — has used at most ``budget`` of the wall
+    time since ``start()``.
     """
 
     def __init__(self) -> None:
         self.t0: float | None = None
         self.seconds = 0.0
+        self.work = 0.0
+        self.drawn = 0
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.seconds = 0.0
+        self.work = 0.0
+        self.drawn = 0
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of the callback's own (non-figure) work against the budget."""
+        self.work += max(float(seconds), 0.0)
 
     def allowed(self, budget: float) -> bool:
-        if self.t0 is None or self.seconds == 0.0:
+        if self.t0 is None or self.drawn == 0:
             return True
-        return self.seconds <= budget * (time.perf_counter() - self.t0)
+        return self.seconds + self.work <= budget * (time.perf_counter() - self.t0)
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
@@ -277,6 +286,7 @@ class FigureClock:
             yield
         finally:
             self.seconds += time.perf_counter() - begin
+            self.drawn += 1
 
 
 # ------------------------------------------------------------------------------- skeleton
@@ -324,6 +334,20 @@ class SpectralCallback(Callback):
         self._captures: list[LayerCapture] = []
 
     # -- tags ------------------------------------------------------------------------------------
+    def _cached_state_key(self, **config: Any) -> str:
+        """``_generate_state_key(**config)``, formatted again only when ``config`` changes.
+
+        Lightning reads ``state_key`` around every hook call of every callback (its profiler
+        names each call after it): formatting the key each time cost ≈ 10 µs per read, about
+        six reads per step — 0.7 % of an 8 ms training step for nothing."""
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != frozen:
+            cached = self.__dict__["_state_key_cache"] = (
+                frozen, self._generate_state_key(**config)
+            )
+        return cached[1]
+
     def _namespace(self) -> tuple[Any, ...] | None:
         """What makes this instance's tags its own (``None``: it writes no tags). Two instances
         of one class with equal namespaces in one Trainer would write the same tags."""

@@ -148,7 +148,7 @@ class SpectralAlarm(SpectralCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(rules=[r.text for r in self.rules],
+        return self._cached_state_key(rules=[r.text for r in self.rules],
                                         patience=self.patience, action=self.action)
 
     @override

@@ -299,7 +299,7 @@ class CurvatureMonitor(SpectralCallback):
         extra: dict[str, Any] = {"prefix": self.prefix} if self.prefix else {}
         if self.which != "largest":  # only when not the default: older checkpoints still resume
             extra["which"] = self.which
-        return self._generate_state_key(every_n_steps=self.every_n_steps, k=self.k,
+        return self._cached_state_key(every_n_steps=self.every_n_steps, k=self.k,
                                         loss=self.loss, batches=self.batches, mode=self.mode,
                                         **extra)
 

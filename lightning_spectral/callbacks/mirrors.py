@@ -126,7 +126,7 @@ class MirrorCertificate(SpectralCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(module=self.module, beta=self.beta,
+        return self._cached_state_key(module=self.module, beta=self.beta,
                                         every_n_steps=self.every_n_steps)
 
     @override

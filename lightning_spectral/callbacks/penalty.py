@@ -246,7 +246,7 @@ class VNEPenalty(SpectralCallback):
     @override
     def state_key(self) -> str:
         extra = {"prefix": self.prefix} if self.prefix else {}
-        return self._generate_state_key(layer=self.layer, alpha=self.alpha, **extra)
+        return self._cached_state_key(layer=self.layer, alpha=self.alpha, **extra)
 
     def _namespace(self) -> tuple[str, str]:
         return (self.prefix, self.layer)

@@ -30,8 +30,11 @@ mathematics itself is in :mod:`lightning_spectral.functional`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -66,6 +69,7 @@ from lightning_spectral.functional.quantities import (
     quantity,
 )
 from lightning_spectral.functional.spectrum import (
+    _distribution_of_cut,
     autocorrelation_eigvals,
     autocorrelation_eigvals_pair,
     spectral_distribution,
@@ -165,9 +169,9 @@ class SpectralMonitor(SpectralCallback):
         weights: also log the weight matrices' singular spectra (attention: the input and
             output projections; recurrent layers: every ``weight_ih``/``weight_hh`` matrix).
         weights_every_n_steps: optimizer steps between weight events; ``None`` means
-            ``20 × every_n_steps`` (all weight SVDs of a 784-512-512-10 MLP cost ~17 training
-            steps, the activation spectra ~0.35, so the total stays under 2 % of training time;
-            see docs/monitor.md). The final weights are also logged when training ends.
+            ``20 × every_n_steps`` (all weight SVDs of a 784-512-512-10 MLP cost ≈ 10 of its
+            training steps, an activation event ≈ 0.7, so the total stays under 2 % of training
+            time; see docs/monitor.md). The final weights are also logged when training ends.
         max_samples: at most this many rows per layer and rank are captured per event
             (a deterministic subsample that leaves the global RNG alone).
         conv_reduce: ``"mean"`` (spatial mean) or ``"flatten"`` for channel-first outputs.
@@ -177,9 +181,11 @@ class SpectralMonitor(SpectralCallback):
         dtype: working precision of the spectra, ``"float32"`` or ``"float64"``.
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` on non-finite
             activations or weights instead of logging NaN with one warning.
-        figure_budget: the per-event spectra figure is skipped while figure rendering has used
-            more than this fraction of the fit's wall time (one figure costs more than a
-            hundred steps of a small MLP); the first event always gets one.
+        figure_budget: the per-event spectra figure is skipped while the monitor — its
+            events and its figures together — has used more than this fraction of the fit's
+            wall time (one figure costs more than a hundred steps of a small MLP), so at the
+            defaults figures only fill what the events leave of 1 %; the first event always
+            gets one.
         prefix: prepended to every tag (``prefix="student/"`` → ``student/vne/<layer>``) and
             dashboard category; two monitors in one Trainer need distinct prefixes.
         prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar, e.g.
@@ -316,7 +322,7 @@ class SpectralMonitor(SpectralCallback):
     @override
     def state_key(self) -> str:
         extra = {"prefix": self.prefix} if self.prefix else {}
-        return self._generate_state_key(
+        return self._cached_state_key(
             every_n_steps=self.every_n_steps,
             layers=self.layers,
             weights_every_n_steps=self.weights_every_n_steps,
@@ -398,15 +404,16 @@ class SpectralMonitor(SpectralCallback):
         if not (act_due or weight_due):
             return  # every other step: a few microseconds
         log_step = logging_step(trainer)
-        if weight_due:
-            self._weight_schedule.done(g)
-            self._pending_weights = (g, log_step, self._weight_spectra(trainer))
-        if act_due:
-            self._capturing_for = g
-            self._capturing_log = log_step
-            self._capture.start(seed=g)
-        elif weight_due:
-            self._emit(trainer, g, log_step, None)
+        with self._charged():
+            if weight_due:
+                self._weight_schedule.done(g)
+                self._pending_weights = (g, log_step, self._weight_spectra(trainer))
+            if act_due:
+                self._capturing_for = g
+                self._capturing_log = log_step
+                self._capture.start(seed=g)
+            elif weight_due:
+                self._emit(trainer, g, log_step, None)
 
     @override
     def on_train_batch_end(
@@ -420,6 +427,12 @@ class SpectralMonitor(SpectralCallback):
         g = self._capturing_for
         if g is None or self._capture is None or int(trainer.global_step) == g:
             return  # no window open, or its optimizer step has not happened yet
+        with self._charged():
+            self._end_window(trainer, g)
+
+    def _end_window(self, trainer: Any, g: int) -> None:
+        """Close the capture window of schedule step ``g`` and emit its event."""
+        assert self._capture is not None
         self._capture.stop()
         self._capturing_for = None
         rows: dict[str, torch.Tensor] | None = self._capture.take()
@@ -437,6 +450,18 @@ class SpectralMonitor(SpectralCallback):
                 self._full_rows[n] = max(self._full_rows.get(n, 0), count)
         if rows is not None or self._pending_weights is not None:
             self._emit(trainer, g, self._capturing_log, rows)
+
+    @contextlib.contextmanager
+    def _charged(self) -> Iterator[None]:
+        """Charge the enclosed work (figures excluded: they are timed already) to the figure
+        budget, so that per-event figures are drawn only while the monitor as a whole — events
+        and figures — stays within ``figure_budget`` of the fit's wall time."""
+        begin, drawing = time.perf_counter(), self._figures.seconds
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - begin
+            self._figures.charge(spent - (self._figures.seconds - drawing))
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -695,9 +720,11 @@ class SpectralMonitor(SpectralCallback):
         batched ``eigvalsh`` per shape and chunk (two when a selected quantity needs the raw
         rows, RankMe, whose spectrum shares the normalised one's Gram product when ``n <= d``).
 
-        Results stay packed per shape group (a ``(G, q + 1)`` block — the last column is
-        ``λ_1``, the non-finite probe — and a ``(G, m)`` block), so an event costs a few tensor
-        operations per *shape*, not per layer and quantity.
+        The spectra of all layers on a device are then zero-padded into one ``(L, m_max)``
+        matrix (they are cut already, and :class:`Spectra` is told each one's length), so the
+        quantities and distributions cost a few tensor operations per event, not per shape,
+        layer or quantity. Results stay packed: a ``(L, q + 1)`` block — the last column is
+        ``λ_1``, the non-finite probe — and a ``(L, m_max)`` block of distributions.
 
         Memory: ``rows`` is consumed. A group is solved in chunks of layers whose estimated
         working memory (:func:`_layer_bytes`) fits the event's budget (``memory_budget``); each
@@ -713,15 +740,17 @@ class SpectralMonitor(SpectralCallback):
         need_raw = any(quantity(n).raw for n in selected)
         itemsize = torch.empty(0, dtype=self._dtype).element_size()
         budget = self._event_budget(rows, itemsize)
+        # per device: layer names, their spectra (one tensor per chunk) and lengths
+        solved: dict[torch.device, tuple[list[str], list[torch.Tensor], list[torch.Tensor],
+                                         list[int]]] = {}
         # inference mode: no autograd bookkeeping at all (≈ 15 % of an event of small layers,
         # which is all dispatch); the results are only read, on the host
         with torch.inference_mode():
-            for gi, ((shape, device), names) in enumerate(groups.items()):
+            for (shape, device), names in groups.items():
                 n, d = shape
                 per_layer = _layer_bytes(n, d, itemsize, need_raw)
                 size = max(1, budget // per_layer)
-                blocks: list[torch.Tensor] = []
-                dists: list[torch.Tensor] = []
+                order, lams, raws, lengths = solved.setdefault(device, ([], [], [], []))
                 for start in range(0, len(names), size):
                     chunk = names[start : start + size]
                     stack = torch.empty((len(chunk), n, d), dtype=self._dtype, device=device)
@@ -732,20 +761,46 @@ class SpectralMonitor(SpectralCallback):
                         lam, raw = autocorrelation_eigvals_pair(
                             stack, dtype=self._dtype, overwrite=True
                         )
+                        raws.append(raw)
                     else:
-                        lam, raw = autocorrelation_eigvals(stack, dtype=self._dtype), None
+                        lam = autocorrelation_eigvals(stack, dtype=self._dtype)
                     del stack
-                    sp = Spectra(lam=lam, raw=raw)
-                    probe = lam[..., :1] if lam.shape[-1] else lam.sum(dim=-1, keepdim=True)
-                    blocks.append(torch.cat([compute_quantities(selected, sp), probe], dim=-1)
-                                  if selected else probe)
-                    if want_dist:
-                        dists.append(spectral_distribution(lam))
-                packed[f"a{gi}"] = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-                unpack.append((f"a{gi}", names, (*selected, _PROBE_A), None))
-                if want_dist:
-                    packed[f"ad{gi}"] = dists[0] if len(dists) == 1 else torch.cat(dists)
-                    unpack.append((f"ad{gi}", names, ("eigvals",), None))
+                    lams.append(lam)
+                    order.extend(chunk)
+                    lengths.extend([lam.shape[-1]] * len(chunk))
+            for di, (order, lams, raws, lengths) in enumerate(solved.values()):
+                self._activation_block(
+                    f"a{di}", order, lams, raws, lengths, want_dist, packed, unpack
+                )
+
+    def _activation_block(
+        self, key: str, order: list[str], lams: list[torch.Tensor], raws: list[torch.Tensor],
+        lengths: list[int], want_dist: bool, packed: dict, unpack: list,
+    ) -> None:
+        """Quantities and distributions of one device's (already cut) spectra, zero-padded to
+        the longest: packed under ``key`` and ``key + "d"``."""
+        selected = self._act_quantities
+        width = max(lengths)
+        padded = any(m != width for m in lengths)
+
+        def stack(parts: list[torch.Tensor]) -> torch.Tensor:
+            if padded:
+                parts = [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in parts]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        lam = stack(lams)
+        sizes = None
+        if padded:
+            sizes = torch.cat([torch.full((t.shape[0],), t.shape[-1], device=lam.device)
+                               for t in lams])
+        sp = Spectra(lam=lam, raw=stack(raws) if raws else None, sizes=sizes, cut=True)
+        probe = lam[..., :1] if width else lam.sum(dim=-1, keepdim=True)
+        packed[key] = (torch.cat([compute_quantities(selected, sp), probe], dim=-1)
+                       if selected else probe)
+        unpack.append((key, order, (*selected, _PROBE_A), None))
+        if want_dist:
+            packed[key + "d"] = _distribution_of_cut(lam, sp.entropy_total[1])
+            unpack.append((key + "d", order, ("eigvals",), lengths if padded else None))
 
     def _event_budget(self, rows: dict[str, torch.Tensor], itemsize: int) -> int:
         """Bytes of working memory for this event: ``memory_budget``, or by default half the

@@ -623,3 +623,78 @@ def test_one_host_transfer_per_event(make_trainer, memory_logger_cls, monkeypatc
     steps = sorted({s for s, _ in logger.records})
     assert steps == [0, 2, 3, 4, 6]
     assert len(calls) == len(logger.records) == 5
+
+
+def test_figure_clock_counts_charged_work_against_the_budget():
+    from lightning_spectral.callbacks._base import FigureClock
+
+    clock = FigureClock()
+    clock.start()
+    assert clock.allowed(0.01)  # the first figure always
+    with clock.timed():
+        pass
+    clock.t0 -= 100.0  # 100 s of fit so far; figures took ~0 s
+    assert clock.allowed(0.01)
+    clock.charge(0.9)
+    assert clock.allowed(0.01)  # 0.9 s of 1 % of 100 s
+    clock.charge(0.2)
+    assert not clock.allowed(0.01)  # 1.1 s > 1 s
+    clock.charge(-5.0)  # never credited back
+    assert not clock.allowed(0.01)
+    clock.start()
+    assert clock.allowed(0.01) and clock.work == 0.0 and clock.drawn == 0
+
+
+def test_per_event_figures_fill_only_what_the_events_leave_of_the_budget(
+    make_trainer, tmp_path, monkeypatch
+):
+    """The monitor's own event time counts against ``figure_budget``: events that alone use
+    more than the budget leave no room for figures after the first, even when drawing is free."""
+    import time as _time
+
+    from lightning_spectral.plots import spectral as spectral_plots
+
+    drawn: list[int] = []
+    monkeypatch.setattr(spectral_plots, "spectra_figure", lambda panels, step: step)
+    monkeypatch.setattr(SpectralMonitor, "_figure",
+                        lambda self, trainer, tag, fig, step: drawn.append(step)
+                        if tag == "spectra/all_layers" else None)
+    original = SpectralMonitor._compute_event
+
+    def slow(self, *args, **kwargs):
+        _time.sleep(0.05)  # an event that costs far more than 1 % of these short steps
+        return original(self, *args, **kwargs)
+
+    def fit(budget: float, slow_events: bool) -> list[int]:
+        drawn.clear()
+        monkeypatch.setattr(SpectralMonitor, "_compute_event", slow if slow_events else original)
+        monitor = SpectralMonitor(every_n_steps=2, weights=False, figure_budget=budget)
+        logger = TensorBoardLogger(str(tmp_path), name="charged")
+        make_trainer([monitor], max_steps=12, logger=logger).fit(mlp(), digits_loader())
+        return list(drawn)
+
+    assert fit(1.0, slow_events=True) == [0, 2, 4, 6, 8, 10]  # a budget of all the time
+    assert fit(0.01, slow_events=True) == [0]  # the events alone exceed 1 %
+    assert monitor_charges_work(make_trainer, tmp_path)
+
+
+def monitor_charges_work(make_trainer, tmp_path) -> bool:
+    monitor = SpectralMonitor(every_n_steps=2, figures=False)
+    make_trainer([monitor], max_steps=4).fit(mlp(), digits_loader())
+    return monitor._figures.work > 0.0 and monitor._figures.drawn == 0
+
+
+def test_state_key_is_lightnings_format_and_follows_the_configuration():
+    """Lightning reads ``state_key`` around every hook call: it is formatted once per
+    configuration, never stale."""
+    from lightning.pytorch.callbacks import Callback
+
+    monitor = SpectralMonitor(layers=["a", "b"])
+    want = Callback._generate_state_key(monitor, every_n_steps=100, layers=["a", "b"],
+                                        weights_every_n_steps=2000)
+    assert monitor.state_key == want
+    assert monitor.state_key is monitor.state_key  # cached
+    monitor.layers.append("c")  # mutated in place
+    assert "'c'" in monitor.state_key
+    monitor.prefix = "student/"
+    assert monitor.state_key.endswith("'prefix': 'student/'}")
