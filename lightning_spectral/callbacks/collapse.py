@@ -232,7 +232,7 @@ class CollapseMonitor(TrainEvalPass):
         self._acc: ClassStatsAccumulator | None = None
         self._reservoir: RowReservoir | None = None
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buffered = 0
         self._pending_labels: torch.Tensor | None = None
         self._problem_text: dict[int, str] = {}

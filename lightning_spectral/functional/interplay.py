@@ -301,11 +301,13 @@ def information_interplay(
     # O(n·d² + C·d²·r²) instead of O(n·d²·r²) for the product of the Kronecker rows. It is formed
     # as Σ_c (a_c a_cᵀ) ⊗ S_c (the same matrix up to a permutation of its coordinates, so the same
     # spectrum): one float64 product over the classes, rounded once to ``work`` while permuted.
+    # The rounded matrix is written in column-major order, LAPACK's: ``eigvalsh`` then starts
+    # from a plain copy of it instead of a transposing one (the same matrix, the same values).
     if scatter is not None:
         outer = (a[:, :, None] * a[:, None, :]).to(torch.float64)  # a_c a_cᵀ, (C, r, r)
         terms = outer.reshape(num_classes, r * r).mT @ scatter.reshape(num_classes, d * d)
-        g_zw = terms.reshape(r, r, d, d).transpose(1, 2)
-        g_zw = g_zw.to(work, memory_format=torch.contiguous_format).reshape(r * d, r * d)
+        g_zw = torch.empty(r * d, r * d, dtype=work, device=terms.device).mT
+        g_zw.view(r, d, r, d).copy_(terms.reshape(r, r, d, d).transpose(1, 2))
         h_zw = _spectral_entropy(g_zw, gram_round_off(d * r, n, work))
     else:
         a_y = a[labels]

@@ -242,6 +242,35 @@ def test_float64_features_give_float64_statistics():
         assert values[f"collapse/{key}"] == pytest.approx(float(ref[key]), rel=1e-10), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bulk_update_is_exact_for_every_row_dtype(dtype):
+    """Rows staged at float32 width (float32, half) or float64 width (float64) give the float64
+    statistics of the rows, bit for bit, and the float32 sample of a reservoir fed directly."""
+    from lightning_spectral.callbacks._collapse_rows import _NOT_CALLED
+    from lightning_spectral.functional.collapse import CollapseStats, _collapse_update
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(300, 8, generator=gen, dtype=torch.float64).relu().to(dtype)
+    y = torch.randint(0, 4, (300,), generator=gen)
+    mon = CollapseMonitor(max_samples=40)
+    mon._num_labels = 4
+    for start in range(0, 300, 32):
+        mon._add_rows(h[start : start + 32].clone(), y[start : start + 32])
+    mon._flush()
+    assert mon._acc is not None and mon._reservoir is not None
+    ref = CollapseStats.zeros(4, 8)
+    for start in range(0, 300, 1024):  # one bulk update, as the monitor's (1024-row blocks)
+        _collapse_update(h[start : start + 1024].double(), y[start : start + 1024], ref)
+    assert torch.equal(mon._acc.stats.counts, ref.counts)
+    assert torch.equal(mon._acc.stats.sums, ref.sums)
+    assert torch.equal(mon._acc.stats.second_moment, ref.second_moment)
+    assert float(mon._acc.problems.sum()) == 0.0 and _NOT_CALLED not in mon._problem_text
+    direct = RowReservoir(40, 8)
+    direct.update(h.double(), y)
+    for got, want in zip(mon._reservoir.sample(), direct.sample(), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_observing_never_perturbs():
     x, y = make_data(n=96)
 
