@@ -169,7 +169,7 @@ class SpectralMonitor(SpectralCallback):
         weights: also log the weight matrices' singular spectra (attention: the input and
             output projections; recurrent layers: every ``weight_ih``/``weight_hh`` matrix).
         weights_every_n_steps: optimizer steps between weight events; ``None`` means
-            ``20 × every_n_steps`` (all weight SVDs of a 784-512-512-10 MLP cost ≈ 10 of its
+            ``20 × every_n_steps`` (all weight spectra of a 784-512-512-10 MLP cost ≈ 7 of its
             training steps, an activation event ≈ 0.7, so the total stays under 2 % of training
             time; see docs/monitor.md). The final weights are also logged when training ends.
         max_samples: at most this many rows per layer and rank are captured per event
@@ -500,7 +500,8 @@ class SpectralMonitor(SpectralCallback):
 
     # -- computing -------------------------------------------------------------------------------
     def _weight_spectra(self, trainer: Any, final: bool = False) -> dict[str, torch.Tensor]:
-        """Singular values of every watched weight, one batched SVD per shape (rank zero only).
+        """Singular values of every watched weight, one batched decomposition per shape (rank zero
+        only; float32: from the float64 Gram matrix, ``singular_values_many(method="gram")``).
 
         The parameters are read now (a lazy module's weight once it exists; a weight that is
         still uninitialised is left out of this event). Under FSDP2 (``ModelParallelStrategy``)
@@ -538,12 +539,14 @@ class SpectralMonitor(SpectralCallback):
         self._exact_seen.update(t for i, t in enumerate(tags) if i not in set(large))
         if not large:
             with torch.no_grad():
-                svals = singular_values_many(mats, dtype=self._dtype)
+                svals = singular_values_many(mats, dtype=self._dtype, method="gram")
             return dict(zip(tags, svals, strict=True))
         self._pad_width = max(min(weight_matrix(m).shape) for m in mats)
         small = [i for i in range(len(mats)) if i not in set(large)]
         with torch.no_grad():
-            svals = singular_values_many([mats[i] for i in small], dtype=self._dtype)
+            svals = singular_values_many(
+                [mats[i] for i in small], dtype=self._dtype, method="gram"
+            )
             rows = self._estimate_large({tags[i]: mats[i] for i in large})
         out = dict(zip([tags[i] for i in small], svals, strict=True))
         out.update(rows)

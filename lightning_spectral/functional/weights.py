@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -77,14 +78,52 @@ def singular_values(w: torch.Tensor, dtype: torch.dtype | str | None = None) -> 
     return _svdvals_nan_safe(mat.to(resolve_dtype(dtype, mat)))
 
 
-def singular_values_many(
-    weights: Sequence[torch.Tensor], dtype: torch.dtype | str | None = None
-) -> list[torch.Tensor]:
-    """Singular values of several weights, one batched ``svdvals`` per distinct matrix shape.
+#: columns (of the longer side) converted to float64 at a time by the Gram route
+_GRAM_BLOCK = 4096
 
-    Returns one tensor per weight, in the order given, equal to :func:`singular_values` of
-    each (detached). Equal-shape matrices (e.g. the blocks of a transformer) are stacked and
-    decomposed in one call, which beats a Python loop over them.
+
+def _gram_singular_values(mat: torch.Tensor) -> torch.Tensor:
+    """Singular values of float32 ``(..., r, c)`` matrices, descending, as the square roots of
+    the eigenvalues of the float64 Gram matrix on the smaller side; NaN for a matrix holding
+    NaN/Inf (found as in :func:`_svdvals_nan_safe`, from the float32 sum). No host sync."""
+    total = mat.sum(dim=(-2, -1))
+    bad = (total * 0.0) != 0.0  # true exactly for NaN and ±Inf (or a float32 overflow)
+    wide = mat.shape[-2] <= mat.shape[-1]
+    side, length = (mat.shape[-2], mat.shape[-1]) if wide else (mat.shape[-1], mat.shape[-2])
+    g = torch.zeros((*mat.shape[:-2], side, side), dtype=torch.float64, device=mat.device)
+    # the float64 copy is made a block of the longer side at a time: at most side × _GRAM_BLOCK
+    # float64 values besides the Gram matrix itself
+    for start in range(0, length, _GRAM_BLOCK):
+        part = mat[..., start : start + _GRAM_BLOCK] if wide else (
+            mat[..., start : start + _GRAM_BLOCK, :].mT)
+        part = part.to(torch.float64).masked_fill(bad.unsqueeze(-1).unsqueeze(-1), 0.0)
+        g.add_(part @ part.mT)
+        del part
+    lam = torch.linalg.eigvalsh(g).flip(-1).clamp_min(0.0)
+    return lam.sqrt().to(mat.dtype).masked_fill(bad.unsqueeze(-1), float("nan"))
+
+
+def singular_values_many(
+    weights: Sequence[torch.Tensor],
+    dtype: torch.dtype | str | None = None,
+    method: Literal["svd", "gram"] = "svd",
+) -> list[torch.Tensor]:
+    """Singular values of several weights, one batched decomposition per distinct matrix shape.
+
+    Returns one tensor per weight, in the order given (detached). Equal-shape matrices (e.g. the
+    blocks of a transformer) are stacked and decomposed in one call, which beats a Python loop
+    over them.
+
+    ``method="svd"``: ``torch.linalg.svdvals``, equal to :func:`singular_values` of each.
+    ``method="gram"``, for a float32 working precision: the square roots of the eigenvalues of
+    the float64 Gram matrix ``W Wᵀ`` or ``WᵀW`` (the smaller side), returned in float32. Squaring
+    in float64 keeps every singular value to within about ``(m ε₆₄)^{1/2} σ_1`` (``m`` the Gram
+    side; ≈ 5e-7 σ_1 at m = 2048) and the larger ones to float64 accuracy, at least as accurate as
+    a float32 SVD, whose errors reach ≈ 2e-6 σ_1 on 1024-wide random matrices. On a CPU (one
+    thread, 256 to 2048 wide) it costs 0.5–0.95× ``svdvals`` for square weights and 1.7–5× less
+    for rectangular ones (docs/definitions.md#singular-spectrum). Its working memory is the
+    float64 Gram matrix plus a float64 copy of at most 4,096 columns of the longer side at a
+    time. A float64 working precision always uses the SVD.
 
     Examples:
         The two ``3 × 3`` weights are decomposed in one call:
@@ -94,7 +133,12 @@ def singular_values_many(
         >>> out = singular_values_many([torch.eye(3), 2 * torch.eye(3), torch.ones(2, 4)])
         >>> [[round(v, 4) for v in s.tolist()] for s in out]  # ones(2, 4): σ = (√8, 0)
         [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [2.8284, 0.0]]
+        >>> gram = singular_values_many([torch.ones(2, 4)], method="gram")
+        >>> [round(v, 4) for v in gram[0].tolist()]
+        [2.8284, 0.0]
     """
+    if method not in ("svd", "gram"):
+        raise ValueError(f"method must be 'svd' or 'gram', got {method!r}")
     mats = [weight_matrix(w).detach() for w in weights]
     out: list[torch.Tensor | None] = [None] * len(mats)
     groups: dict[tuple, list[int]] = {}
@@ -102,7 +146,10 @@ def singular_values_many(
         groups.setdefault((tuple(m.shape), m.device, resolve_dtype(dtype, m)), []).append(i)
     for (_, _, work), idx in groups.items():
         stack = torch.stack([mats[i] for i in idx]).to(work)
-        s = _svdvals_nan_safe(stack)
+        if method == "gram" and work == torch.float32:
+            s = _gram_singular_values(stack)
+        else:
+            s = _svdvals_nan_safe(stack)
         for j, i in enumerate(idx):
             out[i] = s[j]
     return out  # type: ignore[return-value]

@@ -105,6 +105,48 @@ def test_singular_values_many_groups_and_order() -> None:
     assert not singular_values_many([x])[0].requires_grad
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (16, 3, 3, 3), (1, 7), (40, 40)])
+def test_gram_method_is_at_least_as_accurate_as_a_float32_svd(shape: tuple[int, ...]) -> None:
+    """``method="gram"`` (float64 Gram, float32 result) against float64 ``svdvals``: no further
+    from the reference than the float32 SVD, including a rank-deficient weight (zeros stay
+    at round-off level) and a singular value spread of 1e6."""
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(*shape, generator=g, dtype=F64)
+    mat = w.reshape(shape[0], -1)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    spread = torch.logspace(0, -6, s.numel(), dtype=F64)
+    if s.numel() >= 4:
+        spread[-(s.numel() // 4):] = 0.0  # rank deficient
+    mat = (u * spread) @ vh
+    ref = torch.linalg.svdvals(mat)
+    (gram,) = singular_values_many([mat.reshape(shape).float()], method="gram")
+    (svd,) = singular_values_many([mat.reshape(shape).float()], method="svd")
+    assert gram.dtype == F32 and gram.shape == ref.shape
+    assert bool((gram[:-1] >= gram[1:]).all())  # descending
+    err_gram = float((gram.double() - ref).abs().max() / ref[0])
+    err_svd = float((svd.double() - ref).abs().max() / ref[0])
+    # the float32 rounding of the input bounds both; the Gram route adds at most √(m ε₆₄)
+    assert err_gram <= max(err_svd, 1e-7) + math.sqrt(min(mat.shape) * 2.0**-52), (err_gram,
+                                                                                    err_svd)
+    torch.testing.assert_close(gram, svd, rtol=0.0, atol=1e-5 * float(ref[0]))
+
+
+def test_gram_method_nonfinite_zero_and_float64() -> None:
+    bad = torch.ones(4, 6)
+    bad[1, 2] = math.inf
+    zero = torch.zeros(3, 5)
+    out = singular_values_many([bad, zero, torch.ones(4, 6)], method="gram")
+    assert torch.isnan(out[0]).all() and out[0].shape == (4,)
+    assert torch.equal(out[1], torch.zeros(3))
+    torch.testing.assert_close(out[2], torch.tensor([24.0**0.5, 0, 0, 0]), rtol=0, atol=1e-6)
+    # a float64 working precision keeps the SVD (no squaring of float64 values)
+    w = randn(5, 7, seed=3)
+    (s64,) = singular_values_many([w], dtype="float64", method="gram")
+    assert torch.equal(s64, singular_values(w, dtype="float64"))
+    with pytest.raises(ValueError, match="method"):
+        singular_values_many([w], method="qr")  # type: ignore[arg-type]
+
+
 def test_meta_device() -> None:
     w = torch.empty(8, 3, 3, 3, device="meta")
     assert singular_values(w).device.type == "meta"
@@ -313,3 +355,18 @@ def test_fuzz_weight_invariants(out: int, inp: int, seed: int, kind: str, expone
     assert errs[0] == pytest.approx(1.0, abs=tol) and errs[-1] == 0.0
     assert all(a >= b for a, b in zip(errs, errs[1:], strict=False))  # non-increasing in k
     assert errs[k] ** 2 <= 0.1 + tol  # k(0.9) leaves at most 10 % of the energy
+
+
+def test_gram_method_in_blocks_of_the_longer_side(monkeypatch) -> None:
+    """The float64 copy is made a block of columns at a time: the result does not depend on
+    the block size, for wide and tall matrices and stacked groups."""
+    import lightning_spectral.functional.weights as weights_module
+
+    ws = [randn(2, 20, 50, seed=7).float(), randn(50, 20, seed=8).float()]
+    whole = [singular_values_many([w], method="gram")[0] for w in ws]
+    monkeypatch.setattr(weights_module, "_GRAM_BLOCK", 7)
+    for w, want in zip(ws, whole, strict=True):
+        got = singular_values_many([w], method="gram")[0]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        ref = torch.linalg.svdvals(weight_matrix(w).double()).float()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
