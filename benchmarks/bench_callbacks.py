@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "its hook share is only the capture and the logging; the wall ratio is its figure.",
         "- `SpectralMonitor`: its activation-capture forward hooks (inside `LayerCapture`, not "
         "wrapped) record only during the forward of a due step; their cost is in the wall "
-        "ratio only. The window holds no weight event (every 2,000 steps; one costs ≈ 10 "
+        "ratio only. The window holds no weight event (every 2,000 steps; one costs ≈ 7 "
         "steps of a 784-512-512-10 MLP, see bench_overhead), and per-event figures are "
         "skipped while the monitor (events and figures) has used more than 1 % of the fit's "
         "time.",

@@ -16,9 +16,10 @@ the per-event part. Three measurements, each side by side and interleaved in one
    from the same Gram, VNE/erank/λ_max/κ/RankMe, the logged distributions, one host transfer)
    against the bare ``matmul + eigvalsh`` of the same matrices, computing only and again
    writing to a TensorBoardLogger as in a run (histograms and scalars); one weight event
-   (``singular_values_many`` + the weight quantities, distributions, one host transfer) against
-   bare ``svdvals`` of each weight; against a bare training step of a copy of the model; and
-   where the time of one logged activation event goes (main-thread CPU time of its parts).
+   (``singular_values_many(method="gram")`` + the weight quantities, distributions, one host
+   transfer) against bare float32 ``svdvals`` of each weight; against a bare training step of
+   a copy of the model; and where the time of one logged activation event goes (main-thread
+   CPU time of its parts).
 3. **At the defaults, as a run pays it:** the monitor share of (1) + one weight event of (2)
    per 2,000 Trainer steps + the idle per-step costs outside the monitor's hooks (its
    switched-off capture hooks, :func:`hook_cost`, and Lightning's dispatch of the per-step
@@ -497,7 +498,9 @@ def main() -> None:
         "the same rounds, 5 calls per timing, median (min–max) of per-round ratios. "
         "*activations*: computing plus the one host transfer, no logger; *+ TensorBoard*: the "
         "same event writing its histograms and scalars to a `TensorBoardLogger`, as in a run "
-        "(the per-event figure is left out: it is budgeted, `figure_budget`). `wide`: three "
+        "(the per-event figure is left out: it is budgeted, `figure_budget`). *weights*: the "
+        "singular values from the float64 Gram matrix on the smaller side (`method=\"gram\"`) "
+        "against float32 `svdvals`, the straightforward way. `wide`: three "
         f"{wide}×{wide} Linear layers on {wide} random rows, where the kernels dominate. "
         "`transformer`: `lightning.pytorch.demos.Transformer` (2 encoder + 2 decoder layers, "
         f"d = 200, vocabulary {TRANSFORMER['vocab_size']}) on synthetic tokens, batch "
