@@ -1,7 +1,8 @@
-"""Fixtures for the SpectralMonitor tests (tests/callbacks/test_spectral_*.py).
+"""Fixtures for the callback tests (tests/callbacks/).
 
 Test files cannot import each other (``--import-mode=importlib``), so shared helpers are handed
-out as fixtures: an in-memory logger class and a factory of small, quiet Trainers.
+out as fixtures: an in-memory logger class, a factory of small, quiet Trainers, and the check
+that a fit with a callback ends bit-identical to one without.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch import Trainer
 
 from lightning_spectral.testing import MemoryLogger
@@ -43,3 +45,16 @@ def make_trainer(tmp_path) -> Callable[..., Trainer]:
     return factory
 
 
+@pytest.fixture
+def assert_unperturbed() -> Callable[..., None]:
+    """``assert_unperturbed((plain_state, plain_rng), (watched_state, watched_rng))``: a fit
+    with a callback ended with bit-identical weights and global RNG state to one without."""
+
+    def check(plain: tuple[dict, torch.Tensor], watched: tuple[dict, torch.Tensor]) -> None:
+        (plain_state, plain_rng), (watched_state, watched_rng) = plain, watched
+        assert plain_state.keys() == watched_state.keys()
+        for key in plain_state:
+            assert torch.equal(plain_state[key], watched_state[key]), key
+        assert torch.equal(plain_rng, watched_rng)  # the global RNG was not touched
+
+    return check

@@ -118,7 +118,10 @@ def test_layer_estimate_covers_rows_and_gram():
 
 
 # ------------------------------------------------------------------------------- chunking
-def test_chunked_event_logs_the_values_of_one_chunk(monkeypatch):
+@pytest.fixture
+def pair_calls(monkeypatch) -> list[int]:
+    """The number of layers in each chunk the event solves (one entry per
+    ``autocorrelation_eigvals_pair`` call), recorded as the event runs."""
     calls: list[int] = []
     original = spectral_module.autocorrelation_eigvals_pair
 
@@ -127,6 +130,11 @@ def test_chunked_event_logs_the_values_of_one_chunk(monkeypatch):
         return original(h, *args, **kwargs)
 
     monkeypatch.setattr(spectral_module, "autocorrelation_eigvals_pair", spy)
+    return calls
+
+
+def test_chunked_event_logs_the_values_of_one_chunk(pair_calls):
+    calls = pair_calls
     whole, whole_spectra = event_values(2**62)
     assert sorted(calls) == [2, 3, 4]  # one call per shape group
     calls.clear()
@@ -145,15 +153,8 @@ def test_chunked_event_logs_the_values_of_one_chunk(monkeypatch):
         assert torch.equal(tiny_spectra[layer], spectrum), layer
 
 
-def test_chunks_follow_the_budget(monkeypatch):
-    calls: list[int] = []
-    original = spectral_module.autocorrelation_eigvals_pair
-
-    def spy(h: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        calls.append(h.shape[0])
-        return original(h, *args, **kwargs)
-
-    monkeypatch.setattr(spectral_module, "autocorrelation_eigvals_pair", spy)
+def test_chunks_follow_the_budget(pair_calls):
+    calls = pair_calls
     # room for two "square" layers (40 rows × 40 features) at a time
     two = 2 * _layer_bytes(40, 40, 4, need_raw=True)
     torch.manual_seed(0)

@@ -192,7 +192,7 @@ def test_selected_estimated_quantities_only(make_trainer, memory_logger_cls):
     assert set(logger.series("weight_rank90/deep")) == {0, 2, 4, 5}
 
 
-def test_training_is_bit_identical_with_the_estimate_path(make_trainer):
+def test_training_is_bit_identical_with_the_estimate_path(make_trainer, assert_unperturbed):
     def run(with_monitor: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         model = Net(seed=3)
         model.deep = nn.Sequential(nn.Dropout(0.2), model.deep)  # a global-RNG consumer
@@ -201,12 +201,7 @@ def test_training_is_bit_identical_with_the_estimate_path(make_trainer):
         make_trainer(callbacks, max_steps=9).fit(model, loader())
         return copy.deepcopy(model.state_dict()), torch.get_rng_state()
 
-    plain, rng_plain = run(False)
-    watched, rng_watched = run(True)
-    assert plain.keys() == watched.keys()
-    for key in plain:
-        assert torch.equal(plain[key], watched[key]), key
-    assert torch.equal(rng_plain, rng_watched)
+    assert_unperturbed(run(False), run(True))
 
 
 def test_non_finite_large_weight_logs_nan_and_warns_once(make_trainer, memory_logger_cls):

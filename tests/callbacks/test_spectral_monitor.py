@@ -262,7 +262,8 @@ def test_max_samples_bounds_rows(make_trainer):
 
 
 # ------------------------------------------------------------------------------- no perturbation
-def test_bit_identical_weights_and_rng_with_and_without_monitor(make_trainer, tmp_path):
+def test_bit_identical_weights_and_rng_with_and_without_monitor(make_trainer, tmp_path,
+                                                                assert_unperturbed):
     def run(with_monitor: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         model = mlp(seed=1)
         model.features.append(nn.Dropout(0.3))  # global-RNG consumer: any stray draw shows
@@ -274,12 +275,7 @@ def test_bit_identical_weights_and_rng_with_and_without_monitor(make_trainer, tm
         make_trainer(callbacks, max_steps=6, logger=logger).fit(model, digits_loader())
         return copy.deepcopy(model.state_dict()), torch.get_rng_state()
 
-    plain, rng_plain = run(False)
-    watched, rng_watched = run(True)
-    assert plain.keys() == watched.keys()
-    for key in plain:
-        assert torch.equal(plain[key], watched[key]), key
-    assert torch.equal(rng_plain, rng_watched)
+    assert_unperturbed(run(False), run(True))
 
 
 def test_hooks_removed_and_train_mode_restored(make_trainer):
