@@ -145,11 +145,10 @@ class SpectralAlarm(SpectralCallback):
         self._skipped: set[tuple[int, str]] = set()  # optional checks missing from the baseline
 
     # ------------------------------------------------------------------ state
-    @property
     @override
-    def state_key(self) -> str:
-        return self._cached_state_key(rules=[r.text for r in self.rules],
-                                        patience=self.patience, action=self.action)
+    def _state_key_config(self) -> dict[str, Any]:
+        return dict(rules=[r.text for r in self.rules], patience=self.patience,
+                    action=self.action)
 
     @override
     def state_dict(self) -> dict[str, Any]:

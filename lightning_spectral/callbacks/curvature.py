@@ -293,15 +293,13 @@ class CurvatureMonitor(SpectralCallback):
         self._reset()
 
     # ------------------------------------------------------------------ Lightning plumbing
-    @property
     @override
-    def state_key(self) -> str:
+    def _state_key_config(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"prefix": self.prefix} if self.prefix else {}
         if self.which != "largest":  # only when not the default: older checkpoints still resume
             extra["which"] = self.which
-        return self._cached_state_key(every_n_steps=self.every_n_steps, k=self.k,
-                                        loss=self.loss, batches=self.batches, mode=self.mode,
-                                        **extra)
+        return dict(every_n_steps=self.every_n_steps, k=self.k, loss=self.loss,
+                    batches=self.batches, mode=self.mode, **extra)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -123,11 +123,9 @@ class MirrorCertificate(SpectralCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._cached_state_key(module=self.module, beta=self.beta,
-                                        every_n_steps=self.every_n_steps)
+    def _state_key_config(self) -> dict[str, Any]:
+        return dict(module=self.module, beta=self.beta, every_n_steps=self.every_n_steps)
 
     @override
     def state_dict(self) -> dict[str, Any]:

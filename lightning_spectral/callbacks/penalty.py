@@ -242,11 +242,10 @@ class VNEPenalty(SpectralCallback):
     def _owner(self) -> str:
         return f"VNEPenalty({self.layer!r})"
 
-    @property
     @override
-    def state_key(self) -> str:
+    def _state_key_config(self) -> dict[str, Any]:
         extra = {"prefix": self.prefix} if self.prefix else {}
-        return self._cached_state_key(layer=self.layer, alpha=self.alpha, **extra)
+        return dict(layer=self.layer, alpha=self.alpha, **extra)
 
     def _namespace(self) -> tuple[str, str]:
         return (self.prefix, self.layer)

@@ -30,11 +30,8 @@ mathematics itself is in :mod:`lightning_spectral.functional`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -85,7 +82,7 @@ __all__ = [
 ]
 
 #: ``weights_every_n_steps=None`` means ``WEIGHTS_EVERY_FACTOR × every_n_steps`` (docs/monitor.md)
-WEIGHTS_EVERY_FACTOR = 20
+WEIGHTS_EVERY_FACTOR = 50
 #: an activation event is postponed at most this many steps in a row for short windows
 MAX_POSTPONE = 8
 #: a window is short when a layer holds fewer than this fraction of its largest window's rows
@@ -169,8 +166,8 @@ class SpectralMonitor(SpectralCallback):
         weights: also log the weight matrices' singular spectra (attention: the input and
             output projections; recurrent layers: every ``weight_ih``/``weight_hh`` matrix).
         weights_every_n_steps: optimizer steps between weight events; ``None`` means
-            ``20 × every_n_steps`` (all weight spectra of a 784-512-512-10 MLP cost ≈ 7 of its
-            training steps, an activation event ≈ 0.7, so the total stays under 2 % of training
+            ``50 × every_n_steps`` (all weight spectra of a 784-512-512-10 MLP cost ≈ 7 of its
+            training steps, an activation event ≈ 0.6, so the total stays under 1 % of training
             time; see docs/monitor.md). The final weights are also logged when training ends.
         max_samples: at most this many rows per layer and rank are captured per event
             (a deterministic subsample that leaves the global RNG alone).
@@ -299,6 +296,8 @@ class SpectralMonitor(SpectralCallback):
         self._postponed = 0
         self._capturing_for: int | None = None
         self._capturing_log = 0
+        #: training batches that return at once (no step can be due before them)
+        self._skip_batches = 0
         self._pending_weights: tuple[int, int, dict[str, torch.Tensor]] | None = None
         #: large weights: the tags whose full SVD this fit has computed, the pending event's
         #: estimate rows (tag -> the row it holds in the pending dict), that event's exact padding
@@ -318,11 +317,10 @@ class SpectralMonitor(SpectralCallback):
         return self.weights and bool(self._weight_quantities)
 
     # -- identity and state ----------------------------------------------------------------------
-    @property
     @override
-    def state_key(self) -> str:
+    def _state_key_config(self) -> dict[str, Any]:
         extra = {"prefix": self.prefix} if self.prefix else {}
-        return self._cached_state_key(
+        return dict(
             every_n_steps=self.every_n_steps,
             layers=self.layers,
             weights_every_n_steps=self.weights_every_n_steps,
@@ -345,6 +343,7 @@ class SpectralMonitor(SpectralCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._skip_batches = 0
         self._act_schedule.load_state_dict(state_dict.get("next_step"))
         self._weight_schedule.load_state_dict(state_dict.get("next_weight_step"))
         last = state_dict.get("last_weight_step")
@@ -394,15 +393,27 @@ class SpectralMonitor(SpectralCallback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._skip_batches:
+            self._skip_batches -= 1  # no step can be due yet (see below)
+            return
         if self._capture is None or self._capturing_for is not None:
             return  # not set up, or inside an accumulation window already being captured
         g = int(trainer.global_step)
         act_due = self._act_schedule.due(g)
-        weight_due = (
-            self._log_weights and bool(self._weight_layers) and self._weight_schedule.due(g)
-        )
+        weights_on = self._log_weights and bool(self._weight_layers)
+        weight_due = weights_on and self._weight_schedule.due(g)
         if not (act_due or weight_due):
-            return  # every other step: a few microseconds
+            # Under automatic optimization a training batch advances ``global_step`` by at
+            # most one, so the next due step cannot come before this many more batches: they
+            # return at once, without reading ``global_step`` (a chain of Lightning properties,
+            # the larger part of this hook's cost on a step without an event). Manual
+            # optimization may step several times per batch: it reads every batch.
+            if pl_module.automatic_optimization:
+                upcoming = self._act_schedule.next
+                if weights_on:
+                    upcoming = min(upcoming, self._weight_schedule.next)
+                self._skip_batches = max(upcoming - g - 1, 0)
+            return
         log_step = logging_step(trainer)
         with self._charged():
             if weight_due:
@@ -451,20 +462,9 @@ class SpectralMonitor(SpectralCallback):
         if rows is not None or self._pending_weights is not None:
             self._emit(trainer, g, self._capturing_log, rows)
 
-    @contextlib.contextmanager
-    def _charged(self) -> Iterator[None]:
-        """Charge the enclosed work (figures excluded: they are timed already) to the figure
-        budget, so that per-event figures are drawn only while the monitor as a whole — events
-        and figures — stays within ``figure_budget`` of the fit's wall time."""
-        begin, drawing = time.perf_counter(), self._figures.seconds
-        try:
-            yield
-        finally:
-            spent = time.perf_counter() - begin
-            self._figures.charge(spent - (self._figures.seconds - drawing))
-
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._skip_batches = 0
         self._figures.start()
 
     @override

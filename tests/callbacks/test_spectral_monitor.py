@@ -255,6 +255,48 @@ def test_gradient_accumulation_captures_the_due_steps_micro_batches(
     assert float(LF.vne(outs[4])) != pytest.approx(want, rel=1e-3)  # one micro-batch differs
 
 
+def test_schedule_with_accumulation_reads_every_due_step(make_trainer, memory_logger_cls):
+    """Between events the monitor returns without reading ``global_step`` for as many batches
+    as cannot reach the next due step; with 3 micro-batches per step none is missed."""
+    logger = memory_logger_cls()
+    monitor = SpectralMonitor(every_n_steps=4, weights_every_n_steps=6, figures=False)
+    trainer = make_trainer([monitor], max_steps=13, logger=logger, accumulate_grad_batches=3)
+    trainer.fit(mlp(), digits_loader(n=128, batch_size=4))
+    assert sorted(logger.series("vne/features.1")) == [0, 4, 8, 12]
+    assert sorted(logger.series("weight_sv_max/classifier")) == [0, 6, 12, 13]
+
+
+class TwoStepsPerBatch(DigitsClassifier):
+    """Manual optimization stepping twice per batch: ``global_step`` advances by two."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(32, 16))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        for _ in range(2):
+            loss = F.cross_entropy(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+
+def test_schedule_with_manual_optimization_stepping_twice(make_trainer, memory_logger_cls):
+    """Manual optimization may step several times per batch: every batch reads the step, so
+    the events fall on the first batch at or after each due step."""
+    torch.manual_seed(0)
+    logger = memory_logger_cls()
+    monitor = SpectralMonitor(every_n_steps=3, weights=False, figures=False)
+    trainer = make_trainer([monitor], max_steps=16, logger=logger)
+    trainer.fit(TwoStepsPerBatch(), digits_loader(n=128, batch_size=8))
+    # batch b starts at global step 2b: due at >= 0, 3, 6, 9, 12 → batches 0, 2, 3, 5, 6 (the
+    # x-axis is Lightning's logging step, which counts batches under manual optimization)
+    assert sorted(logger.series("vne/features.1")) == [0, 2, 3, 5, 6]
+    assert monitor.last_event["step"] == 12
+
+
 def test_max_samples_bounds_rows(make_trainer):
     monitor = SpectralMonitor(every_n_steps=1, max_samples=5, weights=False, figures=False)
     make_trainer([monitor], max_steps=1).fit(mlp(), digits_loader())
@@ -687,7 +729,7 @@ def test_state_key_is_lightnings_format_and_follows_the_configuration():
 
     monitor = SpectralMonitor(layers=["a", "b"])
     want = Callback._generate_state_key(monitor, every_n_steps=100, layers=["a", "b"],
-                                        weights_every_n_steps=2000)
+                                        weights_every_n_steps=5000)
     assert monitor.state_key == want
     assert monitor.state_key is monitor.state_key  # cached
     monitor.layers.append("c")  # mutated in place
