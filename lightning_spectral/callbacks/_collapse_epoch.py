@@ -21,6 +21,7 @@ from lightning_spectral.callbacks._base import full_tensor, logging_step, warn_r
 from lightning_spectral.callbacks._collapse_rows import _NOT_CALLED, _PROBLEM_KEYS, RowIntake
 from lightning_spectral.functional.collapse import collapse_from_stats, collapse_keys
 from lightning_spectral.functional.interplay import information_interplay
+from lightning_spectral.stats import distributed_world_size
 
 #: the tag namespace of each source
 NAMESPACES = {"train": "collapse", "val": "collapse_val", "train_eval": "collapse_train_eval"}
@@ -61,6 +62,10 @@ class EpochReport(RowIntake):
     _warned_absent: bool
     _layout_done: bool
     _pending_figure: tuple | None
+    interplay_budget: float
+    _pending_interplay: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    _skipped_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    _interplay_done: int
 
     @property
     def namespace(self) -> str:  # documented on CollapseMonitor
@@ -69,8 +74,11 @@ class EpochReport(RowIntake):
     def compute(self) -> dict[str, torch.Tensor]:  # documented on CollapseMonitor
         return self._compute()
 
-    def _compute(self) -> dict[str, torch.Tensor]:
-        """The metrics of the rows accumulated so far (``CollapseMonitor.compute``)."""
+    def _compute(self, interplay: bool = True) -> dict[str, torch.Tensor]:
+        """The metrics of the rows accumulated so far (``CollapseMonitor.compute``).
+
+        ``interplay=False`` leaves MIR/HDR out (NaN) and keeps a copy of the row sample, its
+        labels and the head's weight in ``_skipped_sample`` for :meth:`_finish_interplay`."""
         acc, res, head = self._acc, self._reservoir, self._head_module
         assert acc is not None and res is not None and head is not None
         self._flush()
@@ -90,7 +98,10 @@ class EpochReport(RowIntake):
             dtype=torch.float64,
             geometry=True,
         )
-        if rows.shape[0] > 0:
+        self._skipped_sample = None
+        if rows.shape[0] > 0 and not interplay:
+            self._skipped_sample = (rows.clone(), row_labels.clone(), weight.clone())
+        if rows.shape[0] > 0 and interplay:
             # spectra in float32, the working precision; ~4× cheaper than float64 for the
             # (d·r)-sized eigenproblem and accurate to ~1e-4 in MIR/HDR
             inter = information_interplay(
@@ -107,9 +118,15 @@ class EpochReport(RowIntake):
         out["_finite"] = finite.to(torch.float64)
         return out
 
-    def _log_nan(self, trainer: Any, epoch: int) -> None:
+    def _all_nan(self) -> dict[str, float]:
+        """Every tag of an epoch, NaN (MIR/HDR included: an epoch that cannot be computed is
+        NaN whatever ``interplay_budget`` chose)."""
         keys = (*collapse_keys(True), "mir", "hdr")
-        host_s = {f"{self.namespace}/{k}": math.nan for k in keys}
+        return {f"{self.namespace}/{k}": math.nan for k in keys}
+
+    def _log_nan(self, trainer: Any, epoch: int) -> None:
+        host_s = self._all_nan()
+        self._pending_interplay = None  # this epoch is the last logged one now
         self.history.append((epoch, math.nan))
         self.last_metrics = dict(host_s)
         self._log(trainer, host_s, logging_step(trainer), computed_on_every_rank=True)
@@ -126,7 +143,43 @@ class EpochReport(RowIntake):
                 )
         return seen
 
+    def _interplay_due(self, device: torch.device) -> bool:
+        """Whether this epoch end computes MIR/HDR (``interplay_budget``): the first of the
+        fit, then while the monitor as a whole stays within the budget. Rank zero decides for
+        every rank (wall times differ between ranks; the tags must not)."""
+        due = self._interplay_done == 0 or self._figures.within(self.interplay_budget)
+        if distributed_world_size() > 1:
+            flag = torch.tensor([float(due)], device=device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def _finish_interplay(self, trainer: Any) -> None:
+        """At the end of training: MIR/HDR of the last logged epoch if its end skipped them."""
+        pending, self._pending_interplay = self._pending_interplay, None
+        if pending is None:
+            return
+        epoch, step, rows, labels, weight = pending
+        with self._charged():
+            try:
+                inter = information_interplay(rows, weight, labels, dtype=torch.float32)
+                host_s, _ = report.to_host(
+                    {f"{self.namespace}/{k}": inter[k].to(torch.float64) for k in ("mir", "hdr")},
+                    {},
+                )
+            except Exception as exc:  # never crash at the end of a fit unless strict
+                self._fail.problem("compute", f"epoch {epoch}: {type(exc).__name__}: {exc}")
+                host_s = {f"{self.namespace}/{k}": math.nan for k in ("mir", "hdr")}
+            self._interplay_done += 1
+            if self.history and self.history[-1][0] == epoch:
+                self.last_metrics.update(host_s)
+            self._log(trainer, host_s, step, computed_on_every_rank=True)
+
     def _finish_epoch(self, trainer: Any, pl_module: Any) -> None:
+        with self._charged():
+            self._finish_epoch_charged(trainer, pl_module)
+
+    def _finish_epoch_charged(self, trainer: Any, pl_module: Any) -> None:
         epoch = self._collecting_epoch
         self._pending_labels = None
         if epoch is None:
@@ -140,9 +193,10 @@ class EpochReport(RowIntake):
                                    "never called on a monitored batch")
             self._log_nan(trainer, epoch)
             return
-        keys = (*collapse_keys(True), "mir", "hdr")
+        interplay = self._interplay_due(self._acc.device)
+        keys = (*collapse_keys(True), *(("mir", "hdr") if interplay else ()))
         try:
-            out = self.compute()
+            out = self._compute(interplay)
         except Exception as exc:  # never crash mid-fit unless strict
             self._acc.reset()
             if self._reservoir is not None:
@@ -168,9 +222,9 @@ class EpochReport(RowIntake):
                 "nonfinite",
                 f"epoch {epoch}: the head {self._head_name!r} or its input features hold NaN/Inf",
             )
-            host_s = {k: math.nan for k in host_s}
+            host_s = self._all_nan()
         elif self._report_problems(epoch, host_v["problems"]):
-            host_s = {k: math.nan for k in host_s}
+            host_s = self._all_nan()
         else:
             counts = host_v["counts"]
             present = int((counts > 0).sum())
@@ -181,7 +235,7 @@ class EpochReport(RowIntake):
                     f"epoch {epoch}: {present} class(es) seen (labels {seen}); the collapse "
                     "metrics need at least two classes",
                 )
-                host_s = {k: math.nan for k in host_s}  # MIR/HDR too: the epoch is degenerate
+                host_s = self._all_nan()  # MIR/HDR too: the epoch is degenerate
             elif present < self._num_labels and not self._warned_absent:
                 self._warned_absent = True
                 absent = [i for i in range(self._num_labels) if counts[i] == 0]
@@ -194,6 +248,16 @@ class EpochReport(RowIntake):
         self.last_metrics = dict(host_s)
         step = logging_step(trainer)
         self._log(trainer, host_s, step, computed_on_every_rank=True)
+        # MIR/HDR for the end of training: only of the last logged epoch, if it skipped them
+        # and its metrics could be computed
+        self._pending_interplay = None
+        if interplay:
+            self._interplay_done += 1
+        elif self._skipped_sample is not None and math.isfinite(
+            host_s[f"{self.namespace}/nc1"]
+        ):
+            self._pending_interplay = (epoch, step, *self._skipped_sample)
+        self._skipped_sample = None
         if report.tensorboard_writers(trainer):
             if not self._layout_done:
                 self._layout(trainer, layout(self.namespace))

@@ -12,6 +12,7 @@ recording between :meth:`HeadChoice._begin_batch` and :meth:`HeadChoice._end_bat
 from __future__ import annotations
 
 import fnmatch
+import time
 from importlib import import_module
 from typing import Any
 
@@ -200,7 +201,9 @@ class HeadChoice(EpochReport):
                 f"{module.out_features}; every class needs a head row"
             )
         self._head_name, self._head_module, self._num_labels = name, module, k
-        self._capture = self._open_capture(model, layers=[name], pre=True, sink=self._on_rows)
+        self._capture = self._open_capture(
+            model, layers=[name], pre=True, sink=self._on_rows_charged
+        )
         if reason is not None:
             rank_zero_info(f"CollapseMonitor: head {name!r} ({_describe(module)}) chosen: {reason}")
 
@@ -279,6 +282,14 @@ class HeadChoice(EpochReport):
         self._choose(model, name, "restored from the checkpoint")
 
     # ------------------------------------------------------------------ batches
+    def _on_rows_charged(self, name: str, rows: Any) -> None:
+        """The capture's sink: :meth:`_on_rows`, its time charged to the monitor's clock."""
+        begin = time.perf_counter()
+        try:
+            self._on_rows(name, rows)
+        finally:
+            self._figures.charge(time.perf_counter() - begin)
+
     def _begin_batch(self, batch: Any) -> None:
         if self._collecting_epoch is None:
             return

@@ -28,6 +28,7 @@ configuration, the checkpointed state, the schedule and the Lightning hooks.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from lightning_spectral import report
 from lightning_spectral._compat import STEP_OUTPUT, LightningModule, Trainer, override
-from lightning_spectral.callbacks._base import check_choice, check_int
+from lightning_spectral.callbacks._base import check_choice, check_float, check_int
 from lightning_spectral.callbacks._collapse_epoch import (  # noqa: F401 - re-exported here
     LAYOUT,
     NAMESPACES,
@@ -85,8 +86,15 @@ class CollapseMonitor(TrainEvalPass):
         strict: raise :class:`~lightning_spectral.errors.SpectralComputeError` instead of logging
             NaN with one warning when a metric cannot be computed.
         figure_budget: the geometry figure (≈ 0.3–1 s to draw on a CPU) is skipped at an epoch
-            end while figures have used more than this fraction of the fit's wall time; the last
-            skipped one is drawn when training ends (``1.0``: every epoch).
+            end while the monitor as a whole (figures, per-batch intake, epoch ends) has used
+            more than this fraction of the fit's wall time; the last skipped one is drawn when
+            training ends (``1.0``: every epoch).
+        interplay_budget: MIR and HDR (one eigenproblem of size ``min(max_samples, d·C)``,
+            the larger part of an epoch end) are computed at a due epoch while the monitor as a
+            whole has used at most this fraction of the fit's wall time, and at the first due
+            epoch of a fit. A skipped epoch logs NC1–NC4 without ``mir``/``hdr`` (absent, not
+            NaN); if the last logged epoch skipped them, they are computed when training ends
+            and logged at that epoch's step. ``1.0``: every due epoch. See docs/collapse.md.
         prefix: prepended to every tag and to the dashboard category; two monitors of one
             source in one Trainer need distinct prefixes.
         prog_bar: tags or glob patterns (with the prefix) also shown in the progress bar.
@@ -117,6 +125,7 @@ class CollapseMonitor(TrainEvalPass):
         prog_bar: str | list[str] | None = None,
         max_batches: int | None = None,
         eval_step: str = "forward",
+        interplay_budget: float = 0.02,
     ) -> None:
         super().__init__(
             strict=strict, figure_budget=figure_budget, prefix=prefix, prog_bar=prog_bar
@@ -148,6 +157,7 @@ class CollapseMonitor(TrainEvalPass):
                 f"read forward passes Lightning runs anyway); got source={source!r}"
             )
         self.max_samples = check_int("max_samples", max_samples, 1)
+        self.interplay_budget = check_float("interplay_budget", interplay_budget, 0.0, 1.0)
         self.num_classes = check_int("num_classes", num_classes, 2, optional=True)
         # the validation passes of ``trainer.validate`` are monitored too
         self.stages = ("fit", "validate") if source == "val" else ("fit",)
@@ -173,19 +183,10 @@ class CollapseMonitor(TrainEvalPass):
     def _namespace(self) -> tuple[str, str]:
         return (self.prefix, self.source)
 
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning reads it around every hook call: built once per configuration
-        config = (self.head, self.labels, self.source, self.prefix)
-        cached = self.__dict__.get("_state_key")
-        if cached is None or cached[0] != config:
-            extra = {"prefix": self.prefix} if self.prefix else {}
-            key = self._generate_state_key(
-                head=self.head, labels=self.labels, source=self.source, **extra
-            )
-            cached = self.__dict__["_state_key"] = (config, key)
-        return cached[1]
+    def _state_key_config(self) -> dict[str, Any]:
+        extra = {"prefix": self.prefix} if self.prefix else {}
+        return dict(head=self.head, labels=self.labels, source=self.source, **extra)
 
     @property
     def head_name(self) -> str | None:
@@ -240,6 +241,12 @@ class CollapseMonitor(TrainEvalPass):
         self._warned_absent = False
         self._layout_done = False
         self._pending_figure: tuple | None = None
+        #: the last logged epoch whose MIR/HDR were skipped (``interplay_budget``): its epoch,
+        #: logging step, row sample, their labels and the head's weight, computed at train end
+        self._pending_interplay: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None
+        self._pending_interplay = None
+        self._skipped_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._interplay_done = 0
 
     # ------------------------------------------------------------------ schedule
     def _start_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -273,9 +280,12 @@ class CollapseMonitor(TrainEvalPass):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._figures.start()
         self._pending_figure = None
+        self._pending_interplay = None
+        self._interplay_done = 0
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_interplay(trainer)
         figure, self._pending_figure = self._pending_figure, None
         if figure is not None and report.tensorboard_writers(trainer):
             self._draw(trainer, figure)
@@ -290,8 +300,10 @@ class CollapseMonitor(TrainEvalPass):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.source == "train":
+            begin = time.perf_counter()
             self._ensure_epoch(trainer, pl_module)
             self._begin_batch(batch)
+            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_train_batch_end(
@@ -303,7 +315,9 @@ class CollapseMonitor(TrainEvalPass):
         batch_idx: int,
     ) -> None:
         if self.source == "train":
+            begin = time.perf_counter()
             self._end_batch(pl_module)
+            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -329,7 +343,9 @@ class CollapseMonitor(TrainEvalPass):
         dataloader_idx: int = 0,
     ) -> None:
         if self.source == "val" and not trainer.sanity_checking:
+            begin = time.perf_counter()
             self._begin_batch(batch)
+            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_validation_batch_end(
@@ -342,7 +358,9 @@ class CollapseMonitor(TrainEvalPass):
         dataloader_idx: int = 0,
     ) -> None:
         if self.source == "val" and not trainer.sanity_checking:
+            begin = time.perf_counter()
             self._end_batch(pl_module)
+            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

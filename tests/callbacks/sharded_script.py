@@ -59,7 +59,7 @@ def main(out: Path, kind: str) -> None:
     callbacks = [
         SpectralMonitor(every_n_steps=2, weights_every_n_steps=2, figures=False,
                         histograms=False),
-        CollapseMonitor(head="classifier"),
+        CollapseMonitor(head="classifier", interplay_budget=1.0),  # every epoch compared
         VNEPenalty("features", alpha=0.0),
     ]
     trainer = Trainer(

@@ -141,7 +141,7 @@ def reference_nc1(model: Heads, x: torch.Tensor, y: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- fresh fits
 def test_reused_callback_starts_fresh_in_a_new_trainer():
     """A second Trainer with a new (differently shaped) model logs its own epochs only."""
-    mon = CollapseMonitor()
+    mon = CollapseMonitor(interplay_budget=1.0)
     x, y = make_data()
     first = MemoryLogger()
     make_trainer([mon], epochs=2, logger=first).fit(Heads(), loader(x, y))
@@ -153,7 +153,7 @@ def test_reused_callback_starts_fresh_in_a_new_trainer():
     model = Heads(classes=3, width=5)
     make_trainer([mon], epochs=2, logger=second).fit(model, loader(x3, y3))
     torch.manual_seed(1)
-    fresh = CollapseMonitor()
+    fresh = CollapseMonitor(interplay_budget=1.0)
     make_trainer([fresh], epochs=2).fit(Heads(classes=3, width=5), loader(x3, y3))
 
     assert [e for e, _ in mon.history] == [0, 1]  # fit 1 is not carried over
@@ -208,7 +208,7 @@ def test_resume_inside_an_epoch_logs_every_epoch_with_continued_statistics(tmp_p
 
     def fit(ckpt: str | None = None) -> tuple[CollapseMonitor, MemoryLogger]:
         torch.manual_seed(0)
-        mon, logger = CollapseMonitor(), MemoryLogger()
+        mon, logger = CollapseMonitor(interplay_budget=1.0), MemoryLogger()
         callbacks: list = [mon]
         if ckpt is None:
             callbacks.append(pl.callbacks.ModelCheckpoint(
@@ -365,7 +365,7 @@ def test_gradient_checkpointing_captures_each_forward_once(head):
 def test_val_source_in_fit_and_in_trainer_validate():
     x, y = make_data()
     model = Heads(order=("aux", "classifier"), lr=0.0)
-    mon = CollapseMonitor(source="val")
+    mon = CollapseMonitor(source="val", interplay_budget=1.0)
     logger = MemoryLogger()
     trainer = make_trainer([mon], epochs=2, logger=logger)
     trainer.fit(model, loader(x, y), loader(x[:24], y[:24]))
@@ -379,3 +379,44 @@ def test_val_source_in_fit_and_in_trainer_validate():
         reference_nc1(model, x[24:], y[24:]), rel=1e-6
     )
     assert no_hooks(model)
+
+
+# ----------------------------------------------------------------------------- interplay budget
+def test_interplay_budget_skips_epochs_and_completes_the_last_at_train_end():
+    """``interplay_budget=0``: MIR/HDR at the first epoch only, absent (not NaN) on the others,
+    and the last epoch's computed when training ends, at that epoch's step, equal to what an
+    every-epoch monitor logs for it; NC1–NC4 are logged every epoch either way."""
+    x, y = make_data()
+    runs = {}
+    for budget in (0.0, 1.0):
+        torch.manual_seed(0)
+        mon, logger = CollapseMonitor(interplay_budget=budget), MemoryLogger()
+        make_trainer([mon], epochs=3, logger=logger).fit(Heads(), loader(x, y))
+        runs[budget] = (mon, logger)
+    (lean, lean_log), (full, full_log) = runs[0.0], runs[1.0]
+    assert sorted(lean_log.series("collapse/nc1")) == sorted(full_log.series("collapse/nc1"))
+    steps = sorted(full_log.series("collapse/mir"))
+    assert len(steps) == 3
+    assert sorted(lean_log.series("collapse/mir")) == [steps[0], steps[2]]  # not epoch 1
+    assert all(math.isfinite(v) for v in lean_log.series("collapse/mir").values())
+    for tag in ("collapse/mir", "collapse/hdr"):
+        for step in (steps[0], steps[2]):
+            assert lean_log.series(tag)[step] == full_log.series(tag)[step]  # bit for bit
+    # the end-of-training values are the last epoch's, also in last_metrics
+    assert lean.last_metrics["collapse/mir"] == full.last_metrics["collapse/mir"]
+    assert lean.last_metrics == full.last_metrics
+    epoch_one = [m for s, m in lean_log.records if s == steps[1] and "collapse/nc1" in m]
+    assert epoch_one and "collapse/mir" not in epoch_one[0]
+
+
+def test_interplay_budget_counts_the_whole_monitor():
+    """The budget is measured against everything the monitor does: with its per-batch intake
+    and epoch ends charged, a tiny budget leaves MIR/HDR to the first epoch (and the end), a
+    full one computes them every epoch."""
+    x, y = make_data()
+    mon = CollapseMonitor(interplay_budget=1e-9)
+    make_trainer([mon], epochs=4).fit(Heads(), loader(x, y))
+    assert mon._figures.work > 0.0  # intake and epoch ends were charged
+    assert mon._interplay_done == 2  # epoch 0, then the last epoch at the end of training
+    with pytest.raises(SpectralConfigError, match="interplay_budget"):
+        CollapseMonitor(interplay_budget=1.5)

@@ -159,7 +159,9 @@ def test_public_names_stay_on_the_public_module():
 
     assert lightning_spectral.CollapseMonitor is collapse.CollapseMonitor is CollapseMonitor
     assert collapse.__all__ == ["CollapseMonitor"]
-    for name in ("compute", "namespace", "head_name", "state_key", "state_dict",
+    # ``state_key`` itself is the shared one of the base class, built from this configuration
+    assert "state_key" not in vars(CollapseMonitor) and CollapseMonitor().state_key
+    for name in ("compute", "namespace", "head_name", "_state_key_config", "state_dict",
                  "load_state_dict", "on_train_epoch_end", "on_validation_epoch_end"):
         assert name in vars(CollapseMonitor), name
     assert collapse.LAYOUT == collapse.layout("collapse")
@@ -186,7 +188,7 @@ def test_logged_metrics_equal_functional_on_the_epoch_features():
     x, y = make_data(n=80)
     model = Tiny(lr=0.0)
     logger = MemoryLogger()
-    mon = CollapseMonitor()  # head="auto" → the last Linear called, "head"
+    mon = CollapseMonitor(interplay_budget=1.0)  # head="auto" → the last Linear called, "head"
     trainer([mon], logger=logger, epochs=2).fit(model, loader(x, y, batch_size=16))
     logged = logger.collapse()
     assert [s for s, _ in logged] == [5, 10]  # global_step at each epoch end
@@ -289,7 +291,7 @@ def test_observing_never_perturbs(assert_unperturbed):
 def test_dict_batches_val_source_and_schedule():
     x, y = make_data(n=48)
     logger = MemoryLogger()
-    mon = CollapseMonitor(labels="target", source="val", every_n_epochs=2)
+    mon = CollapseMonitor(labels="target", source="val", every_n_epochs=2, interplay_budget=1.0)
     model = Tiny(dict_batch=True, label_key="target")
     trainer([mon], logger=logger, epochs=4, num_sanity_val_steps=2).fit(
         model,
@@ -446,7 +448,7 @@ def test_resume_continues_history_and_metrics(tmp_path):
 
     def fit(epochs, ckpt=None, model=None, where="a"):
         logger = MemoryLogger()
-        mon = CollapseMonitor()
+        mon = CollapseMonitor(interplay_budget=1.0)
         ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / where, save_last=True)
         trainer([mon, ckpt_cb], logger=logger, epochs=epochs, enable_checkpointing=True).fit(
             model, loader(x, y), ckpt_path=ckpt

@@ -151,7 +151,7 @@ def test_equals_the_functional_on_the_training_set_with_the_end_of_epoch_weights
     snaps, logger = Snapshots(), MemoryLogger()
     torch.manual_seed(0)
     model = Net()
-    mon = CollapseMonitor(head="head", source="train_eval")
+    mon = CollapseMonitor(head="head", source="train_eval", interplay_budget=1.0)
     make_trainer([mon, snaps], epochs=3, logger=logger).fit(
         model, shuffled(TensorDataset(x, y))
     )
@@ -170,7 +170,8 @@ def test_head_auto_and_max_batches_take_the_first_samples_in_dataset_order():
     x, y = make_data(n=90)
     snaps, logger = Snapshots(), MemoryLogger()
     torch.manual_seed(1)
-    mon = CollapseMonitor(source="train_eval", max_batches=3)  # 3 × 16 = the first 48 samples
+    # 3 × 16 = the first 48 samples
+    mon = CollapseMonitor(source="train_eval", max_batches=3, interplay_budget=1.0)
     make_trainer([mon, snaps], epochs=2, logger=logger).fit(
         Net(), shuffled(TensorDataset(x, y))
     )
@@ -251,7 +252,8 @@ def test_other_captures_are_paused_during_the_pass():
 
     watcher = Watcher()
     logger = MemoryLogger()
-    make_trainer([CollapseMonitor(source="train_eval"), watcher], logger=logger).fit(
+    monitor = CollapseMonitor(source="train_eval", interplay_budget=1.0)
+    make_trainer([monitor, watcher], logger=logger).fit(
         Net(), shuffled(TensorDataset(x, y))
     )
     assert watcher.rows == [64, 64]
@@ -287,7 +289,7 @@ def test_eval_step_training_step_and_method_on_dict_batches():
         model, snaps, logger = DictNet(dict_batch=True), Snapshots(), MemoryLogger()
         model.log_calls = []
         model.log = lambda *a, **k: model.log_calls.append(a[0])  # noqa: B023
-        mon = CollapseMonitor(labels="y", source="train_eval", eval_step=step)
+        mon = CollapseMonitor(labels="y", source="train_eval", eval_step=step, interplay_budget=1.0)
         make_trainer([mon, snaps], logger=logger).fit(
             model, shuffled(Augmented(x, y, noise=0.0, dict_batch=True))
         )
@@ -384,7 +386,7 @@ def test_resume_continues_the_history(tmp_path):
 
     def fit(epochs: int, where: str, ckpt: str | None = None):
         torch.manual_seed(0)
-        logger, mon = MemoryLogger(), CollapseMonitor(source="train_eval")
+        logger, mon = MemoryLogger(), CollapseMonitor(source="train_eval", interplay_budget=1.0)
         ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / where, save_last=True)
         make_trainer([mon, ckpt_cb], epochs=epochs, logger=logger,
                      enable_checkpointing=True).fit(Net(dropout=0.0), data, ckpt_path=ckpt)
