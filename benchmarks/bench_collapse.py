@@ -17,6 +17,10 @@ side by side and interleaved in one run:
    which no exact rewriting makes smaller (docs/definitions.md#mir-hdr).
 3. **Lightning ``Trainer.fit``** epochs with and without ``CollapseMonitor(source="train")``;
    the monitor's epoch end is excluded (its own timer) and listed after.
+4. **One bulk update** (the work behind every 4,096 rows, ``max(1024, max_samples)``): a staging
+   block's 64 batches through the monitor's sink, and, interleaved, its parts on the same
+   4,096 × 64 block: the float64 class statistics (``Q = HᵀH`` is most of it), the reservoir's
+   hash, and the reservoir update (hash, filter, copies) of a full sample.
 
 Run ``python -m benchmarks.bench_collapse`` (``--quick`` for a smoke run, ``--device cuda``).
 """
@@ -45,8 +49,13 @@ from benchmarks._common import (
 )
 from lightning_spectral.callbacks.collapse import CollapseMonitor
 from lightning_spectral.demos import DigitsClassifier, digits_dataloaders
-from lightning_spectral.functional.collapse import collapse_from_stats
+from lightning_spectral.functional.collapse import (
+    CollapseStats,
+    _collapse_update,
+    collapse_from_stats,
+)
 from lightning_spectral.functional.interplay import information_interplay
+from lightning_spectral.stats import RowReservoir
 
 #: the digits training set is repeated this many times per epoch (as bench_callbacks' long epoch)
 REPEAT = 10
@@ -117,6 +126,46 @@ def epoch_end_parts(mon: CollapseMonitor, model: nn.Module, device: str, repeats
             "eigvalsh": lambda: torch.linalg.eigvalsh(kron_side),
         },
         repeats=repeats,
+        warmup=2,
+        device=device,
+    )
+
+
+def bulk_update_parts(device: str, repeats: int) -> tuple[int, dict[str, list[float]]]:
+    """Interleaved timings of one staging block through the monitor's sink (64 batches of 64
+    rows, the last one triggering the bulk update) and of the update's parts on such a block."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.relu(torch.randn(64, 64, generator=gen)).to(device),
+                torch.randint(0, 10, (64,), generator=gen).to(device)) for _ in range(64)]
+    model = DigitsClassifier("mlp").to(device)
+    mon = CollapseMonitor(head="classifier")
+    mon.setup(None, model, "fit")  # type: ignore[arg-type]  # no Trainer needed here
+    mon._start_epoch(SimpleNamespace(current_epoch=0), model)
+
+    def block() -> None:
+        for h, y in batches:
+            mon._pending_labels = y
+            mon._on_rows("classifier", h)
+
+    block()  # the statistics' and the reservoir's storage exist from here on
+    rows32 = torch.cat([h for h, _ in batches])
+    rows = rows32.to(torch.float64)
+    labels = torch.cat([y for _, y in batches])
+    stats = CollapseStats.zeros(10, 64, device=device)
+    full = RowReservoir(4096, 64, device=device)
+    full.update(rows32, labels, rows64=rows)
+
+    def reservoir() -> None:
+        full.update(rows32, labels, rows64=rows)
+
+    return rows.shape[0], interleaved(
+        {
+            "block": block,
+            "statistics": lambda: _collapse_update(rows, labels, stats),
+            "hash": lambda: full.keys_for(rows, labels),
+            "reservoir": reservoir,
+        },
+        repeats=repeats * 5,
         warmup=2,
         device=device,
     )
@@ -256,6 +305,29 @@ def main() -> None:
         "",
     ]
 
+    # 4. one bulk update, before the fits (section 3 is written last)
+    block_rows, bulk = bulk_update_parts(device, repeats)
+    block_med = summary(bulk["block"])[0]
+
+    def bulk_row(name: str, what: str) -> str:
+        med, lo, hi = summary(bulk[name])
+        return f"| {what} | {fmt_ms(med)} ({fmt_ms(lo)}–{fmt_ms(hi)}) | {med / block_med:.0%} |"
+
+    bulk_lines = [
+        "### One bulk update",
+        "",
+        f"{block_rows} rows × 64 features, 10 classes, {repeats * 5} interleaved rounds (median, "
+        "min–max):",
+        "",
+        "| part | time | of the block |",
+        "|---|---|---|",
+        bulk_row("block", "64 batches through the sink, the last one updating in bulk"),
+        bulk_row("statistics", "class statistics: counts, sums, `Q = HᵀH` (float64)"),
+        bulk_row("hash", "reservoir hash of every row"),
+        bulk_row("reservoir", "reservoir update of a full sample (hash, filter, copies)"),
+        "",
+    ]
+
     # 3. Lightning fit epochs
     epochs = 2 if args.quick else 4
     lt_plain, lt_mon, lt_end = lightning_epoch_times(device, epochs, repeats, max_batches)
@@ -279,6 +351,8 @@ def main() -> None:
         f"Epoch end inside Lightning (compute + checks + logging, no logger attached): median "
         f"{fmt_ms(end_lt)} (min {fmt_ms(min(lt_end))}, max {fmt_ms(max(lt_end))}) = "
         f"{end_lt / lt_plain_med * 100:.2f} % of a plain epoch.",
+        "",
+        *bulk_lines,
     ]
     write_section(
         "bench_collapse",

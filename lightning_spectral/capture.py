@@ -105,6 +105,8 @@ def rows_channel_last(x: torch.Tensor, reduce: str = "flatten") -> torch.Tensor:
 
     ``reduce="mean"`` averages the middle (token) axes instead: ``(B, …, d) → (B, d)``.
     """
+    if x.ndim == 2:  # already rows (the common case on a hot path): no view to make
+        return x
     if x.ndim == 1:
         return x.reshape(1, -1)
     if reduce == "mean" and x.ndim > 2:
@@ -583,15 +585,16 @@ class LayerCapture:
             )
             return
         self.calls[name] = self.calls.get(name, 0) + 1
+        # rows of a detached output carry no graph whatever the grad mode (no context to enter
+        # on this hot path); with ``detach=False`` they keep the output's graph
         source = out.detach() if self.detach else out
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
-            rows = module_rows(reduction, source, self.conv_reduce, self.seq_reduce)
-            if rows is None:
-                return
-            if self.sink is not None:
-                self.sink(name, rows)
-                return
-            self._append(self._buffers[name], rows, source)
+        rows = module_rows(reduction, source, self.conv_reduce, self.seq_reduce)
+        if rows is None:
+            return
+        if self.sink is not None:
+            self.sink(name, rows)
+            return
+        self._append(self._buffers[name], rows, source)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)

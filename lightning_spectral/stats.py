@@ -144,11 +144,14 @@ class RowReservoir:
     kept. The key ignores the row's scale (so tiny early-training features are not sampled by
     label) and moves by only ``~φ·ε`` under round-off, so the same rows computed in a different
     batch split keep (almost always) the same keys.
-    Rows are buffered and compacted once the buffer holds twice the budget, so an update costs
-    ``O(d)`` per row amortised (feed it large chunks: the work is vectorised per call). On a CPU,
-    once the sample is full, a pair whose key is not below the largest kept key is dropped on
-    arrival (it can never enter the sample); on an accelerator every pair is buffered, so that
-    an update never synchronises with the host. Memory: at most ``3 · max_samples`` rows.
+    The pairs are copied into a pool of at most ``2 · max_samples`` rows, allocated once (grown
+    geometrically up to that size), and compacted to the ``max_samples`` smallest keys only when
+    an update would not fit, through a ``max_samples``-row scratch block: an update allocates
+    nothing large and costs ``O(d)`` per row amortised (feed it large chunks: the work is
+    vectorised per call). On a CPU, once ``max_samples`` pairs are held, a pair whose key is not
+    below the ``max_samples``-th smallest key held is dropped on arrival (it can never enter the
+    sample); on an accelerator every pair is kept until a compaction, so that an update never
+    synchronises with the host. Memory: at most ``3 · max_samples`` rows (float32).
     """
 
     _PHI = 64.0
@@ -165,13 +168,17 @@ class RowReservoir:
         self.seed = int(seed)
         gen = torch.Generator().manual_seed(self.seed)
         self._proj = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(device)
-        self._rows: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
-        self._keys: list[torch.Tensor] = []
+        #: the pool: float32 rows, labels and float64 keys; the pairs held are its first
+        #: ``_buffered`` entries (allocated by the first update)
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: the compaction's scratch block (``max_samples`` entries, allocated when first needed)
+        self._spare: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: the last sample, sorted by key (fresh tensors, handed out by :meth:`sample`)
+        self._sorted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buffered = 0
-        #: the largest kept key once the sample is full (CPU only; see the class docstring)
+        #: the ``max_samples``-th smallest key held, once that many are (CPU only; see the class
+        #: docstring)
         self._threshold: float | None = None
-        self._compact_now = True  # the parts are one sorted part within the budget
 
     @property
     def device(self) -> torch.device:
@@ -181,27 +188,34 @@ class RowReservoir:
         return min(self._buffered, self.max_samples) if self._buffered else 0
 
     def reset(self) -> None:
-        self._rows, self._labels, self._keys = [], [], []
+        """Forget every pair (the pool and the scratch block stay allocated for reuse)."""
         self._buffered = 0
+        self._sorted = None
         self._threshold = None
-        self._compact_now = True
 
     def to(self, device: torch.device | str) -> RowReservoir:
         self._threshold = None
         self._proj = self._proj.to(device)
-        self._rows = [r.to(device) for r in self._rows]
-        self._labels = [y.to(device) for y in self._labels]
-        self._keys = [k.to(device) for k in self._keys]
+        if self._pool is not None:
+            rows, labels, keys = (t[: self._buffered].to(device) for t in self._pool)
+            self._pool = (rows, labels, keys)
+        self._spare = None
+        if self._sorted is not None:
+            rows, labels, keys = (t.to(device) for t in self._sorted)
+            self._sorted = (rows, labels, keys)
         return self
 
     def keys_for(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The hash key in ``[0, 1)`` of each ``(row, label)`` pair (float64; pass float64 rows
         to skip a conversion)."""
         h = rows.to(torch.float64)
-        norm = torch.linalg.vector_norm(h, dim=1).clamp_min(1e-30)
-        x = (h @ self._proj) / norm * self._PHI
-        x = x + labels.to(torch.float64) * self._GAMMA + self._DELTA
-        return x - torch.floor(x)
+        norm = torch.linalg.vector_norm(h, dim=1).clamp_min_(1e-30)
+        # frac((h·r / ‖h‖) · φ + label · γ + δ), one rounding per operation in this order
+        x = h @ self._proj
+        x.div_(norm).mul_(self._PHI)
+        shift = labels.to(torch.float64, copy=True).mul_(self._GAMMA)
+        x.add_(shift).add_(self._DELTA)
+        return x.sub_(torch.floor(x, out=shift))
 
     def update(
         self,
@@ -212,40 +226,127 @@ class RowReservoir:
     ) -> None:
         """Offer rows ``(n, d)`` (stored as float32) with their labels ``(n,)``.
 
-        ``copy=False`` lets the reservoir keep the given tensors when no conversion is needed
-        (the caller promises not to modify them); ``rows64``, the same rows already in float64,
-        saves a conversion when hashing. Only the pairs kept are converted to float32.
+        The pairs kept are copied into the reservoir's own storage (``copy`` is accepted for
+        compatibility; the given tensors are never held). ``rows64``, the same rows already in
+        float64, saves a conversion when hashing. Only the pairs kept are converted to float32.
         """
         rows = rows.detach().to(device=self.device)
-        labels = labels.detach().to(device=self.device, dtype=torch.long, copy=copy)
+        labels = labels.detach().to(device=self.device)
         source = rows if rows64 is None else rows64.detach().to(device=self.device)
         keys = self.keys_for(source, labels)
+        self._sorted = None
+        pick: torch.Tensor | None = None
+        m = keys.shape[0]
         if self._threshold is not None:
-            # the k kept keys are <= the threshold and later compactions only lower the k-th
-            # smallest key: a pair with a larger key never enters the sample (an equal key is
-            # the same pair, see ``gather``)
-            fresh = torch.nonzero(keys < self._threshold).flatten()
-            rows, labels, keys = (t.index_select(0, fresh) for t in (rows, labels, keys))
-            copy = False  # ``index_select`` made the copies
-        rows = rows.to(dtype=torch.float32, copy=copy)
-        self._compact_now = False
-        self._keys.append(keys)
-        self._rows.append(rows)
-        self._labels.append(labels)
-        self._buffered += rows.shape[0]
-        if self._buffered >= 2 * self.max_samples:
+            # the pairs held include ``max_samples`` keys <= the threshold, and later updates
+            # only lower the ``max_samples``-th smallest key: a pair with a larger key never
+            # enters the sample (an equal key is the same pair, see ``gather``)
+            pick = torch.nonzero(keys < self._threshold).flatten()
+            m = pick.shape[0]
+        if m > self.max_samples:  # only the chunk's own bottom-k can enter the sample
+            chosen = keys if pick is None else keys.index_select(0, pick)
+            best = torch.topk(chosen, self.max_samples, largest=False, sorted=False).indices
+            pick = best if pick is None else pick.index_select(0, best)
+            m = self.max_samples
+        if m == 0:
+            return
+        if self._buffered + m > 2 * self.max_samples:
             self._compact()
+            if self._threshold is not None:  # the compaction set (or lowered) it
+                offered = keys if pick is None else keys.index_select(0, pick)
+                fresh = torch.nonzero(offered < self._threshold).flatten()
+                pick = fresh if pick is None else pick.index_select(0, fresh)
+                m = pick.shape[0]
+                if m == 0:
+                    return
+        self._reserve(self._buffered + m)
+        assert self._pool is not None
+        start, self._buffered = self._buffered, self._buffered + m
+        pool_rows, pool_labels, pool_keys = (t.narrow(0, start, m) for t in self._pool)
+        if pick is None:
+            pool_rows.copy_(rows)
+            pool_labels.copy_(labels)
+            pool_keys.copy_(keys)
+        else:
+            if rows.dtype == torch.float32:
+                torch.index_select(rows, 0, pick, out=pool_rows)
+            else:
+                pool_rows.copy_(rows.index_select(0, pick))
+            if labels.dtype == torch.long:
+                torch.index_select(labels, 0, pick, out=pool_labels)
+            else:
+                pool_labels.copy_(labels.index_select(0, pick))
+            torch.index_select(keys, 0, pick, out=pool_keys)
+        if self._filters and self._threshold is None and self._buffered >= self.max_samples:
+            kth = torch.kthvalue(self._pool[2][: self._buffered], self.max_samples).values
+            self._set_threshold(kth)
+
+    def _reserve(self, size: int) -> None:
+        """Make the pool hold at least ``size`` entries (at most ``2 · max_samples``), keeping the
+        pairs held."""
+        pool = self._pool
+        if pool is not None and pool[0].shape[0] >= size:
+            return
+        have = 0 if pool is None else pool[0].shape[0]
+        size = min(max(size, 2 * have, 64), 2 * self.max_samples)
+        dev, d = self.device, self.dim
+        new = (
+            torch.empty(size, d, dtype=torch.float32, device=dev),
+            torch.empty(size, dtype=torch.long, device=dev),
+            torch.empty(size, dtype=torch.float64, device=dev),
+        )
+        if pool is not None and self._buffered:
+            for old, fresh in zip(pool, new, strict=True):
+                fresh[: self._buffered].copy_(old[: self._buffered])
+        self._pool = new
+
+    @property
+    def _filters(self) -> bool:
+        """Whether arrivals are filtered by the threshold (on a CPU, where reading it is free)."""
+        return self._proj.device.type == "cpu"
+
+    def _set_threshold(self, kth: torch.Tensor) -> None:
+        """Filter later arrivals by ``kth``, the ``max_samples``-th smallest key held (ignored
+        when it is not finite: too few finite keys yet)."""
+        top = float(kth)  # a host read, free on a CPU
+        self._threshold = top if math.isfinite(top) else None
+
+    def _compact(self) -> None:
+        """Keep only the ``max_samples`` pairs of smallest key (in no particular order)."""
+        k, n = self.max_samples, self._buffered
+        if n <= k or self._pool is None:
+            return
+        if self._spare is None:
+            dev, d = self.device, self.dim
+            self._spare = (
+                torch.empty(k, d, dtype=torch.float32, device=dev),
+                torch.empty(k, dtype=torch.long, device=dev),
+                torch.empty(k, dtype=torch.float64, device=dev),
+            )
+        keys = self._pool[2][:n]
+        best = torch.topk(keys, k, largest=False, sorted=False)
+        for held, spare in zip(self._pool, self._spare, strict=True):
+            torch.index_select(held[:n], 0, best.indices, out=spare)
+            held[:k].copy_(spare)
+        self._buffered = k
+        if self._filters:  # the largest of the k smallest keys (NaN, the largest key, propagates)
+            self._set_threshold(best.values.max())
 
     def _cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self._rows:
+        """The sample, sorted by key (NaN keys last), as fresh tensors the reservoir never
+        modifies (computed once per batch of updates)."""
+        if self._sorted is not None:
+            return self._sorted
+        if self._pool is None or not self._buffered:
             return (
                 torch.zeros(0, self.dim, device=self.device),
                 torch.zeros(0, dtype=torch.long, device=self.device),
                 torch.zeros(0, dtype=torch.float64, device=self.device),
             )
-        if len(self._rows) == 1:
-            return self._rows[0], self._labels[0], self._keys[0]
-        return torch.cat(self._rows), torch.cat(self._labels), torch.cat(self._keys)
+        n = self._buffered
+        rows, labels, keys = (t[:n] for t in self._pool)
+        self._sorted = self._bottom_k(rows, labels, keys, self.max_samples)
+        return self._sorted
 
     @staticmethod
     def _bottom_k(
@@ -261,20 +362,9 @@ class RowReservoir:
         pick = (t.index_select(0, order) for t in (rows, labels, keys))
         return next(pick), next(pick), next(pick)
 
-    def _compact(self) -> None:
-        if self._compact_now:
-            return  # nothing arrived since the last compaction
-        rows, labels, keys = self._bottom_k(*self._cat(), self.max_samples)
-        self._rows, self._labels, self._keys = [rows], [labels], [keys]
-        self._buffered = rows.shape[0]
-        self._compact_now = True
-        if rows.shape[0] == self.max_samples and self.device.type == "cpu":
-            top = float(keys[-1])  # a host read, free on a CPU
-            self._threshold = top if math.isfinite(top) else None
-
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept ``(rows (m, d) float32, labels (m,))``, ``m <= max_samples``, key order."""
-        self._compact()
+        """The kept ``(rows (m, d) float32, labels (m,))``, ``m <= max_samples``, key order (fresh
+        tensors: later updates do not modify them)."""
         rows, labels, _ = self._cat()
         return rows, labels
 
@@ -284,7 +374,6 @@ class RowReservoir:
         Each rank contributes its own bottom-k set, padded to ``max_samples`` rows with key
         ``+inf``; the bottom-k of the gathered union is the bottom-k of all rows seen.
         """
-        self._compact()
         world = distributed_world_size()
         if world <= 1:
             rows, labels, _ = self._cat()

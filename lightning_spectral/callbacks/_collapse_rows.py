@@ -1,15 +1,15 @@
 """The rows of ``CollapseMonitor``: which epochs are collected, and the per-batch intake.
 
 Each monitored batch hands the head's input rows (from the capture's sink) and the batch's labels
-to :meth:`RowIntake._add_rows`; they are held as references (copies only where a reference could
-change under us, see :func:`_keep`) and moved in bulk, every ``max(1024, max_samples)`` rows
-(fewer for very wide heads, see ``_STAGE_ELEMENTS``), into the float64 class statistics and the
-row reservoir of :mod:`lightning_spectral.stats` (:meth:`RowIntake._flush`: one concatenation
-into a staging block allocated once per accumulator, so that a bulk update allocates nothing
-large; no host synchronisation). Rows of at most float32 precision are concatenated at float32
-width and widened to float64 in one pass (about 2.5× cheaper on a CPU than converting while
-concatenating), and the reservoir copies the rows it samples from that float32 block: the
-values are those of the float64 rows, which hold them exactly.
+to :meth:`RowIntake._add_rows`. The rows are copied at once into a staging block allocated once
+per accumulator (while they are still in the cache, and without keeping the batch's tensors
+alive); the labels are held as references. Every ``max(1024, max_samples)`` rows (fewer for very
+wide heads, see ``_STAGE_ELEMENTS``) the block is moved in bulk into the float64 class statistics
+and the row reservoir of :mod:`lightning_spectral.stats` (:meth:`RowIntake._flush`; no host
+synchronisation, nothing large allocated). Rows of at most float32 precision are staged at
+float32 width and widened to float64 in one pass per block (exact), and the reservoir copies the
+rows it samples from that float32 block: the values are those of the float64 rows, which hold
+them exactly. Rows of a wider dtype are staged at float64 width directly.
 Problems found on the way (labels missing, out of range, mis-shaped; the head not called) are
 counted, not raised: they are summed across ranks with the statistics and turn the epoch into
 NaN with one warning at its end.
@@ -38,6 +38,21 @@ _STAGE_ELEMENTS = 1 << 21
 #: row dtypes held exactly by float32 (staged at float32 width before widening to float64)
 _FLOAT32_EXACT = (torch.float32, torch.float16, torch.bfloat16)
 
+#: at most this many views of the staging blocks are cached (one per batch position and size)
+_MAX_SLOTS = 1024
+
+#: label dtypes seen so far: whether each is an integer type (one lookup per batch)
+_INTEGER_DTYPE: dict[torch.dtype, bool] = {}
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    """Whether labels of ``dtype`` are integer class indices (not float, complex or bool)."""
+    known = _INTEGER_DTYPE.get(dtype)
+    if known is None:
+        known = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        _INTEGER_DTYPE[dtype] = known
+    return known
+
 
 def _owns_storage(t: torch.Tensor) -> bool:
     """True when ``t`` is contiguous and spans its whole storage (not a view of a larger one)."""
@@ -62,7 +77,7 @@ def _keep(h: torch.Tensor) -> torch.Tensor:
 
 def _cat_into(parts: list[torch.Tensor], out: torch.Tensor) -> None:
     """Concatenate ``parts`` into ``out`` (converting the dtype), moving them to its device when
-    they are elsewhere (a head on another device than the model's first parameters)."""
+    they are elsewhere (labels on another device than the model's first parameters)."""
     if parts[0].device == out.device:
         torch.cat(parts, out=out)
     else:
@@ -82,10 +97,18 @@ class RowIntake(SpectralCallback):
     _collecting_epoch: int | None
     _acc: ClassStatsAccumulator | None
     _reservoir: RowReservoir | None
+    #: the batches held until the next bulk update: (their rows' place in a staging block,
+    #: their labels)
     _buffer: list[tuple[torch.Tensor, torch.Tensor]]
     #: the staging blocks of a bulk update: float64 rows, their labels, float32 rows
     _stage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     _buffered: int
+    #: whether the rows held are staged in the float64 block (some had a dtype wider than
+    #: float32) rather than in the float32 one
+    _wide: bool = False
+    #: views of the staging blocks by (float64 block?, first row, rows): slicing a tensor costs
+    #: more than the copy of a batch into it
+    _slots: dict[tuple[bool, int, int], torch.Tensor]
     _pending_labels: torch.Tensor | None
     _problem_text: dict[int, str]
     _host_problems: list[float]
@@ -104,7 +127,8 @@ class RowIntake(SpectralCallback):
             torch.empty(rows, dtype=torch.long, device=device),
             torch.empty(rows, dim, dtype=torch.float32, device=device),
         )
-        self._buffer, self._buffered = [], 0
+        self._buffer, self._buffered, self._wide = [], 0, False
+        self._slots = {}
         for index, amount in enumerate(self._host_problems):
             if amount:
                 self._acc.flag(index, amount)
@@ -146,7 +170,7 @@ class RowIntake(SpectralCallback):
     def _collect(self, epoch: int, pl_module: Any, restored: dict[str, Any] | None) -> None:
         """Start collecting ``epoch``: empty statistics, or the checkpoint's (``restored``)."""
         device = torch.device(pl_module.device)
-        self._buffer, self._buffered = [], 0
+        self._buffer, self._buffered, self._wide = [], 0, False
         self._problem_text = {}
         self._host_problems = [0.0] * len(_PROBLEM_KEYS)
         head = self._head_module
@@ -167,7 +191,7 @@ class RowIntake(SpectralCallback):
         """Drop the statistics of an epoch that cannot be completed."""
         self._collecting_epoch = None
         self._pending_labels = None
-        self._buffer, self._buffered = [], 0
+        self._buffer, self._buffered, self._wide = [], 0, False
         if self._acc is not None:
             self._acc.reset()
         if self._reservoir is not None:
@@ -202,7 +226,7 @@ class RowIntake(SpectralCallback):
         if not isinstance(y, torch.Tensor):
             self._note(_NO_LABELS, f"labels={key!r} selects a {type(y).__name__}, not a tensor")
             return None
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        if not _is_integer(y.dtype):
             self._note(_NOT_INTEGER, f"labels must be integer class indices, got dtype {y.dtype}")
             return None
         return y
@@ -224,53 +248,62 @@ class RowIntake(SpectralCallback):
         self._add_rows(rows, labels)
 
     def _add_rows(self, h: torch.Tensor, y: torch.Tensor, kept: bool = False) -> None:
-        """Hold one batch's rows with their labels; the statistics and the row sample are updated
-        in bulk once a staging block's worth is held (``kept``: ``h`` is already the monitor's
-        own copy)."""
-        y = y.detach().reshape(-1)
-        if y.shape[0] != h.shape[0]:
-            self._note(_SHAPE, f"{y.shape[0]} labels for {h.shape[0]} feature rows")
+        """Stage one batch's rows and hold its labels; the statistics and the row sample are
+        updated in bulk once a staging block is full (``kept``: ``h`` is already the monitor's
+        own copy; the rows are copied into the block either way)."""
+        if y.ndim != 1:  # integer labels (checked on extraction): no autograd history
+            y = y.reshape(-1)
+        n = h.shape[0]
+        if y.shape[0] != n:
+            self._note(_SHAPE, f"{y.shape[0]} labels for {n} feature rows")
             return
         if self._acc is None:
             self._create(h.shape[1], h.device)
-        assert self._acc is not None and self._stage is not None
-        if h.shape[1] != self._acc.dim:
-            self._note(
-                _SHAPE, f"the head's input has {h.shape[1]} features, {self._acc.dim} before"
-            )
+        acc, stage = self._acc, self._stage
+        assert acc is not None and stage is not None
+        if h.shape[1] != acc.dim:
+            self._note(_SHAPE, f"the head's input has {h.shape[1]} features, {acc.dim} before")
             return
-        room, n = self._stage[0].shape[0], h.shape[0]
+        room = stage[0].shape[0]
         if self._buffered + n > room:
             self._flush()
         if n > room:  # a batch larger than the blocks goes in pieces
             for start in range(0, n, room):
                 self._add_rows(h[start : start + room], y[start : start + room])
             return
-        self._buffer.append((h if kept else _keep(h), y))
-        self._buffered += n
+        start = self._buffered
+        if not self._wide and h.dtype not in _FLOAT32_EXACT:
+            # a wider dtype: this block is staged at float64 width from here on
+            stage[0][:start].copy_(stage[2][:start])  # exact
+            self._wide = True
+        where = (self._wide, start, n)
+        slot = self._slots.get(where)
+        if slot is None:
+            if len(self._slots) >= _MAX_SLOTS:  # batches of ever-changing sizes
+                self._slots.clear()
+            slot = self._slots[where] = (stage[0] if self._wide else stage[2])[start : start + n]
+        slot.copy_(h.detach() if h.requires_grad else h)  # exact for float32 and narrower
+        self._buffer.append((slot, y))
+        self._buffered = start + n
         if self._buffered == room:
             self._flush()
 
     def _flush(self) -> None:
-        """Move the held rows into the statistics and the reservoir (no host sync)."""
+        """Move the staged rows into the statistics and the reservoir (no host sync)."""
         if not self._buffer:
             return
-        acc, res = self._acc, self._reservoir
-        assert acc is not None and res is not None and self._stage is not None
+        acc, res, stage = self._acc, self._reservoir, self._stage
+        assert acc is not None and res is not None and stage is not None
         m = self._buffered
-        h64, labels, h32 = (block[:m] for block in self._stage)
-        parts = [b[0] for b in self._buffer]
+        h64, labels, h32 = stage if m == stage[0].shape[0] else (b[:m] for b in stage)
         with torch.no_grad():
-            # one conversion to float64, shared by the statistics and the hash
-            if all(part.dtype in _FLOAT32_EXACT for part in parts):
-                _cat_into(parts, h32)
-                h64.copy_(h32)  # exact
-                sampled = h32  # the reservoir's float32 copies come from here: the same values
-            else:
-                _cat_into(parts, h64)
+            if self._wide:
                 sampled = h64
+            else:
+                h64.copy_(h32)  # one widening to float64 (exact), shared with the hash
+                sampled = h32  # the reservoir's float32 copies come from here: the same values
             _cat_into([b[1] for b in self._buffer], labels)
-            self._buffer, self._buffered = [], 0
+            self._buffer, self._buffered, self._wide = [], 0, False
             clamped = labels.clamp(0, self._num_labels - 1)
             acc.flag(_BAD_RANGE, (clamped != labels).sum())  # the epoch becomes NaN if > 0
             self._problem_text.setdefault(_BAD_RANGE, _RANGE_TEXT.format(k=self._num_labels))

@@ -101,7 +101,10 @@ def _collapse_update(
     """
     h = features.detach().to(device=stats.sums.device, dtype=torch.float64)
     y = labels.detach().to(device=stats.sums.device, dtype=torch.long)
-    stats.counts += torch.bincount(y, minlength=stats.counts.shape[0])
+    # the counts by adding ones (exact integers): ``bincount`` reads the largest label on the host
+    # on CUDA to size its output
+    ones = torch.ones((), dtype=torch.float64, device=h.device).expand(y.shape[0])
+    stats.counts.index_add_(0, y, ones)
     stats.sums.index_add_(0, y, h)
     stats.second_moment.addmm_(h.mT, h)
     return stats
