@@ -312,4 +312,5 @@ class HeadChoice(EpochReport):
                 self._note(_NOT_CALLED, f"the head {self._head_name!r} was not called on a batch")
         finally:
             self._pending_labels = None
-            self._probe_order, self._probe_rows = [], {}
+            if self._probe_order or self._probe_rows:  # only while the head is being observed
+                self._probe_order, self._probe_rows = [], {}

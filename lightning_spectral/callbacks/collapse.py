@@ -247,6 +247,7 @@ class CollapseMonitor(TrainEvalPass):
         self._pending_interplay = None
         self._skipped_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._interplay_done = 0
+        self._epoch_started = False
 
     # ------------------------------------------------------------------ schedule
     def _start_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -278,6 +279,8 @@ class CollapseMonitor(TrainEvalPass):
     # ------------------------------------------------------------------ training passes
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # until an epoch start is seen, each batch checks that its epoch was started
+        self._epoch_started = False
         self._figures.start()
         self._pending_figure = None
         self._pending_interplay = None
@@ -294,6 +297,7 @@ class CollapseMonitor(TrainEvalPass):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.source == "train":
             self._start_epoch(trainer, pl_module)
+            self._epoch_started = True
 
     @override
     def on_train_batch_start(
@@ -301,7 +305,8 @@ class CollapseMonitor(TrainEvalPass):
     ) -> None:
         if self.source == "train":
             begin = time.perf_counter()
-            self._ensure_epoch(trainer, pl_module)
+            if not self._epoch_started:  # a resume inside an epoch skips its epoch start
+                self._ensure_epoch(trainer, pl_module)
             self._begin_batch(batch)
             self._figures.charge(time.perf_counter() - begin)
 
