@@ -21,7 +21,7 @@ the per-event part. Three measurements, each side by side and interleaved in one
    a copy of the model; and where the time of one logged activation event goes (main-thread
    CPU time of its parts).
 3. **At the defaults, as a run pays it:** the monitor share of (1) + one weight event of (2)
-   per 2,000 Trainer steps + the idle per-step costs outside the monitor's hooks (its
+   per ``WEIGHT_EVERY`` Trainer steps + the idle per-step costs outside the monitor's hooks (its
    switched-off capture hooks, :func:`hook_cost`, and Lightning's dispatch of the per-step
    callback hooks to it, :func:`dispatch_cost`), against the Trainer step of (1).
 
@@ -49,6 +49,7 @@ from benchmarks._common import (
     sync,
     write_section,
 )
+from lightning_spectral.callbacks.spectral import WEIGHTS_EVERY_FACTOR
 
 #: the three models the ≤ 1 % target names, on synthetic data made here (nothing is downloaded)
 MODELS = {
@@ -145,13 +146,25 @@ def make_loader(arch: str) -> Any:
 FIT_WINDOW = {"mlp": 1000, "cnn": 300, "transformer": 200}
 
 
+#: optimizer steps between weight events at the defaults (``every_n_steps=100``)
+WEIGHT_EVERY = WEIGHTS_EVERY_FACTOR * 100
+
+#: the per-step hooks whose timing floor is subtracted from the monitor's hook time: what the
+#: timer reads for an empty hook in the same fit (its wrapper, the call of an empty function,
+#: a cold cache after the step's backward). The call itself is a cost of Lightning's dispatch,
+#: priced separately (:func:`dispatch_cost`); left in the hook time it would count that call
+#: twice.
+FLOOR_HOOKS = ("on_train_batch_start", "on_train_batch_end")
+
+
 def fit_window(arch: str, window: int, with_monitor: bool, device: str) -> dict[str, Any]:
     """One seeded fit of ``window`` optimizer steps from step 1 (after the step-0 events and the
     first figure), monitor at its defaults or absent, both logging to TensorBoard.
 
     With the monitor, the time inside its Lightning hooks and inside its capture of rows during
-    the forward of a due step (``LayerCapture._capture``) is summed within the window, with the
-    number of events (``_emit`` calls) and the part spent on figures."""
+    the forward of a due step (``LayerCapture._capture``) is summed within the window, less the
+    timing floor of its per-step hook calls (:data:`FLOOR_HOOKS`), with the number of events
+    (``_emit`` calls) and the part spent on figures."""
     import lightning.pytorch as pl
 
     from benchmarks.bench_callbacks import Case, HookClock, patch_figures
@@ -160,10 +173,17 @@ def fit_window(arch: str, window: int, with_monitor: bool, device: str) -> dict[
 
     timer_cls = type("Timer", (WindowTimer, pl.Callback), {})
     timer = timer_cls(1, 1 + window, device)
-    callbacks: list[Any] = [timer]
+    # the probe: empty per-step hooks in both arms, timed like the monitor's in the monitored
+    # one; what the timer reads for them is the floor of timing a hook (see FLOOR_HOOKS)
+    probe = type("Probe", (pl.Callback,), {
+        name: (lambda self, *args, **kwargs: None) for name in FLOOR_HOOKS})()
+    callbacks: list[Any] = [timer, probe]
     clock = HookClock(timer, device)
+    floor = HookClock(timer, device)
     saved: list[tuple[Any, str, Any]] = []
     if with_monitor:
+        for name in FLOOR_HOOKS:
+            setattr(probe, name, floor.timed(getattr(probe, name), name))
         monitor = SpectralMonitor()
         clock.attach(monitor, Case("SpectralMonitor", "", lambda: None, "_emit", 1, window,
                                    window, window))
@@ -191,8 +211,16 @@ def fit_window(arch: str, window: int, with_monitor: bool, device: str) -> dict[
         for owner, attr, original in saved:
             setattr(owner, attr, original)
         shutil.rmtree(logdir, ignore_errors=True)
-    return {"window_s": float(timer.elapsed), "hook_s": clock.seconds,
-            "figure_s": clock.figure_seconds, "events": clock.events, "by_hook": clock.by_hook}
+    # the timing floor of each per-step hook call: the probe's mean time per empty call
+    floor_s = sum(
+        clock.calls.get(name, 0) * floor.by_hook[name] / floor.calls[name]
+        for name in FLOOR_HOOKS if floor.calls.get(name)
+    )
+    return {"window_s": float(timer.elapsed), "hook_s": clock.seconds - floor_s,
+            "hook_raw_s": clock.seconds, "floor_s": floor_s,
+            "floor_per_call_s": (sum(floor.by_hook.values()) / max(sum(floor.calls.values()), 1)),
+            "figure_s": clock.figure_seconds, "events": clock.events, "by_hook": clock.by_hook,
+            "calls": clock.calls}
 
 
 def _stand_in(logdir: str | None) -> Any:
@@ -323,42 +351,13 @@ def event_benchmark(arch: str, device: str, repeats: int, wide: int = 1024,
 
 
 def dispatch_cost(repeats: int) -> float:
-    """Seconds per training step that Lightning spends dispatching its per-step callback hooks
-    (``on_train_batch_start``, ``on_before_backward``, ``on_after_backward``,
-    ``on_before_optimizer_step``, ``on_before_zero_grad``, ``on_train_batch_end``) to one more
-    callback, a ``SpectralMonitor`` (its profiler context, ``state_key``, the hook lookup and the
-    monitor's early return on a step without an event): ``_call_callback_hooks`` with and without
-    it in ``trainer.callbacks``, 5,000 steps, best of ``repeats`` rounds each, interleaved.
-    This cost is outside the monitor's hooks, so the monitor share does not hold it."""
-    import timeit
-
-    import lightning.pytorch as pl
-    from lightning.pytorch.trainer import call
-
+    """Seconds per training step Lightning spends dispatching its per-step callback hooks to a
+    ``SpectralMonitor`` (see :func:`benchmarks.bench_callbacks.dispatch_cost`; the hooks' own
+    work is in the monitor share)."""
+    from benchmarks.bench_callbacks import dispatch_cost as dispatch
     from lightning_spectral import SpectralMonitor
 
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)
-    task = make_task("mlp")
-    trainer.strategy.connect(task)
-    task.trainer = trainer
-    opt = torch.optim.SGD(task.parameters(), lr=0.1)
-    loss = torch.zeros(())
-    hooks = [("on_train_batch_start", (None, 0)), ("on_before_backward", (loss,)),
-             ("on_after_backward", ()), ("on_before_optimizer_step", (opt,)),
-             ("on_before_zero_grad", (opt,)), ("on_train_batch_end", (None, None, 0))]
-
-    def step() -> None:
-        for name, args in hooks:
-            call._call_callback_hooks(trainer, name, *args)
-
-    monitor = SpectralMonitor()
-    best = {"without": float("inf"), "with": float("inf")}
-    for _ in range(max(repeats, 3)):
-        for name, callbacks in (("without", []), ("with", [monitor])):
-            trainer.callbacks = list(callbacks)
-            best[name] = min(best[name], timeit.timeit(step, number=5_000) / 5_000)
-    return max(best["with"] - best["without"], 0.0)
+    return dispatch(SpectralMonitor, make_task("mlp"), repeats)
 
 
 def hook_cost(repeats: int) -> float:
@@ -453,7 +452,8 @@ def main() -> None:
         f"Models: {models}.",
         "",
         "**In a Trainer fit.** The same seeded Lightning fit without and with `SpectralMonitor()` "
-        "at its defaults (activations every 100 steps, weights every 2,000, figures budgeted), "
+        f"at its defaults (activations every 100 steps, weights every {WEIGHT_EVERY:,}, figures "
+        "budgeted), "
         "alternating, both logging to a TensorBoardLogger; timed window: optimizer steps "
         "`[1, 1 + window)`, after the step-0 events and the first figure. *Monitor share*: "
         "time inside the monitor's Lightning hooks and its row capture during a due step's "
@@ -546,20 +546,20 @@ def main() -> None:
             + f"; {len(res['weights'])} weights "
             + ", ".join(f"{n} {'×'.join(map(str, w))}" for n, w in res["weights"].items())
         )
-        # defaults: activations every 100 steps (with their logging), weights every 2,000,
+        # defaults: activations every 100 steps (with their logging), weights every WEIGHT_EVERY,
         # and the switched-off hooks on every step
         hooks = res["hooked"] * per_hook / summary(t["step"])[0]
-        est = per_step["logged"][0] / 100 + per_step["weight"][0] / 2000
+        est = per_step["logged"][0] / 100 + per_step["weight"][0] / WEIGHT_EVERY
         at_defaults.append(
             f"| {arch} | {fmt_ratio(per_step['logged'])} | {fmt_ratio(per_step['weight'])} | "
             f"{100 * est:.2f} % | {res['hooked']} × {1e6 * per_hook:.1f} µs = "
             f"{100 * hooks:.2f} % | {100 * (est + hooks):.2f} % |")
         if arch in fits:
             # in the fit: the measured monitor share (activation events and the hooks' work on
-            # the other steps) + one weight event per 2,000 Trainer steps + the switched-off
+            # the other steps) + one weight event per WEIGHT_EVERY Trainer steps + the switched-off
             # module hooks of every step
             f = fits[arch]
-            weight = summary(t["weight_event"])[0] / f["step"] / 2000
+            weight = summary(t["weight_event"])[0] / f["step"] / WEIGHT_EVERY
             idle = (res["hooked"] * per_hook + per_dispatch) / f["step"]
             share = f["share"]
             total = [v + weight + idle for v in share]
@@ -582,7 +582,7 @@ def main() -> None:
         lines += [
             "",
             "**At the defaults, as a run pays it** (target ≤ 1 %): the monitor share measured in "
-            "the fits above, plus one weight event (timed above, same model) per 2,000 "
+            f"the fits above, plus one weight event (timed above, same model) per {WEIGHT_EVERY:,} "
             "Trainer steps, plus the *idle* per-step costs outside the monitor's hooks: the "
             "switched-off capture hooks that every step's forward passes through (a tiny "
             "`Linear` with and without the hook, 20,000 calls, best of the rounds, times the "
@@ -604,7 +604,7 @@ def main() -> None:
         "The same against a bare training step (forward, loss, backward, SGD on a copy of the "
         "model: no Trainer, no data loading, no logging, no callback dispatch): "
         "overhead ≈ (activation event with TensorBoard logging / step) / 100 + (weight "
-        "event / step) / 2000 + the switched-off hooks, from the medians above.",
+        f"event / step) / {WEIGHT_EVERY} + the switched-off hooks, from the medians above.",
         "",
         "| model | activation event (steps) | weight event (steps) | events at defaults "
         "| hooks per step | total |",
