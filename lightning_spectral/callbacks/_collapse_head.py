@@ -291,16 +291,21 @@ class HeadChoice(EpochReport):
             self._figures.charge(time.perf_counter() - begin)
 
     def _begin_batch(self, batch: Any) -> None:
+        """Read the batch's labels and switch the capture on (its time charged to the clock)."""
         if self._collecting_epoch is None:
             return
+        begin = time.perf_counter()
         self._pending_labels = self._extract_labels(batch)
-        if self._pending_labels is None:
-            return
-        capture = self._capture if self._capture is not None else self._probe
-        if capture is not None:
-            capture.start()
+        if self._pending_labels is not None:
+            capture = self._capture if self._capture is not None else self._probe
+            if capture is not None:
+                capture.start()
+        self._figures.charge(time.perf_counter() - begin)
 
     def _end_batch(self, pl_module: Any) -> None:
+        """Switch the capture off, decide the head while it is being observed, and note a batch
+        that never called it (the time charged to the clock)."""
+        begin = time.perf_counter()
         if self._capture is not None:
             self._capture.stop()
         try:
@@ -314,3 +319,4 @@ class HeadChoice(EpochReport):
             self._pending_labels = None
             if self._probe_order or self._probe_rows:  # only while the head is being observed
                 self._probe_order, self._probe_rows = [], {}
+            self._figures.charge(time.perf_counter() - begin)

@@ -28,7 +28,6 @@ configuration, the checkpointed state, the schedule and the Lightning hooks.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import torch
@@ -304,11 +303,9 @@ class CollapseMonitor(TrainEvalPass):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.source == "train":
-            begin = time.perf_counter()
             if not self._epoch_started:  # a resume inside an epoch skips its epoch start
                 self._ensure_epoch(trainer, pl_module)
             self._begin_batch(batch)
-            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_train_batch_end(
@@ -320,9 +317,7 @@ class CollapseMonitor(TrainEvalPass):
         batch_idx: int,
     ) -> None:
         if self.source == "train":
-            begin = time.perf_counter()
             self._end_batch(pl_module)
-            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -348,9 +343,7 @@ class CollapseMonitor(TrainEvalPass):
         dataloader_idx: int = 0,
     ) -> None:
         if self.source == "val" and not trainer.sanity_checking:
-            begin = time.perf_counter()
             self._begin_batch(batch)
-            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_validation_batch_end(
@@ -363,9 +356,7 @@ class CollapseMonitor(TrainEvalPass):
         dataloader_idx: int = 0,
     ) -> None:
         if self.source == "val" and not trainer.sanity_checking:
-            begin = time.perf_counter()
             self._end_batch(pl_module)
-            self._figures.charge(time.perf_counter() - begin)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
