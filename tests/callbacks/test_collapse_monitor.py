@@ -518,6 +518,44 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
         assert ddp[tag] == pytest.approx(single[tag], rel=1e-5, abs=1e-7), tag
 
 
+class RankSplitBudget(CollapseMonitor):
+    """A monitor whose clock would allow MIR/HDR on rank 1 and never on rank 0 (a stand-in for
+    ranks whose wall times differ), recording per rank whether each epoch logged them."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(interplay_budget=0.5)
+        self.out = out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        rank = int(trainer.global_rank)
+        self._figures.within = lambda budget: rank == 1  # type: ignore[method-assign]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        with open(self.out / f"rank{trainer.global_rank}.txt", "a") as fh:
+            fh.write(f"{trainer.current_epoch} {int('collapse/mir' in self.last_metrics)}\n")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_follow_rank_zero_on_the_interplay_budget(tmp_path):
+    """MIR/HDR on a budget under DDP: rank zero decides for every rank (one broadcast), so the
+    ranks log the same tags even when their clocks disagree."""
+    x, y = make_data(n=64)
+    torch.manual_seed(0)
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        trainer([RankSplitBudget(tmp_path)], epochs=3, devices=2, strategy="ddp_spawn").fit(
+            Tiny(), loader(x, y, batch_size=8)
+        )
+    finally:
+        torch.multiprocessing.set_sharing_strategy(previous)
+    want = "0 1\n1 0\n2 0\n"  # the first epoch always; then rank zero's "no" everywhere
+    assert (tmp_path / "rank0.txt").read_text() == want
+    assert (tmp_path / "rank1.txt").read_text() == want
+
+
 def test_reservoir_is_order_and_partition_independent():
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(300, 5, generator=g)
